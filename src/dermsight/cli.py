@@ -1,0 +1,208 @@
+"""The `dermsight` command: thin argument parsing over library functions that the tests call too.
+
+Exit codes: 0 success; 1 finished but some items were dropped (see the problems file); 2 bad usage or unusable input
+(nothing written); 70 an internal error (a bug: the message says how to get the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_DROPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+
+
+def _print_table(df, title: str) -> None:  # pandas frame -> aligned text
+    print(f"\n{title}")
+    print(df.to_string())
+
+
+def _report_problems(problems, problems_file: Path | None) -> int:
+    from dermsight.data.problems import summarise, write_problems
+
+    if problems_file is not None:
+        write_problems(problems, problems_file)
+    if not problems:
+        return EXIT_OK
+    print("\n" + summarise(problems), file=sys.stderr)
+    if problems_file is not None:
+        print(f"full list: {problems_file}", file=sys.stderr)
+    return EXIT_DROPPED
+
+
+def problems_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".problems.csv")
+
+
+# ----------------------------------------------------------------------------------------------------- data commands
+
+
+def cmd_data_manifest(args: argparse.Namespace) -> int:
+    from dermsight.data.manifest import build_manifest, class_counts, save_manifest
+
+    verify = "none" if args.no_verify else ("header" if args.quick else "full")
+    t0 = time.perf_counter()
+    ingest = build_manifest(Path(args.source), fmt=args.format, verify=verify)
+    out = save_manifest(ingest.manifest, Path(args.out))
+    dt = time.perf_counter() - t0
+    print(f"format: {ingest.format}; {ingest.rows_read} row(s) read, {len(ingest.manifest)} kept "
+          f"({dt:.1f} s); manifest written to {out}")
+    if len(ingest.manifest):
+        _print_table(class_counts(ingest.manifest), "class counts:")
+    elif ingest.labels_read:
+        print("labels in the source (no row kept): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(ingest.labels_read.items(), key=lambda kv: -kv[1])))
+    return _report_problems(ingest.problems, problems_path(out))
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from dermsight.data.manifest import load_manifest, save_manifest
+    from dermsight.data.split import SplitConfig, check_split, split_manifest
+
+    df = load_manifest(Path(args.manifest))
+    cfg = SplitConfig(val=args.val, test=args.test, seed=args.seed, folds=args.folds, label=args.label)
+    out_df = split_manifest(df, cfg)
+    out = save_manifest(out_df, Path(args.out))
+    label = cfg.label if cfg.label in out_df else "label"
+    used = out_df[out_df["split"] != "excluded"]
+    print(f"split {len(used)} image(s) grouped by lesion/patient (seed {cfg.seed}); written to {out}")
+    import pandas as pd
+
+    counts = pd.crosstab(used[label], used["split"], margins=True, margins_name="total")
+    counts = counts[[c for c in ("train", "val", "test", "total") if c in counts.columns]]
+    _print_table(counts, f"images per class ({label}) and split:")
+    share = used["split"].value_counts(normalize=True).reindex(["train", "val", "test"]).fillna(0)
+    print("\nshares: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()))
+    if (out_df["split"] == "excluded").any():
+        print(f"{int((out_df['split'] == 'excluded').sum())} image(s) without a {label} were left out of all splits")
+    issues = check_split(out_df, label)
+    for msg in issues:
+        print(f"warning: {msg}", file=sys.stderr)
+    return EXIT_DROPPED if issues else EXIT_OK
+
+
+def cmd_data_cache(args: argparse.Namespace) -> int:
+    from dermsight.data.cache import build_cache
+    from dermsight.data.manifest import load_manifest
+
+    manifest_path = Path(args.manifest)
+    df = load_manifest(manifest_path)
+    res = build_cache(df, args.size, root=Path(args.cache_dir) if args.cache_dir else None, workers=args.workers)
+    n_ok = len(res.cache) - len(res.problems)
+    if res.reused:
+        print(f"reusing cache {res.cache.folder} ({n_ok} image(s) at {args.size}px)")
+    else:
+        rate = len(res.cache) / res.seconds if res.seconds else float("inf")
+        size_mb = int(res.cache.meta["nbytes"]) / 2**20
+        print(f"cached {n_ok} image(s) at {args.size}px in {res.seconds:.1f} s ({rate:.0f} images/s), "
+              f"{size_mb:.0f} MB at {res.cache.folder}")
+    return _report_problems(res.problems, res.cache.folder / "problems.csv" if res.problems else None)
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    import shlex
+
+    from dermsight.data.download import DownloadRequest, isic_command, run_download
+
+    req = DownloadRequest(Path(args.out), search=args.search, collections=args.collections, limit=args.limit)
+    cmd = isic_command(req)
+    print("running: " + shlex.join(cmd))
+    if args.dry_run:
+        return EXIT_OK
+    rc = run_download(req)
+    if rc == 0:
+        print(f"done; next: dermsight data manifest {req.out} --out {req.out}/manifest.csv")
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dermsight import __version__
+    from dermsight.data.manifest import FORMATS
+
+    p = argparse.ArgumentParser(
+        prog="dermsight",
+        description="Skin-lesion image classifier. An aid for people and dermatologists; not a medical device.",
+    )
+    p.add_argument("--version", action="version", version=f"dermsight {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="ingest datasets: manifest, split, cache, download")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    m = dsub.add_parser("manifest", help="read a dataset folder or CSV into a manifest, checking every image")
+    m.add_argument("source", help="dataset folder or CSV (labels.csv, HAM10000, ISIC 2019, isic-cli, class folders)")
+    m.add_argument("--out", required=True, help="manifest CSV to write (problems go beside it, *.problems.csv)")
+    m.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
+    m.add_argument("--quick", action="store_true", help="read image headers only (misses truncated files)")
+    m.add_argument("--no-verify", action="store_true", help="do not open images at all")
+    m.set_defaults(func=cmd_data_manifest)
+
+    s = dsub.add_parser("split", help="add lesion-grouped train/val/test splits and CV folds to a manifest")
+    s.add_argument("manifest")
+    s.add_argument("--out", required=True, help="manifest CSV with `split` and `fold` columns")
+    s.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+    s.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--folds", type=int, default=5, help="cross-validation folds over train+val (default 5)")
+    s.add_argument("--label", default="label_ham7", help="column to stratify on (default label_ham7)")
+    s.set_defaults(func=cmd_data_split)
+
+    c = dsub.add_parser("cache", help="decode and resize every image once into a fast memory-mapped cache")
+    c.add_argument("manifest")
+    c.add_argument("--size", type=int, default=224, help="shorter side in pixels (never enlarged; default 224)")
+    c.add_argument("--cache-dir", help="cache root (default $DERMSIGHT_CACHE or ~/.cache/dermsight)")
+    c.add_argument("--workers", type=int, help="decoding threads (default: 2 per core, at most 8)")
+    c.set_defaults(func=cmd_data_cache)
+
+    d = dsub.add_parser("download", help="download ISIC Archive images with the official isic-cli")
+    d.add_argument("--out", required=True, help="folder for images and metadata.csv")
+    d.add_argument("--search", default="", help="ISIC Archive query, e.g. 'image_type:dermoscopic'")
+    d.add_argument("--collections", default="", help="comma-separated collection ids (`isic collection list`)")
+    d.add_argument("--limit", type=int, default=0, help="at most this many images (0: all matching)")
+    d.add_argument("--dry-run", action="store_true", help="print the isic command without running it")
+    d.set_defaults(func=cmd_data_download)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dermsight.classes import UnknownLabelError
+    from dermsight.data.download import DownloadError
+    from dermsight.data.images import ImageError
+    from dermsight.data.problems import DataError
+
+    return (DataError, ImageError, UnknownLabelError, DownloadError, FileNotFoundError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("DERMSIGHT_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e}\n(this is a bug; set DERMSIGHT_DEBUG=1 for the traceback "
+              "and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

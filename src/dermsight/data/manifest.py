@@ -1,0 +1,451 @@
+"""Readers for the dataset layouts people really have, each into one manifest table.
+
+A manifest has one row per usable image with the columns in `MANIFEST_COLUMNS`. Every reader returns an `Ingest`:
+the good rows plus a `Problem` per dropped item, so one broken file never aborts a whole ingest. A source that cannot
+be used at all (a CSV missing a required column) raises `DataError` with the file and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from dermsight.classes import HAM7, ISIC2019, UnknownLabelError, lookup, to_taxonomy
+from dermsight.data.images import ImageError, load_rgb, probe
+from dermsight.data.problems import DataError, Problem
+
+MANIFEST_COLUMNS = (
+    "path",  # absolute path of the image file
+    "image_id",
+    "label",  # catalogue code in the source's own taxonomy (HAM7 lower case, ISIC 2019 upper case)
+    "label_ham7",  # the 7-class HAM code, what dermsight trains on (empty for ISIC 2019 UNK)
+    "label_isic2019",  # the ISIC 2019 code where known (HAM's akiec is AK or SCC; only some sources say which)
+    "lesion_id",
+    "patient_id",
+    "source",
+    "age",
+    "sex",
+    "site",
+    "dx_type",
+    "width",
+    "height",
+)
+ID_COLUMNS = ("image_id", "lesion_id", "patient_id")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+_JUNK = frozenset({"thumbs.db", "desktop.ini"})
+
+FORMATS = ("labels-csv", "ham10000", "isic2019", "isic-archive", "folders")
+
+
+@dataclass
+class Ingest:
+    manifest: pd.DataFrame
+    problems: list[Problem] = field(default_factory=list)
+    format: str = ""
+    rows_read: int = 0
+    labels_read: dict[str, int] = field(default_factory=dict)  # label counts in the source, before any drop
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    try:
+        # Ids must stay strings ("0001" is not 1); empty cells become NA, not the string "nan".
+        df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(missing)} for {what} "
+            f"(found: {', '.join(df.columns) or 'none'})"
+        )
+    return df
+
+
+def _index_images(root: Path) -> dict[str, Path]:
+    """Map image stem -> file for every image under root (the HAM10000 download splits images over two folders)."""
+    index: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            p = Path(dirpath, name)
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                index.setdefault(p.stem, p.resolve())
+    return index
+
+
+def _col(df: pd.DataFrame, *names: str) -> pd.Series:
+    """The first of ``names`` that the table has, else an all-missing column."""
+    for n in names:
+        if n in df.columns:
+            return df[n]
+    return pd.Series(pd.NA, index=df.index, dtype="object")
+
+
+def _labels(raw: pd.Series, items: pd.Series, problems: list[Problem]) -> pd.Series:
+    """Resolve raw label strings to catalogue codes; unknown or empty labels become problems (row dropped)."""
+    resolved: dict[str, str | None] = {}
+    for value in raw.dropna().unique():
+        try:
+            resolved[value] = lookup(value).code
+        except UnknownLabelError as e:
+            resolved[value] = None
+            reason = str(e)
+            problems.extend(Problem(str(i), reason, "read") for i in items[raw == value])
+    for i in items[raw.isna()]:
+        problems.append(Problem(str(i), "no label given", "read"))
+    return raw.map(resolved)
+
+
+def _finish(rows: pd.DataFrame, source: str, problems: list[Problem]) -> pd.DataFrame:
+    """Fill derived columns, drop rows without path or label, and order columns as MANIFEST_COLUMNS."""
+    rows.attrs["labels_read"] = {str(k): int(v) for k, v in rows["label"].value_counts().items()}
+    rows = rows[rows["label"].notna() & rows["path"].notna()].copy()
+    rows["source"] = source
+    rows["label_ham7"] = rows["label"].map(lambda c: to_taxonomy(c, HAM7))
+    given = rows["label_isic2019"] if "label_isic2019" in rows else pd.Series(pd.NA, index=rows.index)
+    derived = rows["label"].map(lambda c: to_taxonomy(c, ISIC2019))
+    rows["label_isic2019"] = given.where(given.notna(), derived)
+    rows["path"] = rows["path"].map(str)
+    dup = rows["path"].duplicated()
+    problems.extend(Problem(p, "listed more than once (later rows dropped)", "read") for p in rows["path"][dup])
+    rows = rows[~dup]
+    for c in MANIFEST_COLUMNS:
+        if c not in rows:
+            rows[c] = pd.NA
+    return rows.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
+
+
+def _attach_paths(
+    df: pd.DataFrame, ids: pd.Series, index: dict[str, Path], root: Path, problems: list[Problem]
+) -> pd.Series:
+    paths = ids.map(index)
+    reason = f"image file not found under {root}"
+    if not index:
+        reason += " (the folder has no images at all: download them first, see `dermsight data download`)"
+    problems.extend(Problem(str(i), reason, "read") for i in ids[paths.isna() & ids.notna()])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------- readers
+
+
+def read_labels_csv(csv_path: Path) -> Ingest:
+    """A plain ``labels.csv``: ``image,label`` (+ optional columns), image paths relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    df = _read_csv(csv_path, ("image", "label"), "a labels.csv (image,label)")
+    problems: list[Problem] = []
+    base = csv_path.parent.resolve()
+
+    def resolve(p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else (base / q)
+
+    df = df[df["image"].notna()].copy()
+    rows = pd.DataFrame(index=df.index)
+    rows["path"] = df["image"].map(resolve)
+    rows["image_id"] = _col(df, "image_id").fillna(rows["path"].map(lambda p: p.stem))
+    rows["label"] = _labels(df["label"], rows["path"].map(str), problems)
+    if "label_isic2019" in df:
+        rows["label_isic2019"] = _isic_codes(df["label_isic2019"])
+    rows["lesion_id"] = _col(df, "lesion_id")
+    rows["patient_id"] = _col(df, "patient_id")
+    rows["age"] = _col(df, "age", "age_approx")
+    rows["sex"] = _col(df, "sex")
+    rows["site"] = _col(df, "site", "localization", "anatom_site_general")
+    rows["dx_type"] = _col(df, "dx_type", "diagnosis_confirm_type")
+    return Ingest(_finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems), problems, "labels-csv", len(df))
+
+
+def _isic_codes(col: pd.Series) -> pd.Series:
+    def one(v: object) -> object:
+        if pd.isna(v):
+            return pd.NA
+        try:
+            return to_taxonomy(lookup(str(v)).code, ISIC2019) or pd.NA
+        except UnknownLabelError:
+            return pd.NA
+
+    return col.map(one)
+
+
+def read_ham10000(root: Path) -> Ingest:
+    """The official HAM10000 download: ``HAM10000_metadata.csv`` plus images in one or more folders below it."""
+    root = Path(root)
+    meta = root / "HAM10000_metadata.csv" if root.is_dir() else root
+    root = meta.parent
+    df = _read_csv(meta, ("image_id", "dx", "lesion_id"), "HAM10000 metadata")
+    problems: list[Problem] = []
+    index = _index_images(root)
+    rows = pd.DataFrame(index=df.index)
+    rows["image_id"] = df["image_id"]
+    rows["path"] = _attach_paths(df, df["image_id"], index, root, problems)
+    rows["label"] = _labels(df["dx"], df["image_id"], problems)
+    rows["lesion_id"] = df["lesion_id"]
+    rows["age"] = _col(df, "age")
+    rows["sex"] = _col(df, "sex")
+    rows["site"] = _col(df, "localization")
+    rows["dx_type"] = _col(df, "dx_type")
+    return Ingest(_finish(rows, "ham10000", problems), problems, "ham10000", len(df))
+
+
+def _find_one(root: Path, pattern: str) -> Path | None:
+    hits = sorted(root.glob(pattern)) or sorted(root.rglob(pattern))
+    return hits[0] if hits else None
+
+
+def read_isic2019(root: Path) -> Ingest:
+    """ISIC 2019: ``ISIC_2019_Training_GroundTruth.csv`` (one-hot), optional ``..._Metadata.csv``, image folder."""
+    root = Path(root)
+    if root.is_file():
+        gt_path, root = root, root.parent
+    else:
+        gt_path = _find_one(root, "*GroundTruth*.csv")
+        if gt_path is None:
+            raise DataError(f"{root}: no ISIC 2019 ground-truth CSV (ISIC_2019_Training_GroundTruth.csv) found")
+    gt = _read_csv(gt_path, ("image", *ISIC2019.codes), "the ISIC 2019 ground truth")
+    problems: list[Problem] = []
+    classes = [c for c in (*ISIC2019.codes, "UNK") if c in gt.columns]
+    onehot = gt[classes].apply(pd.to_numeric, errors="coerce").fillna(0) > 0.5
+    n_marked = onehot.sum(axis=1)
+    for img, n in zip(gt["image"][n_marked != 1], n_marked[n_marked != 1], strict=True):
+        problems.append(Problem(str(img), f"ground truth marks {n} classes (expected exactly one)", "read"))
+    raw = onehot.idxmax(axis=1).where(n_marked == 1)
+
+    meta_path = _find_one(root, "*Training_Metadata*.csv") or _find_one(root, "*Metadata*.csv")
+    if meta_path is not None:
+        meta = _read_csv(meta_path, ("image",), "the ISIC 2019 metadata")
+        meta = meta.drop_duplicates("image").set_index("image")
+        meta = meta.reindex(gt["image"]).reset_index(drop=True)
+        meta.index = gt.index
+    else:
+        meta = pd.DataFrame(index=gt.index)
+    index = _index_images(root)
+    rows = pd.DataFrame(index=gt.index)
+    rows["image_id"] = gt["image"]
+    rows["path"] = _attach_paths(gt, gt["image"], index, root, problems)
+    rows["label"] = raw
+    rows["label_isic2019"] = raw.where(raw != "UNK")
+    rows["lesion_id"] = _col(meta, "lesion_id")
+    rows["patient_id"] = _col(meta, "patient_id")
+    rows["age"] = _col(meta, "age_approx")
+    rows["sex"] = _col(meta, "sex")
+    rows["site"] = _col(meta, "anatom_site_general")
+    return Ingest(_finish(rows, "isic2019", problems), problems, "isic2019", len(gt))
+
+
+# isic-cli writes a metadata.csv whose diagnosis columns vary with the archive's taxonomy version; the most specific
+# column that names a catalogue class wins.
+_ARCHIVE_DIAGNOSIS_COLUMNS = ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis", "diagnosis_2", "diagnosis_1")
+
+
+def read_isic_archive(root: Path) -> Ingest:
+    """A folder written by ``isic image download``: images named by ISIC id plus its ``metadata.csv``."""
+    root = Path(root)
+    meta_path = root if root.is_file() else root / "metadata.csv"
+    root = meta_path.parent
+    df = _read_csv(meta_path, ("isic_id",), "ISIC Archive metadata (isic-cli)")
+    problems: list[Problem] = []
+    diag_cols = [c for c in _ARCHIVE_DIAGNOSIS_COLUMNS if c in df.columns]
+    if not diag_cols:
+        raise DataError(f"{meta_path}: no diagnosis column ({', '.join(_ARCHIVE_DIAGNOSIS_COLUMNS)}) to label from")
+
+    def best(row: pd.Series) -> object:
+        for c in diag_cols:
+            v = row[c]
+            if pd.notna(v):
+                try:
+                    return lookup(str(v)).code
+                except UnknownLabelError:
+                    continue
+        return next((row[c] for c in diag_cols if pd.notna(row[c])), pd.NA)
+
+    raw = df[diag_cols].apply(best, axis=1) if len(df) else pd.Series(dtype="object")
+    index = _index_images(root)
+    rows = pd.DataFrame(index=df.index)
+    rows["image_id"] = df["isic_id"]
+    rows["path"] = _attach_paths(df, df["isic_id"], index, root, problems)
+    rows["label"] = _labels(raw, df["isic_id"], problems)
+    rows["lesion_id"] = _col(df, "lesion_id")
+    rows["patient_id"] = _col(df, "patient_id")
+    rows["age"] = _col(df, "age_approx")
+    rows["sex"] = _col(df, "sex")
+    rows["site"] = _col(df, "anatom_site_general")
+    rows["dx_type"] = _col(df, "diagnosis_confirm_type")
+    return Ingest(_finish(rows, "isic-archive", problems), problems, "isic-archive", len(df))
+
+
+def read_folders(root: Path) -> Ingest:
+    """A folder per class (DermNet NZ and most scraped sets): the class is the folder name."""
+    root = Path(root)
+    problems: list[Problem] = []
+    records = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith(".") or name.lower() in _JUNK:
+                    continue
+                p = Path(dirpath, name).resolve()
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(p)
+                else:
+                    problems.append(Problem(str(p), f"not an image file name ({p.suffix or 'no extension'})", "read"))
+        try:
+            code = lookup(d.name).code
+        except UnknownLabelError as e:
+            if files:
+                problems.append(Problem(str(d), f"{len(files)} file(s) skipped: {e}", "read"))
+            continue
+        records.extend({"path": p, "image_id": p.stem, "label": code} for p in files)
+    rows = pd.DataFrame.from_records(records, columns=["path", "image_id", "label"])
+    n_read = len(rows) + len(problems)
+    return Ingest(_finish(rows, f"folders:{root.resolve().name}", problems), problems, "folders", n_read)
+
+
+READERS: dict[str, Callable[[Path], Ingest]] = {
+    "labels-csv": lambda p: read_labels_csv(p / "labels.csv" if Path(p).is_dir() else p),
+    "ham10000": read_ham10000,
+    "isic2019": read_isic2019,
+    "isic-archive": read_isic_archive,
+    "folders": read_folders,
+}
+
+
+def detect_format(path: Path) -> str:
+    """Guess the layout of ``path`` (a folder or a CSV); raise DataError with what was looked for."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        try:
+            cols = set(pd.read_csv(path, nrows=0).columns.str.strip())
+        except Exception as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
+        if set(ISIC2019.codes) <= cols:
+            return "isic2019"
+        if {"image_id", "dx", "lesion_id"} <= cols:
+            return "ham10000"
+        if "isic_id" in cols:
+            return "isic-archive"
+        if {"image", "label"} <= cols:
+            return "labels-csv"
+        raise DataError(
+            f"{path}: unrecognised CSV columns ({', '.join(sorted(cols))}); expected image,label or one of the "
+            "HAM10000 / ISIC 2019 / ISIC Archive layouts"
+        )
+    # Our own labels.csv first: it is the richest (the shared HAM10000 copy has both it and the official CSV).
+    if (path / "labels.csv").is_file():
+        return "labels-csv"
+    if (path / "HAM10000_metadata.csv").is_file():
+        return "ham10000"
+    if _find_one(path, "*GroundTruth*.csv") is not None:
+        return "isic2019"
+    if (path / "metadata.csv").is_file():
+        return "isic-archive"
+    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return "folders"
+    raise DataError(
+        f"{path}: cannot tell the dataset layout: expected labels.csv, HAM10000_metadata.csv, an ISIC 2019 "
+        "GroundTruth CSV, an isic-cli metadata.csv, or one sub-folder per class"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ verification
+
+
+def verify_images(
+    manifest: pd.DataFrame, full: bool = True, workers: int | None = None, progress: bool = True
+) -> tuple[pd.DataFrame, list[Problem]]:
+    """Open every image; drop (and report) the unreadable ones; record width and height.
+
+    ``full`` decodes the pixels (at 1/8 scale through JPEG draft mode, so it stays cheap) because a truncated JPEG
+    has an intact header and only fails when decoded; without it only headers are read.
+    """
+
+    def check(path: str) -> tuple[int, int] | str:
+        try:
+            info = probe(path)
+            if full:
+                load_rgb(path, short_side=max(1, min(info.width, info.height) // 8))
+            return info.width, info.height
+        except ImageError as e:
+            return str(e)
+
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    paths = manifest["path"].tolist()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(
+            tqdm(pool.map(check, paths), total=len(paths), desc="checking images", unit="img",
+                 disable=not progress or None, leave=False)
+        )
+    problems = [Problem(p, r, "image") for p, r in zip(paths, results, strict=True) if isinstance(r, str)]
+    ok = [not isinstance(r, str) for r in results]
+    out = manifest[ok].copy()
+    sizes = [r for r in results if not isinstance(r, str)]
+    out["width"] = [s[0] for s in sizes]
+    out["height"] = [s[1] for s in sizes]
+    return out.reset_index(drop=True), problems
+
+
+def build_manifest(
+    path: Path, fmt: str | None = None, verify: str = "full", progress: bool = True
+) -> Ingest:
+    """Read any supported layout at ``path`` into a manifest; ``verify`` is "full", "header" or "none"."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt not in READERS:
+        raise DataError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    ingest = READERS[fmt](path)
+    ingest.format = fmt
+    ingest.labels_read = ingest.manifest.attrs.pop("labels_read", {})
+    if verify != "none" and len(ingest.manifest):
+        ingest.manifest, bad = verify_images(ingest.manifest, full=verify == "full", progress=progress)
+        ingest.problems.extend(bad)
+    return ingest
+
+
+# ----------------------------------------------------------------------------------------------------- persistence
+
+
+def save_manifest(manifest: pd.DataFrame, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(out, index=False)
+    return out
+
+
+def load_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest written by `save_manifest` (or any CSV with at least ``path`` and ``label``)."""
+    df = _read_csv(Path(path), ("path", "label"), "a dermsight manifest")
+    for c in ("width", "height", "fold"):
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    return df
+
+
+def class_counts(manifest: pd.DataFrame, by: str | None = None, label: str = "label") -> pd.DataFrame:
+    """Image counts per class (rows) and, with ``by``, per value of that column, with a total."""
+    if by is None:
+        t = manifest[label].value_counts().rename("images").to_frame()
+        if "lesion_id" in manifest and manifest["lesion_id"].notna().any():
+            t["lesions"] = manifest.groupby(label)["lesion_id"].nunique()
+        t.loc["total"] = t.sum()
+        return t.astype(int)
+    t = pd.crosstab(manifest[label], manifest[by], margins=True, margins_name="total")
+    return t

@@ -1,0 +1,136 @@
+"""Train/val/test splits and cross-validation folds grouped by lesion and patient.
+
+HAM10000 has several photographs of one lesion (10,015 images of 7,470 lesions). A random image split puts views of
+the same lesion on both sides and inflates every metric, so all splits here are made over *groups*: images that share
+a lesion_id or a patient_id (transitively) always land in the same split. Within that constraint the class balance
+is kept with scikit-learn's `StratifiedGroupKFold`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    folds: int = 5  # cross-validation folds over the train+val part
+    label: str = "label_ham7"
+
+
+def groups(manifest: pd.DataFrame) -> np.ndarray:
+    """One group number per row: connected components of rows sharing a lesion_id or a patient_id.
+
+    Rows with neither are their own group (an image alone). Union-find over the two id columns.
+    """
+    n = len(manifest)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for col in ("lesion_id", "patient_id"):
+        if col not in manifest:
+            continue
+        ids = manifest[col].to_numpy()
+        first: dict[object, int] = {}
+        for i, v in enumerate(ids):
+            if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA or v == "":
+                continue
+            j = first.setdefault(v, i)
+            if j != i:
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[ri] = rj
+    roots = np.array([find(i) for i in range(n)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def _fold_plan(val: float, test: float) -> tuple[int, int, int]:
+    """Smallest number of equal folds that expresses both fractions (to the nearest 1/20 at worst)."""
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) with val + test < 1")
+    fv, ft = Fraction(val).limit_denominator(20), Fraction(test).limit_denominator(20)
+    k = math.lcm(fv.denominator, ft.denominator)
+    if k < 3:
+        k *= 10  # 1/2-sized splits still need several folds to stratify well
+    return k, round(fv * k), round(ft * k)
+
+
+def _assign(y: np.ndarray, g: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """Fold number per row from StratifiedGroupKFold (shuffled groups, deterministic for a seed)."""
+    fold = np.full(len(y), -1)
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # sklearn warns when a class has fewer groups than folds; we check the outcome ourselves.
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(y)), y, g)):
+            fold[idx] = k
+    return fold
+
+
+def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> pd.DataFrame:
+    """Return the manifest with ``split`` (train/val/test) and ``fold`` (CV fold of train+val rows; -1 for test).
+
+    Rows whose label cannot be used for stratification (missing ``cfg.label``) are kept out of every split
+    (``split`` = "excluded") rather than silently joining training.
+    """
+    df = manifest.reset_index(drop=True).copy()
+    label = cfg.label if cfg.label in df else "label"
+    usable = df[label].notna().to_numpy()
+    df["split"] = "excluded"
+    df["fold"] = -1
+    sub = df[usable]
+    if len(sub) == 0:
+        return df
+    y = sub[label].astype(str).to_numpy()
+    g = groups(sub)
+    n_groups = len(np.unique(g))
+    k, k_val, k_test = _fold_plan(cfg.val, cfg.test)
+    if n_groups < k:
+        raise ValueError(f"only {n_groups} lesion/patient groups: too few to split into {k} parts")
+    fold = _assign(y, g, k, cfg.seed)
+    # Which folds become test and val is drawn from the seed too, so different seeds give different test sets.
+    order = np.random.default_rng(cfg.seed).permutation(k)
+    test_folds, val_folds = set(order[:k_test]), set(order[k_test : k_test + k_val])
+    split = np.where(np.isin(fold, list(test_folds)), "test", np.where(np.isin(fold, list(val_folds)), "val", "train"))
+    df.loc[usable, "split"] = split
+
+    # Cross-validation folds over train+val, grouped and stratified the same way.
+    dev = split != "test"
+    cv = np.full(len(sub), -1)
+    if cfg.folds >= 2 and len(np.unique(g[dev])) >= cfg.folds:
+        cv[dev] = _assign(y[dev], g[dev], cfg.folds, cfg.seed)
+    df.loc[usable, "fold"] = cv
+    return df
+
+
+def check_split(df: pd.DataFrame, label: str = "label_ham7") -> list[str]:
+    """Human-readable problems with a split: groups crossing splits, classes missing from a split."""
+    issues = []
+    used = df[df["split"].isin(SPLITS)]
+    g = groups(used)
+    crossing = pd.Series(used["split"].to_numpy()).groupby(g).nunique()
+    if (crossing > 1).any():
+        issues.append(f"{int((crossing > 1).sum())} lesion/patient group(s) appear in more than one split")
+    label = label if label in used else "label"
+    classes = set(used[label].dropna())
+    for s in SPLITS:
+        missing = classes - set(used.loc[used["split"] == s, label])
+        if missing and (used["split"] == s).any():
+            issues.append(f"split {s!r} has no image of: {', '.join(sorted(missing))}")
+    return issues

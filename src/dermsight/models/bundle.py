@@ -1,0 +1,218 @@
+"""The saved model carries its contract: one ``.safetensors`` file with the weights and, in its header, the JSON of a
+`ModelMeta` (classes, preprocessing, provenance, metrics).
+
+Training, evaluation, export and serving read everything from that one file; `load_model` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from dermsight.classes import CONDITIONS, TAXONOMIES
+from dermsight.models.factory import ARCHS, META_KEY, WeightsInfo, create_model
+
+# Bumped when a change to ModelMeta means an older dermsight would misread the file.
+FORMAT_VERSION = 1
+
+
+class ModelLoadError(Exception):
+    """A model file cannot be loaded; the message is fit to show a user."""
+
+
+def _dermsight_version() -> str:
+    try:
+        return importlib.metadata.version("dermsight")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to use a trained model correctly, stored inside the model file.
+
+    Eval preprocessing: resize the shorter side to ``resize_size = round(input_size / crop_pct)``, then centre-crop
+    ``input_size``. ``crop_pct`` defaults to 1.0, unlike ImageNet's 0.875: the external test data are square centre
+    crops of 4:3 dermoscopy frames, and a 1.0 crop of a 4:3 frame is exactly such a centre square, so training,
+    validation and the external sets see lesions at the same scale. A smaller crop_pct would zoom in further on our
+    own images only.
+    """
+
+    architecture: str
+    taxonomy: str  # a key of dermsight.classes.TAXONOMIES: "ham7" or "isic2019"
+    classes: tuple[str, ...]  # class codes in logit order
+    class_names: tuple[str, ...]  # display names from the catalogue, same order
+    input_size: int  # square side in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # torchvision InterpolationMode value
+    weights: dict[str, Any]  # WeightsInfo.to_dict() of the starting weights
+    crop_pct: float = 1.0
+    temperature: float = 1.0  # logits are divided by this before softmax; 1.0 until calibrated
+    training_data: str = ""
+    split: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = ""  # ISO 8601, UTC
+    dermsight_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHS:
+            raise ValueError(f"unknown architecture {self.architecture!r}: expected one of {', '.join(ARCHS)}")
+        taxonomy = TAXONOMIES.get(self.taxonomy)
+        if taxonomy is None:
+            raise ValueError(f"unknown taxonomy {self.taxonomy!r}: expected one of {', '.join(TAXONOMIES)}")
+        strays = [c for c in self.classes if c not in taxonomy]
+        if strays or len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(f"classes {self.classes} must be distinct codes of taxonomy {self.taxonomy}")
+        if len(self.class_names) != len(self.classes):
+            raise ValueError("class_names must give one name per class")
+        if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
+            raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
+
+    @classmethod
+    def new(
+        cls,
+        architecture: str,
+        taxonomy: str,
+        weights: WeightsInfo,
+        *,
+        input_size: int | None = None,
+        classes: tuple[str, ...] | None = None,
+        **kwargs: Any,
+    ) -> ModelMeta:
+        """A fresh contract: classes and names from the catalogue, preprocessing from the starting weights.
+
+        ``input_size`` defaults to the weights' own; ``kwargs`` fill the remaining fields (crop_pct, config, ...).
+        """
+        codes = tuple(classes) if classes is not None else TAXONOMIES[taxonomy].codes
+        return cls(
+            architecture=architecture,
+            taxonomy=taxonomy,
+            classes=codes,
+            class_names=tuple(CONDITIONS[c].name for c in codes),
+            input_size=input_size or weights.input_size,
+            mean=weights.mean,
+            std=weights.std,
+            interpolation=weights.interpolation,
+            weights=weights.to_dict(),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            dermsight_version=_dermsight_version(),
+            **kwargs,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side after the eval resize, before the centre crop."""
+        return round(self.input_size / self.crop_pct)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMeta:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("model metadata is not a JSON object")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"model format {data['format_version']} is newer than this dermsight understands "
+                f"({FORMAT_VERSION}); upgrade dermsight"
+            )
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # fields a newer minor release added are ignored
+        for key in ("classes", "class_names"):
+            data[key] = tuple(data[key])
+        for key in ("mean", "std"):
+            data[key] = tuple(float(v) for v in data[key])
+        return cls(**data)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
+    """Write ``model`` and ``meta`` to one ``.safetensors`` file; returns the path."""
+    path = Path(path)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, nn.Linear) and classifier.out_features != meta.num_classes:
+        raise ValueError(f"model has {classifier.out_features} outputs but meta lists {meta.num_classes} classes")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (tied weights); each key gets its own copy, and loading
+        # writes the same values into the tied parameter twice.
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        tensors[key] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted save never leaves a truncated model under the real name.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta.to_json()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> ModelMeta:
+    """The contract of a saved model, without reading its weights."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types and OSError for bad files
+        raise ModelLoadError(
+            f"{path} is not a dermsight model: not a readable safetensors file ({str(e)[:120]})"
+        ) from None
+    raw = header.get(META_KEY)
+    if raw is None:
+        raise ModelLoadError(
+            f"{path} is a safetensors file but not a dermsight model (no '{META_KEY}' metadata); "
+            "models are written by dermsight's save_model"
+        )
+    try:
+        return ModelMeta.from_json(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path} has corrupt or incompatible dermsight metadata: {e}") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a saved model from its file alone; returned in eval mode on ``device``."""
+    meta = read_meta(path)
+    model, _ = create_model(meta.architecture, meta.num_classes, weights="none")
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ModelLoadError(f"{path} is corrupt: cannot read its weights ({str(e)[:120]})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): "
+            f"{str(e)[:300]}"
+        ) from None
+    return model.to(device).eval(), meta
