@@ -34,15 +34,12 @@ def toy_probs() -> np.ndarray:
     return probs
 
 
-def synthetic(
-    n: int, seed: int = 0, n_classes: int = 7, signal: float = 1.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Imbalanced HAM-like labels with softmax scores that carry some signal about the true class."""
+def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Imbalanced HAM7-like labels with softmax scores that carry some signal about the true class."""
     rng = np.random.default_rng(seed)
-    prior = np.array([0.05, 0.08, 0.12, 0.03, 0.12, 0.55, 0.05])[:n_classes]
-    y = rng.choice(n_classes, size=n, p=prior / prior.sum())
-    logits = rng.normal(size=(n, n_classes))
-    logits[np.arange(n), y] += signal
+    y = rng.choice(7, size=n, p=[0.05, 0.08, 0.12, 0.03, 0.12, 0.55, 0.05])
+    logits = rng.normal(size=(n, 7))
+    logits[np.arange(n), y] += 1.5
     probs = np.exp(logits)
     return y, probs / probs.sum(axis=1, keepdims=True)
 
@@ -76,17 +73,24 @@ def test_toy_case_matches_hand_computation():
 
 
 def test_ece_two_bins_by_hand():
-    # Four cases at confidence 0.95 (3 right) and four at 0.55 (1 right).
-    probs = np.array([[0.95, 0.05]] * 4 + [[0.55, 0.45]] * 4)
-    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
-    assert expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.2 + 0.5 * 0.3)
+    # Four cases at confidence 0.95 (3 right, gap 0.2) and two at 0.55 (none right, gap 0.55).
+    probs = np.array([[0.95, 0.05]] * 4 + [[0.55, 0.45]] * 2)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    assert expected_calibration_error(probs, y) == pytest.approx((4 * 0.2 + 2 * 0.55) / 6)
 
     bins = reliability_bins(probs, y, n_bins=15)
-    assert bins.counts.sum() == 8
-    assert bins.counts[14] == 4 and bins.counts[8] == 4  # (14/15, 1] and (8/15, 9/15]
+    assert bins.counts.sum() == 6
+    assert bins.counts[14] == 4 and bins.counts[8] == 2  # (14/15, 1] and (8/15, 9/15]
     assert bins.accuracy[14] == pytest.approx(0.75)
     assert bins.confidence[8] == pytest.approx(0.55)
     assert np.isnan(bins.accuracy[0])
+
+
+def test_reliability_bins_are_right_closed():
+    # Confidences exactly on the edges 0.5 and 0.75 of 4 bins fall in the lower bin; 1.0 in the last.
+    probs = np.array([[0.5, 0.25, 0.25, 0.0], [0.75, 0.25, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    bins = reliability_bins(probs, np.zeros(3, dtype=int), n_bins=4)
+    assert bins.counts.tolist() == [0, 1, 1, 1]
 
 
 def test_perfect_confident_classifier():
@@ -109,11 +113,21 @@ def test_macro_auc_and_balanced_accuracy_agree_with_sklearn():
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(axis=1)))
 
 
-def test_bootstrap_equals_naive_resampling():
+def tied_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes, rows drawn from a few dyadic templates (exact sums of 1), so scores tie a lot."""
+    rng = np.random.default_rng(seed)
+    templates = np.array([[0.75, 0.125, 0.125], [0.5, 0.25, 0.25], [0.25, 0.625, 0.125], [0.125, 0.5, 0.375]])
+    return rng.integers(0, 3, size=n), templates[rng.integers(0, len(templates), size=n)]
+
+
+@pytest.mark.parametrize("case", ["continuous", "tied"])
+def test_bootstrap_equals_naive_resampling(case):
     # The vectorised bootstrap must give the same numbers as scoring each resample with sklearn.
-    y, probs = synthetic(150, seed=3)
+    y, probs = synthetic(150, seed=3) if case == "continuous" else tied_scores(60)
+    labels = HAM7.codes if case == "continuous" else TOY_LABELS
+    n_classes = len(labels)
     n_boot, seed = 40, 7
-    m = compute_metrics(y, probs, HAM7.codes, n_bootstrap=n_boot, seed=seed)
+    m = compute_metrics(y, probs, labels, n_bootstrap=n_boot, seed=seed)
 
     draws = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
     naive: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "macro_auc": []}
@@ -121,12 +135,11 @@ def test_bootstrap_equals_naive_resampling():
         yb, pb = y[idx], probs[idx]
         naive["accuracy"].append(accuracy_score(yb, pb.argmax(axis=1)))
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", UserWarning
-            )  # a resample can miss a class that is still predicted
+            # A resample can miss a class that is still predicted; sklearn warns and drops it.
+            warnings.simplefilter("ignore", UserWarning)
             naive["balanced_accuracy"].append(balanced_accuracy_score(yb, pb.argmax(axis=1)))
-        if len(np.unique(yb)) == 7:
-            naive["macro_auc"].append(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in range(7)]))
+        if len(np.unique(yb)) == n_classes:
+            naive["macro_auc"].append(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in range(n_classes)]))
     for name, values in naive.items():
         assert m["ci95"][name] == pytest.approx(list(np.percentile(values, [2.5, 97.5])))
     assert m["bootstrap"]["valid_resamples"]["macro_auc"] == len(naive["macro_auc"])
@@ -181,8 +194,10 @@ def test_unnormalised_probabilities_are_renormalised_with_a_warning():
     y, probs = synthetic(100, seed=2)
     reference = compute_metrics(y, probs, HAM7.codes, n_bootstrap=20)
     scaled = compute_metrics(y, probs * 3.0, HAM7.codes, n_bootstrap=20)
-    for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece", "nll", "ci95"):
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece", "nll"):
         assert scaled[key] == pytest.approx(reference[key])
+    for key, interval in reference["ci95"].items():
+        assert scaled["ci95"][key] == pytest.approx(interval)
     assert reference["warnings"] == []
     assert any("renormalised" in note for note in scaled["warnings"])
     # float32 softmax rounding is not worth a warning.

@@ -49,13 +49,17 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     ingest = build_manifest(Path(args.source), fmt=args.format, verify=verify)
     out = save_manifest(ingest.manifest, Path(args.out))
     dt = time.perf_counter() - t0
-    print(f"format: {ingest.format}; {ingest.rows_read} row(s) read, {len(ingest.manifest)} kept "
-          f"({dt:.1f} s); manifest written to {out}")
+    print(
+        f"format: {ingest.format}; {ingest.rows_read} row(s) read, {len(ingest.manifest)} kept "
+        f"({dt:.1f} s); manifest written to {out}"
+    )
     if len(ingest.manifest):
         _print_table(class_counts(ingest.manifest), "class counts:")
     elif ingest.labels_read:
-        print("labels in the source (no row kept): "
-              + ", ".join(f"{k} {v}" for k, v in sorted(ingest.labels_read.items(), key=lambda kv: -kv[1])))
+        print(
+            "labels in the source (no row kept): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(ingest.labels_read.items(), key=lambda kv: -kv[1]))
+        )
     return _report_problems(ingest.problems, problems_path(out))
 
 
@@ -98,8 +102,10 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
     else:
         rate = len(res.cache) / res.seconds if res.seconds else float("inf")
         size_mb = int(res.cache.meta["nbytes"]) / 2**20
-        print(f"cached {n_ok} image(s) at {args.size}px in {res.seconds:.1f} s ({rate:.0f} images/s), "
-              f"{size_mb:.0f} MB at {res.cache.folder}")
+        print(
+            f"cached {n_ok} image(s) at {args.size}px in {res.seconds:.1f} s ({rate:.0f} images/s), "
+            f"{size_mb:.0f} MB at {res.cache.folder}"
+        )
     return _report_problems(res.problems, res.cache.folder / "problems.csv" if res.problems else None)
 
 
@@ -199,8 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("DERMSIGHT_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {e}\n(this is a bug; set DERMSIGHT_DEBUG=1 for the traceback "
-              "and report it)", file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {e}\n(this is a bug; set DERMSIGHT_DEBUG=1 for the traceback "
+            "and report it)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

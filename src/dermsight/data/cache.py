@@ -161,11 +161,15 @@ def build_cache(
 
         with ThreadPoolExecutor(workers) as pool:
             errors = list(
-                tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"caching at {size}px",
-                     unit="img", disable=not progress or None)
+                tqdm(
+                    pool.map(work, range(len(paths))),
+                    total=len(paths),
+                    desc=f"caching at {size}px",
+                    unit="img",
+                    disable=not progress or None,
+                )
             )
         pixels.flush()
-        del pixels
         for i, err in enumerate(errors):
             if err is not None:
                 problems.append(Problem(paths[i], err, "cache"))
@@ -176,8 +180,15 @@ def build_cache(
         pd.DataFrame([p.__dict__ for p in problems], columns=["item", "reason", "stage"]).to_csv(
             tmp / "problems.csv", index=False
         )
-        meta = {"version": CACHE_VERSION, "size": size, "n": len(paths), "nbytes": nbytes, "draft": draft,
-                "failed": len(problems), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            "version": CACHE_VERSION,
+            "size": size,
+            "n": len(paths),
+            "nbytes": nbytes,
+            "draft": draft,
+            "failed": len(problems),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             tmp.rename(folder)

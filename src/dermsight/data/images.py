@@ -114,9 +114,7 @@ def target_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(1, round(width * scale)), short_side
 
 
-def load_rgb(
-    source: str | os.PathLike | bytes, short_side: int | None = None, draft: bool = True
-) -> np.ndarray:
+def load_rgb(source: str | os.PathLike | bytes, short_side: int | None = None, draft: bool = True) -> np.ndarray:
     """Decode an image to an RGB uint8 HxWx3 array, EXIF orientation applied, shorter side scaled to ``short_side``.
 
     With ``draft`` the JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding (never below the target), which is

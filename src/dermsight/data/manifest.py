@@ -166,7 +166,12 @@ def read_labels_csv(csv_path: Path) -> Ingest:
     rows["sex"] = _col(df, "sex")
     rows["site"] = _col(df, "site", "localization", "anatom_site_general")
     rows["dx_type"] = _col(df, "dx_type", "diagnosis_confirm_type")
-    return Ingest(_finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems), problems, "labels-csv", len(df))
+    return Ingest(
+        _finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems),
+        problems,
+        "labels-csv",
+        len(df),
+    )
 
 
 def _isic_codes(col: pd.Series) -> pd.Series:
@@ -248,7 +253,14 @@ def read_isic2019(root: Path) -> Ingest:
 
 # isic-cli writes a metadata.csv whose diagnosis columns vary with the archive's taxonomy version; the most specific
 # column that names a catalogue class wins.
-_ARCHIVE_DIAGNOSIS_COLUMNS = ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis", "diagnosis_2", "diagnosis_1")
+_ARCHIVE_DIAGNOSIS_COLUMNS = (
+    "diagnosis_5",
+    "diagnosis_4",
+    "diagnosis_3",
+    "diagnosis",
+    "diagnosis_2",
+    "diagnosis_1",
+)
 
 
 def read_isic_archive(root: Path) -> Ingest:
@@ -389,8 +401,14 @@ def verify_images(
     paths = manifest["path"].tolist()
     with ThreadPoolExecutor(workers) as pool:
         results = list(
-            tqdm(pool.map(check, paths), total=len(paths), desc="checking images", unit="img",
-                 disable=not progress or None, leave=False)
+            tqdm(
+                pool.map(check, paths),
+                total=len(paths),
+                desc="checking images",
+                unit="img",
+                disable=not progress or None,
+                leave=False,
+            )
         )
     problems = [Problem(p, r, "image") for p, r in zip(paths, results, strict=True) if isinstance(r, str)]
     ok = [not isinstance(r, str) for r in results]
@@ -401,9 +419,7 @@ def verify_images(
     return out.reset_index(drop=True), problems
 
 
-def build_manifest(
-    path: Path, fmt: str | None = None, verify: str = "full", progress: bool = True
-) -> Ingest:
+def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", progress: bool = True) -> Ingest:
     """Read any supported layout at ``path`` into a manifest; ``verify`` is "full", "header" or "none"."""
     path = Path(path)
     fmt = fmt or detect_format(path)

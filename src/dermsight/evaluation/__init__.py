@@ -1,4 +1,4 @@
-"""Evaluation: metrics with bootstrap confidence intervals, and the report written next to each evaluated model."""
+"""Evaluation: metrics with bootstrap confidence intervals, and the report written for an evaluated model."""
 
 from dermsight.evaluation.metrics import (
     ReliabilityBins,

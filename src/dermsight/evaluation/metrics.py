@@ -1,8 +1,9 @@
 """Classification metrics for skin-lesion models, with bootstrap confidence intervals.
 
 Everything here works on plain arrays: ``y_true`` holds class indices into ``labels`` (catalogue codes, in the
-model's output order) and ``probs`` holds one row of class probabilities per case. The headline metric is balanced
-accuracy (mean per-class recall), the official ISIC 2018/2019 ranking metric; plain accuracy is dominated by nevi.
+model's output order) and ``probs`` holds one row of class probabilities per case. The headline metric is
+balanced accuracy (mean per-class recall), the official ISIC 2018/2019 ranking metric; plain accuracy is
+dominated by nevi.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
 def _weighted_aucs(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """One-vs-rest ROC AUC of ``scores`` for each row of case ``weights`` (R, N); NaN where undefined.
 
-    A bootstrap resample is the original cases with integer multiplicities, so the Mann-Whitney form of the AUC
-    (P(score_pos > score_neg) + P(tie) / 2) with weights gives every resample's AUC from one sort of the scores.
+    A bootstrap resample is the original cases with integer multiplicities, so the Mann-Whitney form of the
+    AUC (P(score_pos > score_neg) + P(tie) / 2) with weights gives every resample's AUC from one sort of the
+    scores.
     """
     order = np.argsort(scores, kind="stable")
     s = scores[order]
@@ -123,7 +125,7 @@ def _weighted_aucs(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
 def _bootstrap(
     y: np.ndarray, p: np.ndarray, auc_classes: Sequence[int], n_bootstrap: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and macro AUC over ``n_bootstrap`` case resamples (NaN where degenerate)."""
+    """Accuracy, balanced accuracy and macro AUC of ``n_bootstrap`` case resamples (NaN where degenerate)."""
     n, n_classes = p.shape
     rng = np.random.default_rng(seed)
     onehot = np.eye(n_classes)[y]
@@ -133,7 +135,7 @@ def _bootstrap(
     for start in range(0, n_bootstrap, chunk):
         rows = min(chunk, n_bootstrap - start)
         draws = rng.integers(0, n, size=(rows, n))
-        # Multiplicity of every case in every resample, so all metrics are weighted sums over the original cases.
+        # Multiplicity of each case in each resample: every metric becomes a weighted sum over the cases.
         flat = (np.arange(rows)[:, None] * n + draws).ravel()
         w = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
         support = w @ onehot
@@ -145,8 +147,8 @@ def _bootstrap(
         out["balanced_accuracy"].append(np.where(present, recall, 0).sum(axis=1) / present.sum(axis=1))
         if auc_classes:
             aucs = np.stack([_weighted_aucs(p[:, k], y == k, w) for k in auc_classes], axis=1)
-            # A resample that loses every case of a rare class has no AUC for it; skip the resample rather than
-            # averaging over a different set of classes than the point estimate.
+            # A resample that loses every case of a rare class has no AUC for it; skip the resample rather
+            # than average over a different set of classes than the point estimate.
             out["macro_auc"].append(aucs.mean(axis=1))
         else:
             out["macro_auc"].append(np.full(rows, np.nan))
@@ -201,7 +203,8 @@ def compute_metrics(
     if max_sum_error > _SUM_TOLERANCE:
         notes.append(f"probability rows did not sum to 1 (max deviation {max_sum_error:.3g}); renormalised")
 
-    cm = confusion_matrix(y, y_pred, labels=range(n_classes))
+    classes = range(n_classes)
+    cm = confusion_matrix(y, y_pred, labels=classes)
     support = cm.sum(axis=1)
     absent = [labels[k] for k in range(n_classes) if support[k] == 0]
     if absent:
@@ -213,9 +216,9 @@ def compute_metrics(
         # sklearn warns about predicted classes missing from y_true; that is reported in `warnings` above.
         warnings.simplefilter("ignore", UserWarning)
         balanced = balanced_accuracy_score(y, y_pred)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y, y_pred, labels=range(n_classes), zero_division=np.nan
-    )
+    # zero_division=nan: precision of a class never predicted is undefined (null in the JSON), not 0.
+    scores = precision_recall_fscore_support(y, y_pred, labels=classes, zero_division=np.nan)
+    precision, recall, f1 = scores[:3]
     negatives = n - support
     true_neg = negatives - (cm.sum(axis=0) - np.diag(cm))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -225,11 +228,11 @@ def compute_metrics(
     aucs = np.full(n_classes, np.nan)
     for k in auc_classes:
         aucs[k] = roc_auc_score(y == k, p[:, k])
-    macro_auc = float(np.mean(aucs[auc_classes])) if auc_classes else math.nan
-    weighted_auc = (
-        float(np.average(aucs[auc_classes], weights=support[auc_classes])) if auc_classes else math.nan
-    )
-    if not auc_classes:
+    macro_auc = weighted_auc = math.nan
+    if auc_classes:
+        macro_auc = float(np.mean(aucs[auc_classes]))
+        weighted_auc = float(np.average(aucs[auc_classes], weights=support[auc_classes]))
+    else:
         notes.append("fewer than two classes present: AUC undefined")
 
     per_class = {
@@ -256,9 +259,9 @@ def compute_metrics(
         "auc_excluded": [labels[k] for k in range(n_classes) if k not in auc_classes],
         "ece": expected_calibration_error(p, y),
         "ece_bins": 15,
-        "nll": float(log_loss(y, p, labels=range(n_classes))),
+        "nll": float(log_loss(y, p, labels=classes)),
         # Multiclass Brier score: mean over cases of the squared distance to the one-hot truth, range [0, 2].
-        "brier": float(brier_score_loss(y, p, labels=range(n_classes), scale_by_half=False)),
+        "brier": float(brier_score_loss(y, p, labels=classes, scale_by_half=False)),
         "concerning": _concerning(y, p, conditions),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -281,7 +284,7 @@ def compute_metrics(
 def _concerning(y: np.ndarray, p: np.ndarray, conditions: Sequence[Condition]) -> dict | None:
     """Malignant-or-premalignant vs benign: the decision that matters to a user, from the summed class mass.
 
-    A top-1 prediction of any concerning class counts as flagged, so confusing melanoma with BCC is still a hit.
+    A top-1 prediction of any concerning class counts as flagged, so melanoma called BCC is still a hit.
     """
     flags = np.array([c.is_concerning for c in conditions])
     if flags.all() or not flags.any():
@@ -311,13 +314,13 @@ def map_probabilities(
     to_labels: Sequence[str],
     mapping: Callable[[str], str | None] | None = None,
 ) -> np.ndarray:
-    """Sum each source class's probability into its target class: (N, len(from_labels)) -> (N, len(to_labels)).
+    """Sum each source class's probability into its target class: (N, C_from) -> (N, C_to).
 
-    ``mapping`` sends a source code to a target code or None; by default the catalogue's `to_taxonomy` into the
-    taxonomy of ``to_labels``. ISIC 2019 -> HAM7 always works (AK + SCC -> akiec). HAM7 -> ISIC 2019 does not:
-    akiec's mass cannot be split between AK and SCC, so this raises ValueError rather than inventing a split or
-    silently dropping mass. A caller with such a pair should score in the coarser taxonomy instead (map the
-    labels with `map_labels` and keep the HAM7 probabilities).
+    ``mapping`` sends a source code to a target code or None; by default the catalogue's `to_taxonomy` into
+    the taxonomy of ``to_labels``. ISIC 2019 -> HAM7 always works (AK + SCC -> akiec). HAM7 -> ISIC 2019 does
+    not: akiec's mass cannot be split between AK and SCC, so this raises ValueError rather than inventing a
+    split or silently dropping mass. A caller with such a pair should score in the coarser taxonomy instead
+    (map the labels with `map_labels` and keep the HAM7 probabilities).
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != len(from_labels):

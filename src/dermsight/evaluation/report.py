@@ -24,9 +24,9 @@ def _display_name(code: str, width: int) -> str:
     return "\n".join(textwrap.wrap(f"{CONDITIONS[code].name} ({code})", width, break_long_words=False))
 
 
-# Figures are built on matplotlib.figure.Figure rather than pyplot: nothing is registered with a GUI backend or
-# pyplot's figure manager, so there is no display to open and no figure left open after a call (PNG output uses
-# Agg). That keeps the library safe to call in a loop or from a server.
+# Figures are built on matplotlib.figure.Figure rather than pyplot: nothing is registered with a GUI backend
+# or pyplot's figure manager, so there is no display to open and no figure left open after a call (PNG output
+# uses Agg). That keeps the library safe to call in a loop or from a server.
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=_DPI)
     return path
@@ -135,9 +135,8 @@ def _markdown(metrics: dict, title: str, extra: dict | None, figures: dict[str, 
         interval = ci.get(key)
         bounds = f"{interval[0]:.3f} – {interval[1]:.3f}" if interval else "n/a"
         lines.append(f"| {name} | {_fmt(metrics.get(key))} | {bounds} |")
-    lines.append(
-        f"| Expected calibration error ({metrics.get('ece_bins', 15)} bins) | {_fmt(metrics['ece'])} | |"
-    )
+    n_bins = metrics.get("ece_bins", 15)
+    lines.append(f"| Expected calibration error ({n_bins} bins) | {_fmt(metrics['ece'])} | |")
     for name, key in (("Negative log-likelihood", "nll"), ("Brier score (multiclass, 0–2)", "brier")):
         if key in metrics:
             lines.append(f"| {name} | {_fmt(metrics[key])} | |")
@@ -151,7 +150,7 @@ def _markdown(metrics: dict, title: str, extra: dict | None, figures: dict[str, 
     if concerning:
         lines += [
             "",
-            f"Malignant or pre-malignant ({', '.join(concerning['classes'])}) vs benign, from the top-1 class: "
+            f"Malignant or pre-malignant ({', '.join(concerning['classes'])}) vs benign, by top-1 class: "
             f"sensitivity {_fmt(concerning['sensitivity'])}, specificity {_fmt(concerning['specificity'])}, "
             f"AUC of the summed probability {_fmt(concerning['auc'])}.",
         ]
@@ -193,11 +192,12 @@ def write_report(
     title: str,
     extra: dict | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json, confusion_matrix.png, roc_curves.png, reliability.png and report.md into ``out_dir``.
+    """Write metrics.json, confusion_matrix.png, roc_curves.png, reliability.png and report.md to ``out_dir``.
 
-    ``metrics`` comes from `compute_metrics` on the same ``probs`` and ``y_true``. ``extra`` (model, checkpoint,
-    dataset, split...) is stored under ``"extra"`` in metrics.json and listed at the top of the report. Returns
-    the written paths keyed ``metrics``, ``confusion_matrix``, ``roc_curves``, ``reliability``, ``report``.
+    ``metrics`` comes from `compute_metrics` on the same ``probs`` and ``y_true``. ``extra`` (model,
+    checkpoint, dataset, split...) is stored under ``"extra"`` in metrics.json and listed at the top of the
+    report. Returns the written paths keyed ``metrics``, ``confusion_matrix``, ``roc_curves``, ``reliability``
+    and ``report``.
     """
     p, _ = check_probabilities(probs, len(metrics["labels"]))
     y = np.asarray(y_true)

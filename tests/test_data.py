@@ -1,0 +1,402 @@
+"""Data layer: readers for every layout, bad input that never aborts an ingest, lesion-grouped splits, the cache."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import HAM, ISIC2019_META, make_image, needs_ham, needs_isic2019
+from dermsight.cli import main
+from dermsight.data.cache import ImageCache, build_cache
+from dermsight.data.download import DownloadRequest, isic_command
+from dermsight.data.images import MAX_PIXELS, ImageError, load_rgb, probe, target_size
+from dermsight.data.manifest import (
+    MANIFEST_COLUMNS,
+    build_manifest,
+    detect_format,
+    load_manifest,
+    read_isic2019,
+)
+from dermsight.data.problems import DataError
+from dermsight.data.split import SplitConfig, check_split, groups, split_manifest
+
+# --------------------------------------------------------------------------------------------- broken-file factory
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height``: a decompression bomb's calling card."""
+    raw = zlib.compress(b"\x00" * 16)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(path: Path, seed: int = 1) -> Path:
+    make_image(path, size=(160, 120), seed=seed)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BROKEN = {
+    "missing.jpg": None,  # listed in labels.csv, absent on disk
+    "empty.jpg": lambda p: p.write_bytes(b""),
+    "text.jpg": lambda p: p.write_text("this is not an image\n"),
+    "truncated.jpg": truncated_jpeg,
+    "garbage.jpg": lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8),
+    "bomb.png": lambda p: png_claiming_size(p, 30000, 30000),
+    "anim.gif": lambda p: Image.new("P", (8, 8)).save(p, format="GIF"),
+}
+
+
+@pytest.fixture
+def messy_dataset(tmp_path: Path) -> Path:
+    """A labels.csv folder with 4 good images, one of every kind of broken file and an unknown label."""
+    root = tmp_path / "messy"
+    rows = []
+    for i, label in enumerate(["mel", "nv", "bcc", "Melanoma"]):
+        make_image(root / "img" / f"good{i}.jpg", seed=i)
+        rows.append((f"img/good{i}.jpg", label, f"L{i}"))
+    make_image(root / "img" / "eczema.jpg", seed=9)
+    rows.append(("img/eczema.jpg", "eczema", "L9"))
+    for name, make in BROKEN.items():
+        if make is not None:
+            (root / "img").mkdir(parents=True, exist_ok=True)
+            make(root / "img" / name)
+        rows.append((f"img/{name}", "nv", f"B-{name}"))
+    pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def test_target_size_keeps_aspect_and_never_enlarges():
+    assert target_size(600, 450, 224) == (299, 224)
+    assert target_size(450, 600, 224) == (224, 299)
+    assert target_size(200, 150, 224) == (200, 150)
+    assert target_size(600, 450, None) == (600, 450)
+
+
+def test_load_rgb_draft_matches_full_decode(tmp_path):
+    p = make_image(tmp_path / "a.jpg", size=(600, 450))
+    fast = load_rgb(p, 224, draft=True).astype(float)
+    slow = load_rgb(p, 224, draft=False).astype(float)
+    assert fast.shape == slow.shape == (224, 299, 3)
+    assert np.abs(fast - slow).mean() < 4.0  # same picture; draft differs only by rounding and filtering
+
+
+def test_load_rgb_applies_exif_orientation_and_converts_modes(tmp_path):
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = 255
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    im.save(tmp_path / "r.jpg", exif=exif)
+    assert probe(tmp_path / "r.jpg").width == 40
+    assert load_rgb(tmp_path / "r.jpg").shape == (80, 40, 3)
+    Image.new("RGBA", (10, 10), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    out = load_rgb(tmp_path / "t.png")
+    assert out.shape == (10, 10, 3) and out.min() == 255  # transparent -> white, not black
+    Image.new("L", (12, 10), 7).save(tmp_path / "g.png")
+    assert load_rgb((tmp_path / "g.png").read_bytes()).shape == (10, 12, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("empty.jpg", "empty file"),
+        ("text.jpg", "not an image"),
+        ("truncated.jpg", "truncated"),
+        ("garbage.jpg", "corrupt|not an image"),
+        ("bomb.png", "decompression bomb"),
+        ("anim.gif", "unsupported image format GIF"),
+        ("missing.jpg", "not found"),
+    ],
+)
+def test_bad_images_raise_one_line_reasons(tmp_path, name, reason):
+    p = tmp_path / name
+    if BROKEN[name] is not None:
+        BROKEN[name](p)
+    with pytest.raises(ImageError, match=reason):
+        load_rgb(p, 64)
+    assert MAX_PIXELS < 30000 * 30000
+
+
+# ------------------------------------------------------------------------------------------------------ readers
+
+
+def test_messy_folder_reports_every_bad_item_and_keeps_the_good(messy_dataset):
+    ingest = build_manifest(messy_dataset, progress=False)
+    m = ingest.manifest
+    assert ingest.format == "labels-csv"
+    assert list(m.columns) == list(MANIFEST_COLUMNS)
+    assert sorted(Path(p).name for p in m["path"]) == ["good0.jpg", "good1.jpg", "good2.jpg", "good3.jpg"]
+    assert m.set_index("image_id").loc["good3", "label"] == "mel"  # "Melanoma" resolved through the catalogue
+    assert (m["width"] == 64).all() and (m["height"] == 48).all()
+    reasons = {Path(p.item).name: p.reason for p in ingest.problems}
+    assert set(reasons) == {*BROKEN, "eczema.jpg"}
+    assert "unknown label 'eczema'" in reasons["eczema.jpg"]
+    assert "not found" in reasons["missing.jpg"] and "truncated" in reasons["truncated.jpg"]
+
+
+def test_cli_manifest_exit_code_and_problem_list(messy_dataset, tmp_path, capsys):
+    out = tmp_path / "out" / "m.csv"
+    assert main(["data", "manifest", str(messy_dataset), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "8 item(s) dropped" in err and "Traceback" not in err
+    problems = pd.read_csv(out.with_name("m.problems.csv"))
+    assert list(problems.columns) == ["item", "reason", "stage"] and len(problems) == 8
+    assert len(load_manifest(out)) == 4
+
+
+def test_csv_missing_required_column_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("image,diagnosis\na.jpg,mel\n")
+    with pytest.raises(DataError, match="missing required column"):
+        build_manifest(tmp_path / "labels.csv", fmt="labels-csv")
+    assert main(["data", "manifest", str(tmp_path), "--format", "labels-csv", "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing required column(s) label" in err and "Traceback" not in err
+
+
+def test_unknown_layout_and_missing_source_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["data", "manifest", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "cannot tell the dataset layout" in capsys.readouterr().err
+    assert main(["data", "manifest", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_class_folders(tmp_path):
+    root = tmp_path / "dermnet"
+    for label, n in [("Melanoma", 2), ("nv", 3), ("Eczema Photos", 2)]:
+        for i in range(n):
+            make_image(root / label / f"{i}.jpg", seed=i)
+    (root / "nv" / "README.txt").write_text("not an image")
+    (root / "nv" / ".DS_Store").write_bytes(b"junk")
+    assert detect_format(root) == "folders"
+    ingest = build_manifest(root, progress=False)
+    assert ingest.manifest["label"].value_counts().to_dict() == {"nv": 3, "mel": 2}
+    reasons = " | ".join(p.reason for p in ingest.problems)
+    assert "2 file(s) skipped: unknown label 'Eczema Photos'" in reasons and "not an image file name" in reasons
+    assert len(ingest.problems) == 2
+
+
+def _ham_layout(root: Path) -> None:
+    """The official HAM10000 download: metadata CSV plus images split over two folders."""
+    rows = []
+    for i, (dx, lesion) in enumerate([("mel", "HAM_1"), ("mel", "HAM_1"), ("nv", "HAM_2"), ("akiec", "HAM_3")]):
+        part = "HAM10000_images_part_1" if i < 2 else "HAM10000_images_part_2"
+        make_image(root / part / f"ISIC_{i:07d}.jpg", seed=i)
+        rows.append((lesion, f"ISIC_{i:07d}", dx, "histo", 50.0, "male", "back"))
+    rows.append(("HAM_4", "ISIC_0000099", "bcc", "histo", 60.0, "female", "face"))  # image not downloaded
+    cols = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
+    pd.DataFrame(rows, columns=cols).to_csv(root / "HAM10000_metadata.csv", index=False)
+
+
+def test_ham10000_official_layout(tmp_path):
+    _ham_layout(tmp_path)
+    assert detect_format(tmp_path) == "ham10000"
+    ingest = build_manifest(tmp_path, progress=False)
+    m = ingest.manifest.set_index("image_id")
+    assert len(m) == 4 and m.loc["ISIC_0000003", "label_ham7"] == "akiec"
+    assert pd.isna(m.loc["ISIC_0000003", "label_isic2019"])  # akiec is AK or SCC: the metadata doesn't say
+    assert m.loc["ISIC_0000000", "label_isic2019"] == "MEL" and m.loc["ISIC_0000000", "site"] == "back"
+    assert [p.item for p in ingest.problems] == ["ISIC_0000099"]
+
+
+def test_isic2019_layout_with_images(tmp_path):
+    gt = pd.DataFrame({"image": ["ISIC_1", "ISIC_2", "ISIC_3", "ISIC_4"]})
+    for c in ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"):
+        gt[c] = 0.0
+    gt.loc[0, "SCC"] = gt.loc[1, "NV"] = gt.loc[2, "MEL"] = 1.0
+    gt.loc[3, ["MEL", "NV"]] = 1.0  # two classes marked: reported, dropped
+    gt.to_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": ["ISIC_1", "ISIC_2"],
+            "age_approx": ["40", "55"],
+            "anatom_site_general": ["head", ""],
+            "lesion_id": ["BCN_1", "BCN_1"],
+            "sex": ["male", "female"],
+        }
+    ).to_csv(tmp_path / "ISIC_2019_Training_Metadata.csv", index=False)
+    for i in (1, 2, 3, 4):
+        make_image(tmp_path / "ISIC_2019_Training_Input" / f"ISIC_{i}.jpg", seed=i)
+    ingest = build_manifest(tmp_path, progress=False)
+    m = ingest.manifest.set_index("image_id")
+    assert ingest.format == "isic2019"
+    assert m.loc["ISIC_1", "label"] == "SCC" and m.loc["ISIC_1", "label_ham7"] == "akiec"
+    assert m.loc["ISIC_1", "lesion_id"] == "BCN_1" and m.loc["ISIC_1", "age"] == "40"
+    assert pd.isna(m.loc["ISIC_3", "lesion_id"])
+    assert [p.item for p in ingest.problems] == ["ISIC_4"] and "2 classes" in ingest.problems[0].reason
+
+
+def test_isic_archive_layout(tmp_path):
+    pd.DataFrame(
+        {
+            "isic_id": ["ISIC_9000001", "ISIC_9000002", "ISIC_9000003"],
+            "diagnosis_1": ["Malignant", "Benign", "Benign"],
+            "diagnosis_3": ["Melanoma Invasive", "Nevus", "Something rare"],
+            "lesion_id": ["IL_1", "IL_2", "IL_3"],
+            "patient_id": ["IP_1", "IP_1", "IP_2"],
+        }
+    ).to_csv(tmp_path / "metadata.csv", index=False)
+    for i in (1, 2, 3):
+        make_image(tmp_path / f"ISIC_900000{i}.jpg", seed=i)
+    ingest = build_manifest(tmp_path, progress=False)
+    assert ingest.format == "isic-archive"
+    assert dict(zip(ingest.manifest["image_id"], ingest.manifest["label"], strict=True)) == {
+        "ISIC_9000001": "mel",
+        "ISIC_9000002": "nv",
+    }
+    assert "unknown label 'Something rare'" in ingest.problems[0].reason
+
+
+@needs_isic2019
+def test_real_isic2019_csvs_parse_and_every_row_is_reported_missing():
+    ingest = read_isic2019(ISIC2019_META)
+    assert ingest.rows_read == 25331 and len(ingest.manifest) == 0
+    assert len(ingest.problems) == 25331
+    assert all("no images at all" in p.reason for p in ingest.problems[:5])
+    counts = build_manifest(ISIC2019_META, progress=False).labels_read
+    assert counts == {
+        "NV": 12875,
+        "MEL": 4522,
+        "BCC": 3323,
+        "BKL": 2624,
+        "AK": 867,
+        "SCC": 628,
+        "VASC": 253,
+        "DF": 239,
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- splits
+
+
+def _toy_manifest(n_lesions=300, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for les in range(n_lesions):
+        label = rng.choice(["nv", "mel", "bkl", "df"], p=[0.6, 0.2, 0.15, 0.05])
+        patient = f"P{les // 3}" if les % 5 == 0 else None  # some lesions share a patient
+        for k in range(rng.integers(1, 4)):
+            rows.append(
+                {
+                    "path": f"/x/{les}_{k}.jpg",
+                    "image_id": f"{les}_{k}",
+                    "label": label,
+                    "label_ham7": label,
+                    "lesion_id": f"L{les}",
+                    "patient_id": patient,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_groups_join_lesions_through_patients():
+    m = pd.DataFrame({"lesion_id": ["a", "a", "b", "c", None], "patient_id": [None, "p", "p", None, None]})
+    g = groups(m)
+    assert g[0] == g[1] == g[2] and g[3] != g[0] and g[4] not in (g[0], g[3])
+
+
+def test_split_is_grouped_stratified_and_deterministic():
+    m = _toy_manifest()
+    a = split_manifest(m, SplitConfig(seed=3))
+    b = split_manifest(m, SplitConfig(seed=3))
+    c = split_manifest(m, SplitConfig(seed=4))
+    assert a["split"].tolist() == b["split"].tolist() and a["split"].tolist() != c["split"].tolist()
+    assert check_split(a) == []
+    share = a["split"].value_counts(normalize=True)
+    assert abs(share["test"] - 0.15) < 0.05 and abs(share["val"] - 0.15) < 0.05
+    g = groups(a)
+    assert (pd.Series(a["split"].to_numpy()).groupby(g).nunique() == 1).all()
+    dev = a[a["split"] != "test"]
+    assert set(dev["fold"]) == {0, 1, 2, 3, 4} and (a.loc[a["split"] == "test", "fold"] == -1).all()
+    assert (pd.Series(dev["fold"].to_numpy()).groupby(groups(dev)).nunique() == 1).all()
+
+
+def test_split_rejects_impossible_fractions():
+    with pytest.raises(ValueError, match="val"):
+        split_manifest(_toy_manifest(), SplitConfig(val=0.6, test=0.5))
+
+
+@needs_ham
+def test_real_ham10000_split_has_no_lesion_in_two_splits_and_every_class_everywhere():
+    m = build_manifest(HAM, verify="none", progress=False).manifest
+    assert len(m) == 10015 and m["lesion_id"].nunique() == 7470
+    s = split_manifest(m, SplitConfig(seed=0))
+    per_lesion = s.groupby("lesion_id")["split"].nunique()
+    assert (per_lesion == 1).all(), "a lesion appears in two splits"
+    for split in ("train", "val", "test"):
+        assert set(s.loc[s["split"] == split, "label_ham7"]) == set(m["label_ham7"])
+    share = s["split"].value_counts(normalize=True)
+    assert abs(share["test"] - 0.15) < 0.01 and abs(share["val"] - 0.15) < 0.01
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_round_trip_reuse_and_failures(tmp_path):
+    paths = [make_image(tmp_path / f"{i}.jpg", size=(120, 90), seed=i) for i in range(5)]
+    paths.append(tmp_path / "gone.jpg")
+    m = pd.DataFrame({"path": [str(p) for p in paths], "label": ["nv"] * 6})
+    res = build_cache(m, 60, root=tmp_path / "c", progress=False)
+    assert not res.reused and [p.item for p in res.problems] == [str(tmp_path / "gone.jpg")]
+    cache = res.cache
+    assert len(cache) == 6 and cache[0].shape == (60, 80, 3) and not cache.ok(5)
+    np.testing.assert_array_equal(cache[2], load_rgb(paths[2], 60))
+    with pytest.raises(KeyError):
+        cache[5]
+    again = build_cache(m, 60, root=tmp_path / "c", progress=False)
+    assert again.reused and again.cache.folder == cache.folder and len(again.problems) == 1
+    reopened = ImageCache(cache.folder)
+    np.testing.assert_array_equal(reopened[cache.row_of(str(paths[4]))], cache[4])
+    assert build_cache(m, 40, root=tmp_path / "c", progress=False).cache.folder != cache.folder
+
+
+def test_cli_split_and_cache(tmp_path, capsys):
+    m = _toy_manifest(120)
+    for i, p in enumerate(m["path"]):
+        m.loc[i, "path"] = str(make_image(tmp_path / "imgs" / Path(p).name, size=(40, 30), seed=i))
+    m.to_csv(tmp_path / "m.csv", index=False)
+    assert main(["data", "split", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s.csv"), "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "images per class" in out and "test" in out
+    assert set(load_manifest(tmp_path / "s.csv")["split"]) == {"train", "val", "test"}
+    args = ["data", "cache", str(tmp_path / "s.csv"), "--size", "32", "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0 and "images/s" in capsys.readouterr().out
+    assert main(args) == 0 and "reusing cache" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------ download
+
+
+def test_download_builds_the_official_isic_cli_command(tmp_path, capsys):
+    req = DownloadRequest(tmp_path / "isic", search="diagnosis_3:Nevus", collections="65", limit=10)
+    assert isic_command(req) == [
+        "isic",
+        "image",
+        "download",
+        "--search",
+        "diagnosis_3:Nevus",
+        "--collections",
+        "65",
+        "--limit",
+        "10",
+        str(tmp_path / "isic"),
+    ]
+    assert isic_command(DownloadRequest(Path("x"))) == ["isic", "image", "download", "x"]
+    assert main(["data", "download", "--out", str(tmp_path / "d"), "--limit", "5", "--dry-run"]) == 0
+    assert "isic image download --limit 5" in capsys.readouterr().out
