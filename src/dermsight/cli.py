@@ -125,6 +125,22 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return rc
 
 
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dermsight.training import TrainConfig, fit
+
+    overrides = {"out": args.out, "epochs": args.epochs, "device": args.device, "resume": args.resume or None}
+    cfg = (
+        TrainConfig.from_yaml(Path(args.config), **overrides)
+        if args.config
+        else TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    )
+    fit(cfg)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
@@ -174,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=0, help="at most this many images (0: all matching)")
     d.add_argument("--dry-run", action="store_true", help="print the isic command without running it")
     d.set_defaults(func=cmd_data_download)
+    t = sub.add_parser("train", help="train a model (config in YAML; see configs/)")
+    t.add_argument("--config", help="YAML file of TrainConfig options (default: built-in defaults)")
+    t.add_argument("--out", help="run folder (overrides the config)")
+    t.add_argument("--epochs", type=int, help="override the number of epochs")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -145,7 +145,8 @@ def load_rgb(source: str | os.PathLike | bytes, short_side: int | None = None, d
                 im = im.convert("RGB")
         if im.size != (tw, th):
             im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=None)
-        return np.asarray(im, dtype=np.uint8)
+        # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
+        return np.array(im, dtype=np.uint8)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as e:

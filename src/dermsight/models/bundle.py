@@ -6,7 +6,6 @@ Training, evaluation, export and serving read everything from that one file; `lo
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -20,6 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from dermsight import __version__
 from dermsight.classes import CONDITIONS, TAXONOMIES
 from dermsight.models.factory import ARCHS, META_KEY, WeightsInfo, create_model
 
@@ -31,11 +31,12 @@ class ModelLoadError(Exception):
     """A model file cannot be loaded; the message is fit to show a user."""
 
 
-def _dermsight_version() -> str:
-    try:
-        return importlib.metadata.version("dermsight")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy / torch scalars and arrays, which metrics code returns all the time."""
+    for attr in ("tolist", "item"):
+        if callable(getattr(value, attr, None)):
+            return getattr(value, attr)()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class ModelMeta:
             raise ValueError("class_names must give one name per class")
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
+        # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
+        # the end of a training run, and a loaded meta compares equal to the one that was saved (tuples -> lists).
+        for name in ("weights", "config", "metrics"):
+            try:
+                value = json.loads(json.dumps(getattr(self, name), default=_plain))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"ModelMeta.{name} must be JSON-serialisable: {e}") from None
+            object.__setattr__(self, name, value)
 
     @classmethod
     def new(
@@ -97,7 +106,12 @@ class ModelMeta:
 
         ``input_size`` defaults to the weights' own; ``kwargs`` fill the remaining fields (crop_pct, config, ...).
         """
+        if taxonomy not in TAXONOMIES:
+            raise ValueError(f"unknown taxonomy {taxonomy!r}: expected one of {', '.join(TAXONOMIES)}")
         codes = tuple(classes) if classes is not None else TAXONOMIES[taxonomy].codes
+        unknown = [c for c in codes if c not in CONDITIONS]
+        if unknown:
+            raise ValueError(f"classes {unknown} are not in the class catalogue (dermsight.classes)")
         return cls(
             architecture=architecture,
             taxonomy=taxonomy,
@@ -109,7 +123,7 @@ class ModelMeta:
             interpolation=weights.interpolation,
             weights=weights.to_dict(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
-            dermsight_version=_dermsight_version(),
+            dermsight_version=__version__,
             **kwargs,
         )
 
@@ -212,7 +226,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(
-            f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): "
-            f"{str(e)[:300]}"
+            f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): {str(e)[:300]}"
         ) from None
     return model.to(device).eval(), meta

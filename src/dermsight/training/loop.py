@@ -1,0 +1,465 @@
+"""Transfer-learning training: `train_one_epoch`, `predict`, and `fit`, which ties data, model and checkpoints.
+
+Model selection and early stopping use the validation split's balanced accuracy (the ISIC metric); the test split is
+scored once, at the end, for the record, and never used for any decision. Multi-GPU / multi-node training runs under
+`torchrun` (DDP); the same code runs as a single process when torchrun is not used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from dermsight.classes import TAXONOMIES
+from dermsight.data.cache import ImageCache, build_cache
+from dermsight.data.manifest import build_manifest, load_manifest
+from dermsight.data.split import SplitConfig, check_split, split_manifest
+from dermsight.evaluation import compute_metrics, write_report
+from dermsight.models.bundle import ModelMeta, save_model
+from dermsight.models.factory import create_model, freeze_backbone, unfreeze
+from dermsight.training.config import TrainConfig
+from dermsight.transforms import EvalPreset, TrainPreset
+
+LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+class CachedImages(Dataset):
+    """Images from the decode-once cache with a transform; targets are class indices."""
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, targets: np.ndarray, transform) -> None:
+        self.cache, self.rows, self.targets, self.transform = cache, rows, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # Copy out of the read-only memory map: torch wants writable memory and augmentations may work in place.
+        img = np.array(self.cache[int(self.rows[i])])
+        return self.transform(img), int(self.targets[i])
+
+
+class WeightedSampler(Sampler[int]):
+    """Class-balanced sampling with replacement, split across DDP ranks (every rank draws the same list)."""
+
+    def __init__(self, weights: np.ndarray, num_samples: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples, self.seed, self.rank, self.world, self.epoch = num_samples, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+        return iter(idx[self.rank :: self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world))
+
+
+@dataclass
+class PreparedData:
+    manifest: pd.DataFrame  # with split, target (class index; -1 = unusable) and cache_row
+    cache: ImageCache
+    classes: tuple[str, ...]
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
+    """Manifest (read or built) -> lesion-grouped split (unless given) -> decode-once cache."""
+    src = Path(cfg.data)
+    if src.is_file() and src.suffix == ".csv" and "split" in pd.read_csv(src, nrows=0).columns:
+        manifest = load_manifest(src)
+    else:
+        ingest = build_manifest(src, progress=progress)
+        if ingest.problems:
+            print(
+                f"warning: {len(ingest.problems)} item(s) of {src} dropped while reading (see `dermsight data "
+                "manifest` for the list)"
+            )
+        split_cfg = SplitConfig(val=cfg.val, test=cfg.test, seed=cfg.split_seed, label=LABEL_COLUMN[cfg.taxonomy])
+        manifest = split_manifest(ingest.manifest, split_cfg)
+        for issue in check_split(manifest, split_cfg.label):
+            print(f"warning: {issue}")
+    classes = TAXONOMIES[cfg.taxonomy].codes
+    label = LABEL_COLUMN[cfg.taxonomy]
+    lookup = {c: i for i, c in enumerate(classes)}
+    manifest = manifest.copy()
+    manifest["target"] = manifest[label].map(lookup).fillna(-1).astype(int)
+    cache = build_cache(
+        manifest, cfg.cache_size, root=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress
+    ).cache
+    manifest["cache_row"] = [cache.row_of(str(p)) for p in manifest["path"]]
+    manifest = manifest[[cache.ok(r) for r in manifest["cache_row"]]]
+    return PreparedData(manifest.reset_index(drop=True), cache, classes)
+
+
+def _subset(data: PreparedData, split: str) -> pd.DataFrame:
+    m = data.manifest
+    return m[(m["split"] == split) & (m["target"] >= 0)]
+
+
+# ------------------------------------------------------------------------------------------------------------ loop
+
+
+def _autocast(device: torch.device, amp: bool):
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    amp: bool = True,
+    max_steps: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    model.train()
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress or None)
+    for step, (x, y) in enumerate(bar):
+        if max_steps and step >= max_steps:
+            break
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return total / max(n, 1)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32, N x C) and targets for every batch of ``loader``."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress or None):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out = model(x)
+        logits.append(out.float().cpu())
+        targets.append(y)
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier per step: linear warm-up from ~0, then cosine decay to 1% of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (decaying BN scales only fights the normalisation)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def class_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    """'Balanced' weights n / (k * count_c): each class contributes equally to the loss in expectation."""
+    counts = np.bincount(targets, minlength=n_classes).astype(float)
+    w = np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------------------ fit
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
+    if world > 1:
+        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+    else:
+        d = Dist()
+    device = torch.device(f"cuda:{d.local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return d, device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class FitResult:
+    model_path: Path
+    best_epoch: int
+    val_metrics: dict
+    test_metrics: dict | None
+    run_dir: Path
+
+
+def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
+    """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/."""
+    d, device = _init_distributed(cfg.device)
+    run = Path(cfg.out)
+    progress = progress and d.main
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed + d.rank)
+    if d.main:
+        cfg.to_yaml(run / "config.yaml")
+
+    # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
+    if d.main:
+        data = prepare_data(cfg, progress)
+    if d.world > 1:
+        dist.barrier()
+    if not d.main:
+        data = prepare_data(cfg, progress=False)
+    if d.main:
+        data.manifest.drop(columns=["cache_row"]).to_csv(run / "split.csv", index=False)
+
+    train_df, val_df, test_df = (_subset(data, s) for s in ("train", "val", "test"))
+    if len(train_df) == 0 or len(val_df) == 0:
+        raise ValueError("the split has no training or no validation images")
+    n_classes = len(data.classes)
+
+    model, winfo = create_model(cfg.arch, n_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
+    meta = ModelMeta.new(
+        cfg.arch,
+        cfg.taxonomy,
+        winfo,
+        input_size=cfg.input_size,
+        crop_pct=cfg.crop_pct,
+        training_data=f"{cfg.data} ({len(data.manifest)} images)",
+        split=(
+            f"lesion/patient-grouped, stratified (StratifiedGroupKFold), seed {cfg.split_seed}: "
+            f"train {len(train_df)}, val {len(val_df)}, test {len(test_df)} images"
+        ),
+        config=asdict(cfg),
+    )
+    model = model.to(device).to(memory_format=torch.channels_last)
+    train_tf = TrainPreset.from_meta(meta, scale=(cfg.scale_min, 1.0))
+    eval_tf = EvalPreset.from_meta(meta)
+
+    y_train = train_df["target"].to_numpy()
+    train_ds = CachedImages(data.cache, train_df["cache_row"].to_numpy(), y_train, train_tf)
+    cw = class_weights(y_train, n_classes)
+    if cfg.imbalance == "sampler":
+        sampler: Sampler[int] = WeightedSampler(cw[y_train], len(y_train), cfg.seed, d.rank, d.world)
+    elif d.world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_ds, d.world, d.rank, shuffle=True, seed=cfg.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    loader_kw = dict(
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0
+    )
+    train_dl = DataLoader(
+        train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **loader_kw
+    )
+
+    def eval_loader(df: pd.DataFrame) -> DataLoader:
+        ds = CachedImages(data.cache, df["cache_row"].to_numpy(), df["target"].to_numpy(), eval_tf)
+        return DataLoader(ds, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
+
+    val_dl = eval_loader(val_df)
+    weight = torch.tensor(cw, dtype=torch.float32, device=device) if cfg.imbalance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    steps_per_epoch = len(train_dl) if not cfg.max_steps_per_epoch else min(len(train_dl), cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+    )
+
+    start, best, best_epoch, stale = 0, -1.0, -1, 0
+    last = run / "last.pt"
+    if cfg.resume and last.is_file():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+        torch.set_rng_state(ck["rng"])
+        if d.main:
+            print(f"resumed from {last} at epoch {start}")
+
+    log_path = run / "log.csv"
+    fields = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "seconds"]
+    if d.main and (start == 0 or not log_path.exists()):
+        with log_path.open("w", newline="") as f:
+            csv.writer(f).writerow(fields)
+
+    best_path = run / "best.safetensors"
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        (freeze_backbone if epoch < cfg.freeze_epochs else unfreeze)(model)
+        loss = train_one_epoch(
+            net,
+            train_dl,
+            criterion,
+            optimizer,
+            scheduler,
+            device,
+            cfg.amp,
+            cfg.max_steps_per_epoch,
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            progress,
+        )
+        # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
+        # without having to communicate it.
+        logits, y = predict(model, val_dl, device, cfg.amp, progress)
+        probs = softmax(logits)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+        acc = float((probs.argmax(1) == y).mean())
+        bacc = float(balanced_accuracy_score(y, probs.argmax(1)))
+        improved = bacc > best
+        if improved:
+            best, best_epoch, stale = bacc, epoch, 0
+        else:
+            stale += 1
+        if d.main:
+            if improved:
+                save_model(best_path, model, meta)
+            row = [
+                epoch + 1,
+                f"{scheduler.get_last_lr()[0]:.3e}",
+                f"{loss:.4f}",
+                f"{val_loss:.4f}",
+                f"{acc:.4f}",
+                f"{bacc:.4f}",
+                f"{time.perf_counter() - t0:.1f}",
+            ]
+            with log_path.open("a", newline="") as f:
+                csv.writer(f).writerow(row)
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.3f}, val loss {val_loss:.3f}, "
+                f"val acc {acc:.3f}, val balanced acc {bacc:.3f}{' (best)' if improved else ''} "
+                f"[{time.perf_counter() - t0:.0f} s]",
+                flush=True,
+            )
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "rng": torch.get_rng_state(),
+                },
+                last,
+            )
+        if stale >= cfg.patience:
+            if d.main:
+                print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
+            break
+
+    if d.world > 1:
+        dist.barrier()
+    result = None
+    if d.main:
+        result = _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress)
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result  # type: ignore[return-value]  # None on non-zero ranks
+
+
+def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress) -> FitResult:
+    """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
+    from dermsight.models.bundle import load_model
+
+    model, meta = load_model(best_path, device=device)
+    model = model.to(memory_format=torch.channels_last)
+    labels = list(data.classes)
+    out: dict[str, dict] = {}
+    for name, df in (("val", val_df), ("test", test_df)):
+        if len(df) == 0:
+            continue
+        logits, y = predict(model, eval_loader(df), device, cfg.amp, progress)
+        probs = softmax(logits, meta.temperature)
+        m = compute_metrics(y, probs, labels)
+        write_report(m, probs, y, run / name, title=f"{cfg.arch} on the {name} split ({len(df)} images)")
+        np.savez_compressed(run / name / "predictions.npz", logits=logits, targets=y)
+        out[name] = m
+    summary = {
+        name: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")}
+        | {"recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+        for name, m in out.items()
+    }
+    summary["best_epoch"] = best_epoch + 1
+    final = ModelMeta(**{**asdict(meta), "metrics": summary})
+    model_path = save_model(run / "model.safetensors", model, final)
+    (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(f"best epoch {best_epoch + 1}; model written to {model_path}")
+    for name, m in out.items():
+        print(
+            f"{name}: balanced accuracy {m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, "
+            f"macro AUC {m['macro_auc']:.3f}, ECE {m['ece']:.3f} (n={m['n']})"
+        )
+    return FitResult(model_path, best_epoch + 1, out.get("val", {}), out.get("test"), run)
