@@ -44,3 +44,12 @@ def make_image(path: Path, size=(64, 48), color=(180, 120, 90), fmt: str | None 
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Never write caches into the user's home or ../shared during tests.
     monkeypatch.setenv("DERMSIGHT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Tiny test models gain nothing from intra-op threads, and on a loaded 2-core machine thread contention made
+    # small ops ten times slower.
+    import torch
+
+    torch.set_num_threads(1)

@@ -141,6 +141,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dermsight.evaluation.run import evaluate
+
+    ev = evaluate(
+        Path(args.data),
+        Path(args.out),
+        Path(args.model) if args.model else None,
+        split=args.split,
+        tta=args.tta,
+        n_bootstrap=args.bootstrap,
+    )
+    m, ci = ev.metrics, ev.metrics["ci95"]
+
+    def fmt(key: str) -> str:
+        lo_hi = ci.get(key)
+        value = m[key]
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" (95% CI {lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else "")
+
+    print(
+        f"{m['n']} images; balanced accuracy {fmt('balanced_accuracy')}; accuracy {fmt('accuracy')}; "
+        f"macro AUC {fmt('macro_auc')}; ECE {m['ece']:.3f}"
+    )
+    print(
+        "recall per class: "
+        + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items() if v["recall"] is not None)
+    )
+    print(f"report: {ev.files['report']}")
+    return _report_problems(ev.problems, Path(args.out) / "problems.csv" if ev.problems else None)
+
+
+# -------------------------------------------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
+    from dermsight.web.knowledge import KnowledgeError, load_knowledge
+    from dermsight.web.server import default_workers, serve
+
+    # Check the model and the knowledge file here, once, so a mistake is one clear line rather than every worker
+    # failing to boot.
+    try:
+        meta = read_meta(Path(args.model) if args.model else default_model_path())
+        load_knowledge()
+    except (ModelLoadError, KnowledgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    workers = 1 if args.dev else (args.workers or default_workers())
+    print(
+        f"dermsight web app on http://{args.host}:{args.port}/ ({meta.architecture}, {len(meta.classes)} classes; "
+        f"{'Flask development server' if args.dev else f'gunicorn, {workers} worker(s)'}); Ctrl+C stops it",
+        flush=True,
+    )
+    serve(args.host, args.port, args.model, workers, dev=args.dev)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
@@ -197,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a model on labelled data: metrics.json, plots, report.md")
+    e.add_argument("--model", help="model file (default: the bundled default model)")
+    e.add_argument("--data", required=True, help="labelled data: a folder/CSV any reader understands, or a manifest")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--split", help="only this split of a split manifest (e.g. test)")
+    e.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
+    e.set_defaults(func=cmd_evaluate)
+
+    w = sub.add_parser("serve", help="run the web app and JSON API (gunicorn)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    w.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
+    w.add_argument("--workers", type=int, help="worker processes (default: CPU cores, at most 4)")
+    w.add_argument("--dev", action="store_true", help="Flask's development server, one process (not for production)")
+    w.set_defaults(func=cmd_serve)
     return p
 
 

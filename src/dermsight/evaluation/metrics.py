@@ -359,3 +359,11 @@ def map_labels(
         missing = sorted({from_labels[k] for k in np.asarray(y_true)[mapped < 0]})
         raise ValueError(f"classes {missing} have no counterpart in {to_labels}")
     return mapped
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (numerically stable)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -25,10 +25,19 @@ class PredictionResult:
     uncertain: bool = False  # the model is not confident (low top probability): advise a dermatologist
     model: str = ""  # which model answered (architecture + file)
     image: str | None = None  # the input's name, when it came from a file
+    # Sum of the probabilities of the malignant and pre-malignant classes: "nv 0.55, mel 0.40" is not malignant by
+    # its top class but is a 40% melanoma risk. None when rejected.
+    concerning_probability: float | None = None
+    # The measurements behind the decision (image-quality scores, out-of-distribution score and its threshold),
+    # for logs and for the API; never needed to read the result.
+    scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def top(self) -> ClassProbability | None:
         return self.predictions[0] if self.predictions else None
+
+    def top_k(self, k: int) -> list[ClassProbability]:
+        return self.predictions[:k]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

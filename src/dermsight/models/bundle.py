@@ -21,7 +21,7 @@ from torch import nn
 
 from dermsight import __version__
 from dermsight.classes import CONDITIONS, TAXONOMIES
-from dermsight.models.factory import ARCHS, META_KEY, WeightsInfo, create_model
+from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo, create_model
 
 # Bumped when a change to ModelMeta means an older dermsight would misread the file.
 FORMAT_VERSION = 1
@@ -65,6 +65,10 @@ class ModelMeta:
     split: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Out-of-distribution gate (dermsight.inference.ood): method, threshold and the rates measured when it was
+    # fitted. Empty until `dermsight calibrate` has run; its statistics are tensors stored beside the weights
+    # (`read_extra`).
+    ood: dict[str, Any] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     dermsight_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -84,7 +88,7 @@ class ModelMeta:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
         # the end of a training run, and a loaded meta compares equal to the one that was saved (tuples -> lists).
-        for name in ("weights", "config", "metrics"):
+        for name in ("weights", "config", "metrics", "ood"):
             try:
                 value = json.loads(json.dumps(getattr(self, name), default=_plain))
             except (TypeError, ValueError) as e:
@@ -158,8 +162,13 @@ class ModelMeta:
         return cls(**data)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
-    """Write ``model`` and ``meta`` to one ``.safetensors`` file; returns the path."""
+def save_model(
+    path: str | os.PathLike, model: nn.Module, meta: ModelMeta, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``model`` and ``meta`` to one ``.safetensors`` file; returns the path.
+
+    ``extra``: named tensors that belong to the model but are not weights (read back with `read_extra`).
+    """
     path = Path(path)
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(classifier, nn.Linear) and classifier.out_features != meta.num_classes:
@@ -175,6 +184,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Pa
             t = t.clone()
         seen.add(ptr)
         tensors[key] = t
+    for key, tensor in (extra or {}).items():
+        tensors[EXTRA_PREFIX + key] = tensor.detach().to("cpu").contiguous().clone()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted save never leaves a truncated model under the real name.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -222,6 +233,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         state = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:
         raise ModelLoadError(f"{path} is corrupt: cannot read its weights ({str(e)[:120]})") from None
+    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -229,3 +241,32 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): {str(e)[:300]}"
         ) from None
     return model.to(device).eval(), meta
+
+
+def read_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The non-weight tensors saved with a model (`save_model`'s ``extra``), without reading its weights."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {k[len(EXTRA_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}  # noqa: SIM118
+    except Exception as e:
+        raise ModelLoadError(f"{path} is corrupt: cannot read its tensors ({str(e)[:120]})") from None
+
+
+# The bundled default model ships inside the package so `pip install` users get it too (see MODEL_CARD.md).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
+
+
+def default_model_path() -> Path:
+    """The model used when none is named: $DERMSIGHT_MODEL if set, else the bundled default."""
+    env = os.environ.get("DERMSIGHT_MODEL")
+    path = Path(env) if env else DEFAULT_MODEL
+    if not path.is_file():
+        raise ModelLoadError(
+            f"no model at {path}: "
+            + (
+                "check $DERMSIGHT_MODEL"
+                if env
+                else "the bundled default model is missing; reinstall dermsight or pass --model PATH"
+            )
+        )
+    return path

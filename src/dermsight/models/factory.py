@@ -48,6 +48,9 @@ WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 
 # Key under which a dermsight model stores its contract in the safetensors header (see bundle.py).
 META_KEY = "dermsight"
+# Tensors of a dermsight model file that are not weights (e.g. the out-of-distribution statistics of
+# dermsight.inference.ood) are stored under this key prefix; loading weights skips them.
+EXTRA_PREFIX = "dermsight_extra."
 
 # Google's TF EfficientNet-Lite ("edge") models were trained on (x - 127) / 128 for x in 0..255, i.e. mean 0.498 and
 # std 0.502 on a 0..1 scale; timm rounds this to 0.5 / 0.5 for the same TF weights (a shift under 0.004 in normalised
@@ -306,7 +309,7 @@ def _from_hub(arch: str, num_classes: int, drop_rate: float) -> tuple[nn.Module,
 def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file not found: {path}")
-    state = _read_state_dict(path)
+    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(EXTRA_PREFIX)}
     meta = _read_dermsight_meta(path) if path.suffix.lower() == ".safetensors" else None
     entry = OFFLINE_WEIGHTS.get(arch)
     if entry is not None and entry.layout in _layouts_of(state):

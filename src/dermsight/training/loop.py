@@ -31,6 +31,7 @@ from dermsight.data.cache import ImageCache, build_cache
 from dermsight.data.manifest import build_manifest, load_manifest
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
+from dermsight.evaluation.metrics import softmax
 from dermsight.models.bundle import ModelMeta, save_model
 from dermsight.models.factory import create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
@@ -172,13 +173,6 @@ def predict(
         logits.append(out.float().cpu())
         targets.append(y)
     return torch.cat(logits).numpy(), torch.cat(targets).numpy()
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

@@ -1,0 +1,155 @@
+"""Score a saved model on any labelled data the data layer reads, and write metrics, plots and a report.
+
+The data's labels are brought into the model's taxonomy through the class catalogue: a HAM 7-class model is scored on
+ISIC 2019 data by mapping AK and SCC to akiec, and an ISIC 2019 model is scored on HAM data by summing its AK and SCC
+probabilities into akiec (HAM's akiec cannot be split into the two).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dermsight.classes import HAM7
+from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.manifest import build_manifest, load_manifest
+from dermsight.data.problems import DataError, Problem
+from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
+from dermsight.evaluation.report import write_report
+from dermsight.models.bundle import ModelMeta, default_model_path, load_model
+from dermsight.transforms import EvalPreset
+
+_LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    files: dict[str, Path]
+    problems: list[Problem]
+
+
+def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, list[Problem]]:
+    """A manifest of labelled images from a dataset folder/CSV or a (split) manifest, optionally one split."""
+    data = Path(data)
+    problems: list[Problem] = []
+    if data.is_file() and data.suffix == ".csv" and "path" in pd.read_csv(data, nrows=0).columns:
+        manifest = load_manifest(data)
+    else:
+        ingest = build_manifest(data, verify="header", progress=False)
+        manifest, problems = ingest.manifest, ingest.problems
+    if split is not None:
+        if "split" not in manifest:
+            raise DataError(f"{data}: no `split` column, so --split {split} cannot be applied")
+        manifest = manifest[manifest["split"] == split]
+    if manifest.empty:
+        raise DataError(f"{data}: no labelled images to evaluate" + (f" in split {split!r}" if split else ""))
+    return manifest.reset_index(drop=True), problems
+
+
+def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[str], str]:
+    """Target indices in the scoring taxonomy: the model's when the data has it for every row, else HAM7."""
+    col = _LABEL_COLUMN[meta.taxonomy]
+    if col in manifest and manifest[col].notna().all():
+        labels = list(meta.classes)
+        taxonomy = meta.taxonomy
+    else:
+        labels, col, taxonomy = list(HAM7.codes), "label_ham7", "ham7"
+    index = {c: i for i, c in enumerate(labels)}
+    y = manifest[col].map(index)
+    if y.isna().any():
+        bad = sorted(set(manifest.loc[y.isna(), col].astype(str)))
+        raise DataError(f"labels {', '.join(bad)} have no class in the {taxonomy} taxonomy of this model")
+    return y.to_numpy(int), labels, taxonomy
+
+
+@torch.inference_mode()
+def model_logits(
+    model: torch.nn.Module,
+    meta: ModelMeta,
+    paths: list[str],
+    batch_size: int = 64,
+    tta: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode."""
+    tf = EvalPreset.from_meta(meta)
+    failed: list[tuple[int, str]] = []
+
+    def load(i: int) -> torch.Tensor | None:
+        try:
+            # Decoding straight to the eval resize size lets JPEG draft mode skip most of the work on big files.
+            return tf(load_rgb(paths[i], short_side=meta.resize_size))
+        except ImageError as e:
+            failed.append((i, str(e)))
+            return None
+
+    out = np.full((len(paths), meta.num_classes), np.nan, np.float32)
+    model.eval()
+    with ThreadPoolExecutor(4) as pool:
+        chunks = range(0, len(paths), batch_size)
+        for start in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress or None):
+            idx = list(range(start, min(start + batch_size, len(paths))))
+            items = list(pool.map(load, idx))
+            keep = [i for i, t in zip(idx, items, strict=True) if t is not None]
+            if not keep:
+                continue
+            x = torch.stack([t for t in items if t is not None]).contiguous(memory_format=torch.channels_last)
+            if tta:
+                # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
+                # original; averaging logits over them smooths the model's orientation-specific errors.
+                views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+                logits = torch.stack([model(v) for v in views]).mean(0)
+            else:
+                logits = model(x)
+            out[keep] = logits.float().numpy()
+    return out, sorted(failed)
+
+
+def evaluate(
+    data: Path,
+    out_dir: Path,
+    model_path: Path | None = None,
+    split: str | None = None,
+    tta: bool = False,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+) -> Evaluation:
+    """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots and report.md."""
+    model_path = Path(model_path) if model_path else default_model_path()
+    model, meta = load_model(model_path)
+    model = model.to(memory_format=torch.channels_last)
+    manifest, problems = read_labelled(Path(data), split)
+    y, labels, taxonomy = _targets(manifest, meta)
+    paths = [str(p) for p in manifest["path"]]
+    logits, failed = model_logits(model, meta, paths, tta=tta, progress=progress)
+    problems += [Problem(paths[i], reason, "image") for i, reason in failed]
+    ok = ~np.isnan(logits).any(axis=1)
+    logits, y = logits[ok], y[ok]
+    probs_raw, probs = softmax(logits), softmax(logits, meta.temperature)
+    if taxonomy != meta.taxonomy:
+        probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
+        probs = map_probabilities(probs, list(meta.classes), labels)
+    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap)
+    extra = {
+        "model": str(model_path),
+        "architecture": meta.architecture,
+        "model_taxonomy": meta.taxonomy,
+        "scored_taxonomy": taxonomy,
+        "data": str(data),
+        "split": split,
+        "tta": tta,
+        "temperature": meta.temperature,
+        "ece_before_temperature": expected_calibration_error(probs_raw, y),
+        "images_failed": len(failed),
+    }
+    title = f"{meta.architecture} on {Path(data).name}" + (f" ({split} split)" if split else "")
+    files = write_report(metrics, probs, y, Path(out_dir), title=title, extra=extra)
+    metrics["extra"] = extra
+    return Evaluation(metrics, files, problems)

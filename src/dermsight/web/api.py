@@ -1,0 +1,83 @@
+"""JSON API v1, described by the OpenAPI document at /api/v1/openapi.json (`dermsight.web.openapi`).
+
+Stateless: no cookies, so no CSRF token; the rate limit still applies to predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from dermsight.classes import CONDITIONS
+from dermsight.inference.types import PredictionResult
+from dermsight.web.openapi import openapi_document
+from dermsight.web.security import RequestRefused, enforce_rate_limit
+from dermsight.web.service import analyse, read_upload
+from dermsight.web.triage import advise
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def _knowledge():
+    return current_app.extensions["dermsight.knowledge"]
+
+
+def _model():
+    return current_app.extensions["dermsight.model"]
+
+
+def prediction_json(result: PredictionResult) -> dict[str, Any]:
+    body = result.to_dict()
+    body.pop("image", None)  # uploads have no name worth echoing; names are never kept
+    body["advice"] = advise(result).to_dict()
+    if result.status != "ok":
+        body["tips"] = list(_knowledge().photo_tips)
+    return body
+
+
+@api.post("/predict")
+def predict():
+    enforce_rate_limit()
+    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"])
+    return jsonify(prediction_json(analyse(_model(), data, explain=False).result))
+
+
+@api.get("/conditions")
+def conditions():
+    return jsonify(conditions=[c.to_dict(brief=True) for c in _knowledge().conditions.values()])
+
+
+@api.get("/conditions/<code>")
+def condition(code: str):
+    info = _knowledge().get(code)
+    if info is None:
+        raise RequestRefused(404, "No condition has this code; GET /api/v1/conditions lists them.", "not_found", False)
+    return jsonify(info.to_dict())
+
+
+@api.get("/model")
+def model():
+    meta = _model().meta
+    return jsonify(
+        architecture=meta.architecture,
+        taxonomy=meta.taxonomy,
+        classes=[
+            {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
+            for c, n in zip(meta.classes, meta.class_names, strict=True)
+        ],
+        input_size=meta.input_size,
+        temperature=meta.temperature,
+        weights=meta.weights,
+        training_data=meta.training_data,
+        split=meta.split,
+        metrics=meta.metrics,
+        created=meta.created,
+        dermsight_version=meta.dermsight_version,
+        # The training config is left out: it holds paths of the machine the model was trained on.
+    )
+
+
+@api.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document(current_app.config["MAX_CONTENT_LENGTH"]))

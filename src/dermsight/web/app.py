@@ -1,0 +1,187 @@
+"""The Flask application: `create_app` wires configuration, knowledge, the model and the two blueprints.
+
+Run it with `dermsight serve` (gunicorn) or, for a platform that starts gunicorn itself,
+``gunicorn -c gunicorn.conf.py "dermsight.web:create_app()"``. Settings come from the ``config`` argument, else from
+``DERMSIGHT_*`` environment variables (see `config_from_env`), else the defaults below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from dermsight import __version__
+from dermsight.web.knowledge import load_knowledge
+from dermsight.web.security import (
+    InMemoryRequest,
+    RateLimiter,
+    RequestRefused,
+    csrf_token,
+    parse_rate_limit,
+    security_headers,
+)
+from dermsight.web.service import ModelService, too_large_message
+
+log = logging.getLogger("dermsight.web")
+
+DEFAULTS: dict[str, Any] = {
+    "MODEL": None,  # path of a model file; None: $DERMSIGHT_MODEL, else the bundled default
+    "BACKEND": "auto",
+    "THREADS": None,  # intra-op threads per worker; `dermsight serve` sets cores // workers
+    "MAX_CONTENT_LENGTH": 10 * 2**20,
+    "RATE_LIMIT": "30/60",  # requests per seconds per client IP on the two predict endpoints; "off" disables
+    "PROXY_COUNT": 0,  # trusted reverse proxies in front (Heroku: 1), for the client IP the rate limit uses
+    "HTTPS": False,  # served over HTTPS: secure session cookie and HSTS
+    "LOAD_MODEL_AT_START": False,
+    "KNOWLEDGE_PATH": None,
+}
+
+
+def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Settings from ``DERMSIGHT_*`` variables; only those set are returned."""
+    env = os.environ if environ is None else environ
+    cfg: dict[str, Any] = {}
+    if env.get("DERMSIGHT_SECRET_KEY"):
+        cfg["SECRET_KEY"] = env["DERMSIGHT_SECRET_KEY"]
+    if env.get("DERMSIGHT_MODEL"):
+        cfg["MODEL"] = env["DERMSIGHT_MODEL"]
+    if env.get("DERMSIGHT_BACKEND"):
+        cfg["BACKEND"] = env["DERMSIGHT_BACKEND"]
+    if env.get("DERMSIGHT_THREADS"):
+        cfg["THREADS"] = int(env["DERMSIGHT_THREADS"])
+    if env.get("DERMSIGHT_MAX_UPLOAD_MB"):
+        cfg["MAX_CONTENT_LENGTH"] = int(float(env["DERMSIGHT_MAX_UPLOAD_MB"]) * 2**20)
+    if env.get("DERMSIGHT_RATE_LIMIT"):
+        cfg["RATE_LIMIT"] = env["DERMSIGHT_RATE_LIMIT"]
+    if env.get("DERMSIGHT_PROXY_COUNT"):
+        cfg["PROXY_COUNT"] = int(env["DERMSIGHT_PROXY_COUNT"])
+    if env.get("DERMSIGHT_HTTPS"):
+        cfg["HTTPS"] = env["DERMSIGHT_HTTPS"].lower() in ("1", "true", "yes", "on")
+    if env.get("DERMSIGHT_LOAD_MODEL_AT_START"):
+        cfg["LOAD_MODEL_AT_START"] = env["DERMSIGHT_LOAD_MODEL_AT_START"].lower() in ("1", "true", "yes", "on")
+    return cfg
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path == "/healthz"
+
+
+def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> Flask:
+    """The web app. ``predictor``: an object with the `dermsight.inference.predictor.Predictor` interface; None
+    loads the configured model lazily, in the worker process that first needs it."""
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config.update(DEFAULTS)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="dermsight_session",
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep "status" first, as documented
+    app.config.update(config_from_env())
+    app.config.update(config or {})
+    if not app.config.get("SECRET_KEY"):
+        # Fine for one process. `dermsight serve` and gunicorn.conf.py generate one secret in the master before
+        # forking, so all workers share it; several servers need DERMSIGHT_SECRET_KEY set to the same value.
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+        log.info("no DERMSIGHT_SECRET_KEY set: generated a per-process secret (form sessions end at restart)")
+    app.config["SESSION_COOKIE_SECURE"] = bool(app.config["HTTPS"])
+    if app.config["PROXY_COUNT"]:
+        n = int(app.config["PROXY_COUNT"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+
+    kpath = app.config["KNOWLEDGE_PATH"]
+    app.extensions["dermsight.knowledge"] = load_knowledge(Path(kpath) if kpath else None)
+    model = ModelService(predictor, app.config["MODEL"], app.config["BACKEND"], app.config["THREADS"])
+    app.extensions["dermsight.model"] = model
+    limit, window = parse_rate_limit(str(app.config["RATE_LIMIT"]))
+    app.extensions["dermsight.ratelimit"] = RateLimiter(limit, window)
+    if app.config["LOAD_MODEL_AT_START"]:
+        model.get()
+
+    from dermsight.web.api import api
+    from dermsight.web.pages import pages
+
+    app.register_blueprint(pages)
+    app.register_blueprint(api)
+
+    @app.context_processor
+    def _template_globals() -> dict[str, Any]:
+        return {
+            "csrf_token": csrf_token,
+            "version": __version__,
+            "max_upload_mb": app.config["MAX_CONTENT_LENGTH"] / 2**20,
+        }
+
+    @app.after_request
+    def _headers(response):
+        security_headers(response, hsts=bool(app.config["HTTPS"]))
+        if request.method == "POST" or request.path.startswith("/api/"):
+            # Result pages carry the user's photo: never keep them in any cache.
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok", version=__version__, model_loaded=model.loaded)
+
+    _register_errors(app)
+    return app
+
+
+_FRIENDLY = {
+    400: ("bad_request", "The request could not be understood."),
+    404: ("not_found", "There is no page at this address."),
+    405: ("method_not_allowed", "This address does not accept that kind of request."),
+    500: ("internal_error", "Something went wrong on our side. Please try again in a moment."),
+}
+
+
+def _error_response(status: int, kind: str, message: str, tips: bool = False, retry_after: str | None = None):
+    from flask import current_app
+
+    knowledge = current_app.extensions["dermsight.knowledge"]
+    photo_tips = list(knowledge.photo_tips) if tips else []
+    if wants_json():
+        body: dict[str, Any] = {"status": "error", "error": kind, "message": message}
+        if photo_tips:
+            body["tips"] = photo_tips
+        response = jsonify(body)
+    else:
+        response = current_app.make_response(
+            render_template("error.html", status=status, kind=kind, message=message, tips=photo_tips)
+        )
+    response.status_code = status
+    if retry_after:
+        response.headers["Retry-After"] = retry_after
+    return response
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(RequestRefused)
+    def _upload_problem(e: RequestRefused):
+        return _error_response(e.status, e.kind, e.message, e.tips, e.retry_after)
+
+    @app.errorhandler(413)
+    def _too_large(e):
+        return _error_response(413, "too_large", too_large_message(app.config["MAX_CONTENT_LENGTH"]), tips=True)
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        status = e.code or 500
+        kind, message = _FRIENDLY.get(status, (e.name.lower().replace(" ", "_"), e.name + "."))
+        return _error_response(status, kind, message)
+
+    @app.errorhandler(Exception)
+    def _internal(e: Exception):
+        # The traceback goes to the server log only; the upload itself is never in it.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        kind, message = _FRIENDLY[500]
+        return _error_response(500, kind, message)

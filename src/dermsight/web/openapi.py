@@ -1,0 +1,269 @@
+"""The OpenAPI 3.1 document of the JSON API. The tests check that it lists every API route and nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermsight import __version__
+from dermsight.classes import CONDITIONS, Malignancy
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
+    codes = list(CONDITIONS)
+    malignancy = [str(m) for m in Malignancy]
+    too_many = _error("Too many requests from this client; retry after the `Retry-After` header's seconds.")
+    too_many["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dermsight API",
+            "version": __version__,
+            "description": (
+                "Skin-lesion image classification. An aid, not a medical device: results are not a diagnosis. "
+                "Uploads are processed in memory and never stored."
+            ),
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/api/v1/predict": {
+                "post": {
+                    "operationId": "predict",
+                    "summary": "Classify one photo of a skin lesion",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {
+                                        "image": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "description": (
+                                                "JPEG, PNG, WebP, BMP or TIFF (checked from the bytes), at most "
+                                                f"{max_upload_bytes // 2**20} MB for the whole request"
+                                            ),
+                                        }
+                                    },
+                                },
+                                "encoding": {"image": {"contentType": "image/*"}},
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _ok(
+                            "The assessment. `status` is `rejected`, with a `reason` and photo `tips`, when the "
+                            "image is readable but cannot be assessed (blurred, not skin, ...).",
+                            "Prediction",
+                        ),
+                        "400": _error("No image field, or the image is unreadable or corrupt."),
+                        "413": _error("The request is larger than the upload limit."),
+                        "415": _error("The file is not a supported image type."),
+                        "429": too_many,
+                        "500": _error("Internal error (no details are given out)."),
+                    },
+                }
+            },
+            "/api/v1/conditions": {
+                "get": {
+                    "operationId": "listConditions",
+                    "summary": "Every condition dermsight knows, in brief",
+                    "responses": {"200": _ok("The condition list.", "ConditionList")},
+                }
+            },
+            "/api/v1/conditions/{code}": {
+                "get": {
+                    "operationId": "getCondition",
+                    "summary": "What a condition is, its symptoms, causes, treatment and when to see a doctor",
+                    "parameters": [
+                        {"name": "code", "in": "path", "required": True, "schema": {"type": "string", "enum": codes}}
+                    ],
+                    "responses": {
+                        "200": _ok("The condition.", "Condition"),
+                        "404": _error("No condition has this code."),
+                    },
+                }
+            },
+            "/api/v1/model": {
+                "get": {
+                    "operationId": "getModel",
+                    "summary": "The served model's card: classes, training data, measured metrics",
+                    "responses": {"200": _ok("The model card.", "Model")},
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {
+                    "operationId": "getOpenAPI",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness check (does not load the model)",
+                    "responses": {"200": _ok("The server is up.", "Health")},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["status", "error", "message"],
+                    "properties": {
+                        "status": {"const": "error"},
+                        "error": {
+                            "type": "string",
+                            "description": "stable code, e.g. unreadable_image, too_large, unsupported_type, "
+                            "rate_limited, no_image, not_found",
+                        },
+                        "message": {"type": "string", "description": "a sentence fit to show a user"},
+                        "tips": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "ClassProbability": {
+                    "type": "object",
+                    "required": ["code", "name", "probability"],
+                    "properties": {
+                        "code": {"type": "string", "enum": codes},
+                        "name": {"type": "string"},
+                        "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                    },
+                },
+                "Advice": {
+                    "type": "object",
+                    "required": ["level", "title", "message"],
+                    "properties": {
+                        "level": {"type": "string", "enum": ["see_doctor", "monitor", "retake"]},
+                        "title": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+                "Prediction": {
+                    "type": "object",
+                    "required": ["status", "reason", "predictions", "malignant", "model"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ok", "rejected"]},
+                        "reason": {"type": ["string", "null"], "description": "why the image was rejected"},
+                        "predictions": {
+                            "type": "array",
+                            "description": "every class, most probable first",
+                            "items": {"$ref": "#/components/schemas/ClassProbability"},
+                        },
+                        "malignant": {
+                            "type": ["boolean", "null"],
+                            "description": "top class malignant or pre-malignant; null when rejected",
+                        },
+                        "uncertain": {"type": "boolean", "description": "the model is not confident"},
+                        "model": {"type": "string"},
+                        "advice": {"$ref": "#/components/schemas/Advice"},
+                        "tips": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "ConditionBrief": {
+                    "type": "object",
+                    "required": ["code", "name", "malignancy", "urgency", "summary"],
+                    "properties": {
+                        "code": {"type": "string", "enum": codes},
+                        "name": {"type": "string"},
+                        "malignancy": {"type": "string", "enum": malignancy},
+                        "urgency": {"type": "string", "enum": ["urgent", "soon", "routine"]},
+                        "summary": {"type": "string"},
+                    },
+                },
+                "ConditionList": {
+                    "type": "object",
+                    "required": ["conditions"],
+                    "properties": {
+                        "conditions": {"type": "array", "items": {"$ref": "#/components/schemas/ConditionBrief"}}
+                    },
+                },
+                "Condition": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/ConditionBrief"},
+                        {
+                            "type": "object",
+                            "required": [
+                                "what_it_is",
+                                "symptoms",
+                                "causes_and_risk_factors",
+                                "treatment",
+                                "see_a_doctor",
+                                "sources",
+                            ],
+                            "properties": {
+                                "same_condition_codes": {"type": "array", "items": {"type": "string"}},
+                                "also_known_as": {"type": "array", "items": {"type": "string"}},
+                                "what_it_is": {"type": "array", "items": {"type": "string"}},
+                                "symptoms": {"type": "array", "items": {"type": "string"}},
+                                "causes_and_risk_factors": {"type": "array", "items": {"type": "string"}},
+                                "treatment": {"type": "array", "items": {"type": "string"}},
+                                "see_a_doctor": {"type": "string"},
+                                "sources": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name", "url"],
+                                        "properties": {"name": {"type": "string"}, "url": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    ]
+                },
+                "Model": {
+                    "type": "object",
+                    "required": ["architecture", "taxonomy", "classes", "metrics"],
+                    "properties": {
+                        "architecture": {"type": "string"},
+                        "taxonomy": {"type": "string"},
+                        "classes": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "code": {"type": "string"},
+                                    "name": {"type": "string"},
+                                    "malignancy": {"type": "string", "enum": malignancy},
+                                },
+                            },
+                        },
+                        "input_size": {"type": "integer"},
+                        "temperature": {"type": "number"},
+                        "weights": {"type": "object"},
+                        "training_data": {"type": "string"},
+                        "split": {"type": "string"},
+                        "metrics": {"type": "object", "description": "measured metrics per evaluated split"},
+                        "created": {"type": "string"},
+                        "dermsight_version": {"type": "string"},
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {
+                        "status": {"const": "ok"},
+                        "version": {"type": "string"},
+                        "model_loaded": {"type": "boolean"},
+                    },
+                },
+            }
+        },
+    }

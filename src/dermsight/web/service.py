@@ -1,0 +1,145 @@
+"""The one path an upload takes, for the pages and the API alike: read it in memory, check its type from the bytes,
+run the model, explain the result.
+
+Nothing here writes an upload to disk or logs it, its name or its size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dermsight.data.images import ImageError, load_rgb
+from dermsight.inference.types import PredictionResult
+from dermsight.web.security import RequestRefused, describe_unsupported, sniff_image_type
+
+log = logging.getLogger("dermsight.web")
+
+UPLOAD_FIELD = "image"
+ACCEPT = "image/jpeg,image/png,image/webp,image/bmp,image/tiff"
+# The photo shown back on the result page: re-encoded small (EXIF, including any GPS position, is dropped).
+DISPLAY_SHORT_SIDE = 480
+
+
+class ModelService:
+    """One predictor per worker process, created on first use (after gunicorn forks), used by one thread at a time.
+
+    Inference is serialised within a process because Grad-CAM hooks the model (two concurrent explanations would mix
+    their activations) and because each worker's intra-op threads are already sized to its share of the cores.
+    """
+
+    def __init__(
+        self, predictor: Any = None, path: str | Path | None = None, backend: str = "auto", threads: int | None = None
+    ):
+        self._predictor = predictor
+        self.path, self.backend, self.threads = path, backend, threads
+        self._load_lock = threading.Lock()
+        self._use_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def get(self) -> Any:
+        if self._predictor is None:
+            with self._load_lock:
+                if self._predictor is None:
+                    from dermsight.inference.predictor import Predictor
+
+                    self._predictor = Predictor.from_path(self.path, backend=self.backend, threads=self.threads)
+                    log.info("model loaded: %s", getattr(self._predictor.meta, "architecture", "?"))
+        return self._predictor
+
+    @property
+    def meta(self):
+        return self.get().meta
+
+    def info(self) -> dict[str, Any]:
+        return self.get().info()
+
+    def predict(self, data: bytes) -> PredictionResult:
+        predictor = self.get()
+        with self._use_lock:
+            return predictor.predict(data)
+
+    def explain(self, data: bytes) -> bytes:
+        predictor = self.get()
+        with self._use_lock:
+            return predictor.explain(data)
+
+
+def read_upload(files, max_bytes: int) -> bytes:
+    """The uploaded image's bytes from the multipart ``files``, checked to be a supported image type by its bytes.
+
+    Two inputs may share the field name (a file picker and a phone-camera input); the first non-empty one counts.
+    """
+    data = b""
+    for storage in files.getlist(UPLOAD_FIELD):
+        data = storage.read(max_bytes + 1)
+        if data:
+            break
+    if not data:
+        raise RequestRefused(400, "No photo was received. Choose a photo (or take one) and try again.", "no_image")
+    if len(data) > max_bytes:
+        raise RequestRefused(413, too_large_message(max_bytes), "too_large")
+    if sniff_image_type(data) is None:
+        raise RequestRefused(
+            415,
+            f"This file is {describe_unsupported(data)}, not a photo we can read. "
+            "Please upload a JPEG, PNG, WebP, BMP or TIFF image.",
+            "unsupported_type",
+        )
+    return data
+
+
+def too_large_message(max_bytes: int) -> str:
+    return (
+        f"The file is larger than the {max_bytes / 2**20:.0f} MB limit. A phone photo of one spot is usually "
+        "1 to 5 MB; try a smaller or cropped photo."
+    )
+
+
+def unreadable(e: ImageError) -> RequestRefused:
+    return RequestRefused(400, f"We could not read this image: {e}.", "unreadable_image")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    result: PredictionResult
+    photo_uri: str | None  # the user's photo, small, as a data: URI
+    heatmap_uri: str | None  # the Grad-CAM overlay as a data: URI; None when rejected or when explaining failed
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def display_photo(data: bytes) -> str:
+    rgb = load_rgb(data, short_side=DISPLAY_SHORT_SIDE)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=85)
+    return data_uri(buf.getvalue(), "image/jpeg")
+
+
+def analyse(model: ModelService, data: bytes, explain: bool = True) -> Analysis:
+    """Predict (and explain, for the page) one upload; `ImageError` becomes a 400 `RequestRefused`."""
+    try:
+        result = model.predict(data)
+        photo = display_photo(data) if explain else None
+    except ImageError as e:
+        raise unreadable(e) from None
+    heatmap = None
+    if explain and result.status == "ok":
+        try:
+            heatmap = data_uri(model.explain(data), "image/png")
+        except Exception:
+            # The prediction stands without its explanation; the page says the overlay is unavailable.
+            log.exception("Grad-CAM explanation failed")
+    return Analysis(result, photo, heatmap)

@@ -1,0 +1,169 @@
+"""Training behaviour on tiny synthetic data: loss falls, a model overfits 32 images, checkpoints round-trip and
+resume, and DDP runs two CPU processes on gloo through torchrun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dermsight.models.bundle import load_model
+from dermsight.models.factory import create_model
+from dermsight.training import TrainConfig, fit, train_one_epoch
+from dermsight.training.loop import WeightedSampler, class_weights, warmup_cosine
+
+
+def synthetic_dataset(root: Path, n: int = 48) -> Path:
+    """Two easily separable 'classes': dark lesions (mel) and pale ones (nv), one lesion per image."""
+    rows = []
+    for i in range(n):
+        label = "mel" if i % 2 else "nv"
+        color = (90, 40, 30) if label == "mel" else (230, 190, 170)
+        make_image(root / "img" / f"{i}.jpg", size=(48, 36), color=color, seed=i)
+        rows.append((f"img/{i}.jpg", label, f"L{i}"))
+    pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def tiny_config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        arch="tf_efficientnet_lite0",
+        weights="none",
+        input_size=32,
+        cache_size=48,
+        epochs=2,
+        batch_size=8,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        patience=5,
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+        drop_rate=0.0,
+        scale_min=0.8,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_warmup_cosine_schedule_shape():
+    f = warmup_cosine(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(99) == pytest.approx(0.01, abs=0.01)
+
+
+def test_class_weights_balance_classes_and_sampler_splits_across_ranks():
+    y = np.array([0] * 8 + [1] * 2)
+    w = class_weights(y, 3)
+    assert w[0] * 8 == pytest.approx(w[1] * 2) and w[2] == 0
+    s0, s1 = (WeightedSampler(w[y], 10, seed=1, rank=r, world=2) for r in (0, 1))
+    a, b = list(s0), list(s1)
+    assert len(a) == len(s0) == 5 and len(b) == 5
+    whole = list(WeightedSampler(w[y], 10, seed=1))
+    assert sorted(a + b) == sorted(whole)
+
+
+def test_model_overfits_32_images_and_loss_falls():
+    torch.manual_seed(0)
+    model, _ = create_model("tf_efficientnet_lite0", 2, weights="none")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 32, 32, generator=g)
+    y = torch.arange(32) % 2
+    x[y == 1] += 1.5  # learnable but not trivial from the first step
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    losses = [
+        train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), progress=False)
+        for _ in range(20)
+    ]
+    assert min(losses[-3:]) < losses[0] / 5  # single epochs are noisy at batch 8; the trend is not
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=2)
+    res = fit(cfg, progress=False)
+    run = Path(cfg.out)
+    for name in (
+        "config.yaml",
+        "log.csv",
+        "split.csv",
+        "last.pt",
+        "model.safetensors",
+        "metrics.json",
+        "val/metrics.json",
+        "test/report.md",
+        "test/confusion_matrix.png",
+    ):
+        assert (run / name).is_file(), name
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2]
+    split = pd.read_csv(run / "split.csv")
+    assert split.groupby("lesion_id")["split"].nunique().max() == 1
+    model, meta = load_model(res.model_path)
+    assert meta.classes == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc") and meta.input_size == 32
+    assert meta.metrics["test"]["n"] == (split["split"] == "test").sum()
+    assert "balanced_accuracy" in meta.metrics["val"] and meta.config["epochs"] == 2
+    assert meta.weights["source"] == "none"
+    # Resume continues from the last finished epoch instead of starting over.
+    fit(tiny_config(tmp_path, data, epochs=3, resume=True), progress=False)
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_fit_learns_the_synthetic_task(tmp_path):
+    data = synthetic_dataset(tmp_path / "data", n=80)
+    res = fit(tiny_config(tmp_path, data, epochs=6, imbalance="sampler"), progress=False)
+    assert res.val_metrics["accuracy"] > 0.8  # pale vs dark is easy: chance is 0.5
+
+
+def test_config_from_yaml_rejects_unknown_options(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown option.*learning_rate"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("epochs: 3\nimbalance: magic\n")
+    with pytest.raises(ValueError, match="imbalance"):
+        TrainConfig.from_yaml(tmp_path / "d.yaml")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter")
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=1, device="cpu")
+    cfg.to_yaml(tmp_path / "ddp.yaml")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dermsight.cli",
+            "train",
+            "--config",
+            str(tmp_path / "ddp.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 1/1" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
+    assert proc.stdout.count("model written to") == 1  # only rank 0 writes
