@@ -199,6 +199,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model_card(args: argparse.Namespace) -> int:
+    from dermsight.models.bundle import default_model_path, read_meta
+    from dermsight.models.card import render_model_card
+
+    path = Path(args.model) if args.model else default_model_path()
+    text = render_model_card(read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"model card written to {args.out}")
+    else:
+        print(text)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 
@@ -264,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     e.set_defaults(func=cmd_evaluate)
+
+    mc = sub.add_parser("model-card", help="render a model's card (Markdown) from the metadata inside the model")
+    mc.add_argument("--model", help="model file (default: the bundled default model)")
+    mc.add_argument("--out", help="write here instead of printing")
+    mc.add_argument("--name", help="how to call the file in the card")
+    mc.add_argument("--reproduce", default="", help="the command that reproduces the model")
+    mc.set_defaults(func=cmd_model_card)
 
     w = sub.add_parser("serve", help="run the web app and JSON API (gunicorn)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")

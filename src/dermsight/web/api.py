@@ -9,7 +9,6 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from dermsight.classes import CONDITIONS
 from dermsight.inference.types import PredictionResult
 from dermsight.web.openapi import openapi_document
 from dermsight.web.security import RequestRefused, enforce_rate_limit
@@ -58,24 +57,14 @@ def condition(code: str):
 
 @api.get("/model")
 def model():
-    meta = _model().meta
-    return jsonify(
-        architecture=meta.architecture,
-        taxonomy=meta.taxonomy,
-        classes=[
-            {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
-            for c, n in zip(meta.classes, meta.class_names, strict=True)
-        ],
-        input_size=meta.input_size,
-        temperature=meta.temperature,
-        weights=meta.weights,
-        training_data=meta.training_data,
-        split=meta.split,
-        metrics=meta.metrics,
-        created=meta.created,
-        dermsight_version=meta.dermsight_version,
-        # The training config is left out: it holds paths of the machine the model was trained on.
-    )
+    service = _model()
+    body = dict(service.info())
+    meta = service.meta
+    body.setdefault("split", meta.split)
+    body.setdefault("weights", meta.weights)
+    # The training config is never served: it holds paths of the machine the model was trained on.
+    body.pop("config", None)
+    return jsonify(body)
 
 
 @api.get("/openapi.json")

@@ -27,7 +27,8 @@ from dermsight.web.security import (
     parse_rate_limit,
     security_headers,
 )
-from dermsight.web.service import ModelService, too_large_message
+from dermsight.web.service import ModelService, human_size, too_large_message
+from dermsight.web.triage import sentence
 
 log = logging.getLogger("dermsight.web")
 
@@ -104,7 +105,7 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     limit, window = parse_rate_limit(str(app.config["RATE_LIMIT"]))
     app.extensions["dermsight.ratelimit"] = RateLimiter(limit, window)
     if app.config["LOAD_MODEL_AT_START"]:
-        model.get()
+        model.warm_up_in_background()
 
     from dermsight.web.api import api
     from dermsight.web.pages import pages
@@ -112,12 +113,14 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     app.register_blueprint(pages)
     app.register_blueprint(api)
 
+    app.jinja_env.filters["sentence"] = sentence
+
     @app.context_processor
     def _template_globals() -> dict[str, Any]:
         return {
             "csrf_token": csrf_token,
             "version": __version__,
-            "max_upload_mb": app.config["MAX_CONTENT_LENGTH"] / 2**20,
+            "max_upload": human_size(app.config["MAX_CONTENT_LENGTH"]),
         }
 
     @app.after_request

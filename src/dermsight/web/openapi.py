@@ -172,6 +172,15 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                             "description": "top class malignant or pre-malignant; null when rejected",
                         },
                         "uncertain": {"type": "boolean", "description": "the model is not confident"},
+                        "concerning_probability": {
+                            "type": ["number", "null"],
+                            "description": "sum of the probabilities of the malignant and pre-malignant classes",
+                        },
+                        "scores": {
+                            "type": "object",
+                            "additionalProperties": {"type": "number"},
+                            "description": "image-quality and out-of-distribution measurements behind the result",
+                        },
                         "model": {"type": "string"},
                         "advice": {"$ref": "#/components/schemas/Advice"},
                         "tips": {"type": "array", "items": {"type": "string"}},
@@ -232,6 +241,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     "type": "object",
                     "required": ["architecture", "taxonomy", "classes", "metrics"],
                     "properties": {
+                        "model": {"type": "string", "description": "model file name"},
+                        "backend": {"type": "string", "enum": ["onnx", "torch"]},
                         "architecture": {"type": "string"},
                         "taxonomy": {"type": "string"},
                         "classes": {

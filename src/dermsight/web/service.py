@@ -57,6 +57,20 @@ class ModelService:
                     log.info("model loaded: %s", getattr(self._predictor.meta, "architecture", "?"))
         return self._predictor
 
+    def warm_up_in_background(self) -> threading.Thread:
+        """Load the model in a thread, so a worker is up (and heartbeating to gunicorn) while it loads; requests
+        that arrive meanwhile wait for it. A first load may export the model to ONNX, which takes a while."""
+
+        def load() -> None:
+            try:
+                self.get()
+            except Exception:
+                log.exception("loading the model failed; requests will retry and fail with a 500")
+
+        thread = threading.Thread(target=load, name="dermsight-model-load", daemon=True)
+        thread.start()
+        return thread
+
     @property
     def meta(self):
         return self.get().meta
@@ -99,9 +113,16 @@ def read_upload(files, max_bytes: int) -> bytes:
     return data
 
 
+def human_size(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 1024:.0f} KB"
+    mb = n / 2**20
+    return f"{mb:.0f} MB" if mb >= 10 or mb.is_integer() else f"{mb:.1f} MB"
+
+
 def too_large_message(max_bytes: int) -> str:
     return (
-        f"The file is larger than the {max_bytes / 2**20:.0f} MB limit. A phone photo of one spot is usually "
+        f"The file is larger than the {human_size(max_bytes)} limit. A phone photo of one spot is usually "
         "1 to 5 MB; try a smaller or cropped photo."
     )
 
@@ -113,8 +134,8 @@ def unreadable(e: ImageError) -> RequestRefused:
 @dataclass(frozen=True)
 class Analysis:
     result: PredictionResult
-    photo_uri: str | None  # the user's photo, small, as a data: URI
-    heatmap_uri: str | None  # the Grad-CAM overlay as a data: URI; None when rejected or when explaining failed
+    photo_uri: str | None  # the user's photo, small, as a data: URI, when there is no heatmap to show it
+    heatmap_uri: str | None  # the model's view beside its Grad-CAM overlay (PNG data: URI); None when rejected
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -132,14 +153,17 @@ def analyse(model: ModelService, data: bytes, explain: bool = True) -> Analysis:
     """Predict (and explain, for the page) one upload; `ImageError` becomes a 400 `RequestRefused`."""
     try:
         result = model.predict(data)
-        photo = display_photo(data) if explain else None
     except ImageError as e:
         raise unreadable(e) from None
+    if not explain:
+        return Analysis(result, None, None)
     heatmap = None
-    if explain and result.status == "ok":
+    if result.status == "ok":
         try:
             heatmap = data_uri(model.explain(data), "image/png")
         except Exception:
-            # The prediction stands without its explanation; the page says the overlay is unavailable.
+            # The prediction stands without its explanation; the page shows the photo alone.
             log.exception("Grad-CAM explanation failed")
+    # The explanation already shows the photo beside its heatmap; otherwise show the photo itself.
+    photo = display_photo(data) if heatmap is None else None
     return Analysis(result, photo, heatmap)

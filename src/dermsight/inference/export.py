@@ -1,0 +1,223 @@
+"""ONNX export of a saved model, the ONNX cache used by serving, int8 quantisation and the parity check.
+
+The exported graph takes the normalised image batch (N, 3, S, S) and returns two outputs: ``logits`` (N, C) and
+``features`` (N, D), the pooled features the out-of-distribution gate scores. The temperature is NOT baked in:
+both backends return raw logits and `Predictor` applies ``softmax(logits / T)`` in one place, so recalibrating a
+model (which only rewrites T) never invalidates an exported graph, and parity is checked on the probabilities users
+see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermsight.data.cache import default_cache_root
+from dermsight.evaluation.metrics import softmax
+from dermsight.inference.backends import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, ServingModule, TorchRunner
+from dermsight.models.bundle import ModelMeta, load_model, read_meta
+from dermsight.transforms import EvalPreset
+
+if TYPE_CHECKING:
+    from dermsight.inference.predictor import Source
+
+# Bumped whenever the exported graph changes (inputs, outputs, opset), so cached exports of older versions are not
+# reused.
+EXPORT_VERSION = 1
+OPSET = 17
+# The issue's bar for "the same model": probabilities may differ by at most this much between backends.
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """The model could not be exported or the export does not match PyTorch; the message is fit to show a user."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch dimension; atomic (a half-written file never has the name)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net = ServingModule(model).eval()
+    dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
+    dyn = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of the torch.export-based one, but that one
+            # needs the onnxscript package, which dermsight does not depend on; the legacy exporter handles every
+            # backbone of the factory and its output is checked against PyTorch below.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=".*will be removed.*")
+            torch.onnx.export(
+                net,
+                (dummy,),
+                tmp,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dyn,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+        os.replace(tmp, out)
+    except Exception as e:
+        raise ExportError(f"ONNX export of {meta.architecture} failed: {type(e).__name__}: {str(e)[:300]}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def quantize_int8(onnx_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Dynamic int8 quantisation (weights int8, activations quantised on the fly) of an exported model.
+
+    onnxruntime's dynamic quantisation targets MatMul/Gemm, plus Conv as ConvInteger; for a convolutional network
+    the accuracy change must be measured (`compare_backends`), and the speed too (bench/inference.py): it is not a
+    given that int8 is faster on every CPU.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        quantize_dynamic(str(onnx_path), tmp, weight_type=QuantType.QUInt8)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def onnx_cache_dir() -> Path:
+    return default_cache_root() / "onnx"
+
+
+def cached_onnx_path(model_path: str | os.PathLike, int8: bool = False) -> Path:
+    """Where serving keeps the export of ``model_path``: keyed by the model file's content, not its name, so a
+    retrained or recalibrated file never reuses a stale graph and a copied file reuses a good one."""
+    digest = file_sha256(model_path)[:24]
+    return onnx_cache_dir() / f"{digest}-v{EXPORT_VERSION}{'-int8' if int8 else ''}.onnx"
+
+
+def synthetic_images(n: int = 4, size: tuple[int, int] = (200, 150), seed: int = 0) -> list[np.ndarray]:
+    """Lesion-like test pictures (a dark irregular blob on skin-coloured texture): parity inputs when no real images
+    are at hand. They exercise the same preprocessing and value ranges as photos; real images are better."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(n):
+        skin = rng.uniform([170, 110, 90], [230, 170, 150])
+        img = skin + rng.normal(0, 10, (h, w, 3))
+        cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
+        ry, rx = rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
+        r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        blob = np.clip(1.3 - r, 0, 1)[..., None]
+        img = img * (1 - 0.7 * blob) + rng.uniform([40, 20, 10], [120, 80, 60]) * 0.7 * blob
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    n: int  # images compared (those that decoded)
+    max_abs_diff: float  # largest |p_a - p_b| over images and classes
+    top1_agreement: float  # share of images with the same top class
+    accuracy_a: float | None = None  # when labels were given
+    accuracy_b: float | None = None
+
+
+def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = None) -> Comparison:
+    """Compare two (N, C) probability tables (e.g. PyTorch vs ONNX Runtime fp32, or fp32 vs int8)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    acc_a = acc_b = None
+    if targets is not None and len(targets):
+        acc_a = float((a.argmax(1) == targets).mean())
+        acc_b = float((b.argmax(1) == targets).mean())
+    return Comparison(
+        n=len(a),
+        max_abs_diff=float(np.abs(a - b).max(initial=0.0)),
+        top1_agreement=float((a.argmax(1) == b.argmax(1)).mean()) if len(a) else 1.0,
+        accuracy_a=acc_a,
+        accuracy_b=acc_b,
+    )
+
+
+def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
+    """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
+    from dermsight.inference.predictor import decode, decode_side
+
+    preset = EvalPreset.from_meta(meta)
+    side = decode_side(meta)
+    return np.stack([preset(decode(s, side)).numpy() for s in sources])
+
+
+def onnx_probabilities(onnx_path: str | os.PathLike, meta: ModelMeta, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    return softmax(OnnxRunner(onnx_path, threads)(x)[0], meta.temperature)
+
+
+def torch_probabilities(model: nn.Module, meta: ModelMeta, x: np.ndarray) -> np.ndarray:
+    return softmax(TorchRunner(model)(x)[0], meta.temperature)
+
+
+def check_parity(
+    model: nn.Module, meta: ModelMeta, onnx_path: str | os.PathLike, x: np.ndarray, threads: int = 1
+) -> Comparison:
+    """PyTorch vs ONNX Runtime probabilities of the same model on the preprocessed inputs ``x``."""
+    return compare_backends(torch_probabilities(model, meta, x), onnx_probabilities(onnx_path, meta, x, threads))
+
+
+def ensure_onnx(model_path: str | os.PathLike, model: nn.Module | None = None, threads: int = 1) -> Path:
+    """The cached ONNX export of ``model_path``, exporting and parity-checking it first if it is not cached yet.
+
+    Several server workers may start at once: each exports to a temporary name and renames, so none ever reads a
+    half-written file; the last rename wins and the files are identical anyway.
+    """
+    cached = cached_onnx_path(model_path)
+    if cached.is_file():
+        return cached
+    if model is None:
+        model, meta = load_model(model_path)
+    else:
+        meta = read_meta(model_path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".export.", suffix=".onnx")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        export_onnx(model, meta, tmp)
+        # Synthetic images here (serving has no real ones at hand): this catches a broken export or runtime;
+        # `dermsight export` and the test suite check parity on real images.
+        cmp = check_parity(model, meta, tmp, model_inputs(meta, list(synthetic_images())), threads)
+        if cmp.max_abs_diff > PARITY_TOLERANCE:
+            raise ExportError(
+                f"ONNX export differs from PyTorch by {cmp.max_abs_diff:.2e} in probability "
+                f"(tolerance {PARITY_TOLERANCE:.0e})"
+            )
+        os.replace(tmp, cached)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return cached

@@ -1,0 +1,392 @@
+"""The inference engine: one `Predictor`, built from a saved model, serves the CLI, the web pages and the JSON API.
+
+An image takes one path:
+
+1. decode with `dermsight.data.images.load_rgb` (the same safe decoder as the training data: size limits, bombs,
+   truncation, EXIF orientation), shorter side scaled to the model's eval resize;
+2. image-quality gate (`gate.check_quality`): too small, uniform, blurred, badly exposed -> ``rejected``;
+3. preprocessing from the model's own contract (`EvalPreset.from_meta`), optional test-time augmentation;
+4. one forward pass giving logits and pooled features (ONNX Runtime by default, PyTorch as the fallback);
+5. out-of-distribution gate on the features (`ood.FeatureDensity`, threshold stored in the model) -> ``rejected``
+   for images that are not skin lesions;
+6. calibrated probabilities ``softmax(logits / T)``, classes and malignancy from the class catalogue.
+
+A file that cannot be decoded is an error (`ImageError`), not a rejection: "we could not read your file" and "this
+is not a skin lesion" call for different actions from the user, and an API should answer them with a 400 and a
+200 respectively. `predict` raises it; `predict_batch` returns it in the failed image's place so that one bad file
+does not sink the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dermsight.classes import CONDITIONS
+from dermsight.data.images import ImageError, load_rgb
+from dermsight.evaluation.metrics import softmax
+from dermsight.inference.backends import OnnxRunner, TorchRunner
+from dermsight.inference.export import ensure_onnx
+from dermsight.inference.gate import ANALYSIS_SIDE, QUALITY_THRESHOLDS, QualityThresholds, check_quality
+from dermsight.inference.ood import FeatureDensity
+from dermsight.inference.types import ClassProbability, PredictionResult
+from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
+from dermsight.transforms import EvalPreset
+
+log = logging.getLogger("dermsight.inference")
+
+Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
+BackendName = Literal["auto", "onnx", "torch"]
+
+# Below this calibrated top-class probability the result is flagged `uncertain`: the model's best guess is less
+# likely than all other classes together, which is not an answer to act on.
+UNCERTAIN_BELOW = 0.5
+# Images per forward pass. Larger batches gain little on a CPU and raise peak memory per worker.
+BATCH_SIZE = 16
+# Shorter side of the picture `explain` draws its heatmap on.
+DISPLAY_SIDE = 320
+NOT_A_LESION = (
+    "this does not look like a close-up of a skin lesion; the model can only assess dermoscopy-style photos "
+    "of a single spot on the skin"
+)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Intra-op threads: ``threads``, else $DERMSIGHT_THREADS, else the cores this process may run on.
+
+    Always set explicitly: left to themselves, PyTorch and ONNX Runtime each start one thread per core in every
+    process, so N server workers on N cores would run N^2 threads. A server with several workers passes
+    cores // workers.
+    """
+    if threads:
+        return max(1, int(threads))
+    env = os.environ.get("DERMSIGHT_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"DERMSIGHT_THREADS must be a whole number, got {env!r}") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip), identity
+    first. Dermoscopy has no up or left, so each is as valid an input as the original."""
+    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
+def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
+    """Shorter side images are decoded to: the model's eval resize (JPEG draft mode then skips most of the work on
+    big photos, as `dermsight evaluate` does), but never below what the quality gate needs to see: its analysis
+    size, and its minimum size (an image decoded smaller than that was smaller than that)."""
+    return max(meta.resize_size, ANALYSIS_SIDE, quality.min_side)
+
+
+def decode(source: Source, side: int) -> np.ndarray:
+    """HxWx3 uint8 RGB with the shorter side scaled down (never up) to ``side``; raises `ImageError`.
+
+    Files and bytes go through `load_rgb`, the decoder of the training data; arrays (HxWx3 or HxW uint8) get the
+    same downscale.
+    """
+    if isinstance(source, np.ndarray):
+        a = source
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
+            raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
+        a = np.ascontiguousarray(a[..., :3])
+        h, w = a.shape[:2]
+        if min(h, w) > side:
+            scale = side / min(h, w)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            a = np.array(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
+        return a
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)
+    if not isinstance(source, bytes | str | os.PathLike):
+        raise ImageError(f"cannot read an image from a {type(source).__name__}")
+    return load_rgb(source, short_side=side)
+
+
+class Predictor:
+    """Calibrated, gated, optionally explained predictions from one saved model. Build it with `from_path`.
+
+    Not thread-safe for concurrent `explain` calls (Grad-CAM hooks the model); a server serialises calls per
+    worker process.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        meta: ModelMeta,
+        runner: TorchRunner | OnnxRunner,
+        threads: int,
+        density: FeatureDensity | None,
+        torch_model: torch.nn.Module | None = None,
+        quality: QualityThresholds = QUALITY_THRESHOLDS,
+    ) -> None:
+        self.model_path = model_path
+        self._meta = meta
+        self._runner = runner
+        self.threads = threads
+        self.density = density
+        self.quality = quality
+        self._torch_model = torch_model
+        self._lock = threading.Lock()
+        self.preset = EvalPreset.from_meta(meta)
+        self.decode_side = decode_side(meta, quality)
+        self.ood_threshold: float | None = meta.ood.get("threshold") if density is not None else None
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike | None = None,
+        backend: BackendName = "auto",
+        threads: int | None = None,
+        onnx_path: str | os.PathLike | None = None,
+    ) -> Predictor:
+        """Load the model at ``path`` (default: `default_model_path()`).
+
+        ``backend``: "onnx" (ONNX Runtime; the export is cached under the dermsight cache dir, keyed by the model
+        file's hash), "torch" (eager PyTorch), or "auto": ONNX Runtime, falling back to PyTorch with a logged
+        warning when onnxruntime is missing or the export fails. ``threads``: see `resolve_threads`.
+        ``onnx_path``: use this ONNX file instead of the cached export (benchmarks, parity checks).
+        """
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"unknown backend {backend!r}: expected auto, onnx or torch")
+        model_path = Path(path) if path is not None else default_model_path()
+        meta = read_meta(model_path)
+        n = resolve_threads(threads)
+        # Preprocessing runs in torch (torchvision) whichever backend runs the network.
+        torch.set_num_threads(n)
+        density = FeatureDensity.from_tensors(read_extra(model_path))
+        if density is None or "threshold" not in meta.ood:
+            log.warning(
+                "%s has no out-of-distribution statistics: images that are not skin lesions will not be rejected. "
+                "Run `dermsight calibrate --model %s --data SPLIT_MANIFEST` to add them.",
+                model_path,
+                model_path,
+            )
+            density = None
+
+        model = None
+        runner: TorchRunner | OnnxRunner | None = None
+        if backend in ("auto", "onnx"):
+            try:
+                if onnx_path is None:
+                    model = load_model(model_path)[0]
+                    onnx_path = ensure_onnx(model_path, model, threads=n)
+                runner = OnnxRunner(onnx_path, n)
+            except ModelLoadError:
+                raise
+            except Exception as e:  # onnxruntime missing, export or parity failure: all mean "use PyTorch"
+                if backend == "onnx":
+                    raise
+                log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(e).__name__, str(e)[:200])
+        if runner is None:
+            model = model if model is not None else load_model(model_path)[0]
+            runner = TorchRunner(model)
+        # With ONNX Runtime serving, the PyTorch model is only needed for explanations: drop it and reload it on
+        # first use, so a worker that never explains does not hold the weights twice.
+        keep = model if runner.name == "torch" else None
+        return cls(model_path, meta, runner, n, density, torch_model=keep)
+
+    # ------------------------------------------------------------------------------------------------- properties
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self._meta
+
+    @property
+    def backend(self) -> str:
+        return self._runner.name
+
+    @property
+    def torch_model(self) -> torch.nn.Module:
+        with self._lock:
+            if self._torch_model is None:
+                self._torch_model = load_model(self.model_path)[0]
+            return self._torch_model
+
+    def info(self) -> dict[str, Any]:
+        """What an API's GET /model needs: the model's contract, its measured quality and how it is served."""
+        m = self._meta
+        return {
+            "model": self.model_path.name,
+            "architecture": m.architecture,
+            "taxonomy": m.taxonomy,
+            "classes": [
+                {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
+                for c, n in zip(m.classes, m.class_names, strict=True)
+            ],
+            "input_size": m.input_size,
+            "temperature": m.temperature,
+            "backend": self.backend,
+            "threads": self.threads,
+            "tta_views": 8,
+            "ood": dict(m.ood) if self.density is not None else None,
+            "quality_gate": asdict(self.quality),
+            "metrics": m.metrics,
+            "training_data": m.training_data,
+            "created": m.created,
+            "dermsight_version": m.dermsight_version,
+        }
+
+    # ------------------------------------------------------------------------------------------------ the stages
+
+    def decode(self, source: Source) -> np.ndarray:
+        """HxWx3 uint8 RGB, shorter side at most `decode_side`. Raises `ImageError` for unusable input."""
+        return decode(source, self.decode_side)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Decoded image -> normalised (3, S, S) float32 model input, per the model's contract."""
+        return self.preset(image).numpy()
+
+    def forward(self, x: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, S, S) inputs -> (N, C) logits and (N, D) pooled features, in batches of `BATCH_SIZE`.
+
+        With ``tta`` the logits are the mean over the eight `tta_views` (the same rule as `dermsight evaluate
+        --tta`, so the metrics it reports are the ones served); the features stay those of the original view,
+        since the out-of-distribution threshold was set on un-augmented images.
+        """
+        logits, feats = [], []
+        step = max(1, BATCH_SIZE // 8) if tta else BATCH_SIZE
+        for i in range(0, len(x), step):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + step], dtype=np.float32))
+            if tta:
+                views = torch.cat(tta_views(chunk)).numpy()
+                lo, fe = self._runner(views)
+                logits.append(lo.reshape(8, len(chunk), -1).mean(0))
+                feats.append(fe[: len(chunk)])
+            else:
+                lo, fe = self._runner(chunk.numpy())
+                logits.append(lo)
+                feats.append(fe)
+        if not logits:
+            return np.zeros((0, self._meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(feats)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities: ``softmax(logits / T)`` with the model's stored temperature."""
+        return softmax(logits, self._meta.temperature)
+
+    def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
+        return self.density.score(features) if self.density is not None else None
+
+    # ------------------------------------------------------------------------------------------------ prediction
+
+    def predict(self, source: Source, tta: bool = False, name: str | None = None) -> PredictionResult:
+        """Predict one image. Raises `ImageError` when it cannot be decoded."""
+        result = self.predict_batch([source], tta=tta, names=[name] if name is not None else None)[0]
+        if isinstance(result, ImageError):
+            raise result
+        return result
+
+    def predict_batch(
+        self, sources: Sequence[Source], tta: bool = False, names: Sequence[str | None] | None = None
+    ) -> list[PredictionResult | ImageError]:
+        """Predict several images in batched forward passes; an image that cannot be decoded gets its `ImageError`
+        in its place. ``names`` label the results (default: the path of path sources)."""
+        if names is not None and len(names) != len(sources):
+            raise ValueError("names must give one name per source")
+        labels = [
+            names[i] if names is not None else (str(s) if isinstance(s, str | os.PathLike) else None)
+            for i, s in enumerate(sources)
+        ]
+        out: list[PredictionResult | ImageError | None] = [None] * len(sources)
+        inputs, slots, reports = [], [], {}
+        for i, src in enumerate(sources):
+            try:
+                image = self.decode(src)
+            except ImageError as e:
+                out[i] = e
+                continue
+            report = check_quality(image, self.quality)
+            reports[i] = report
+            if not report.ok:
+                out[i] = self._rejected(report.reason, labels[i], report.scores())
+                continue
+            inputs.append(self.preprocess(image))
+            slots.append(i)
+        if inputs:
+            logits, feats = self.forward(np.stack(inputs), tta=tta)
+            probs = self.probabilities(logits)
+            ood = self.ood_scores(feats)
+            for j, i in enumerate(slots):
+                scores = reports[i].scores()
+                if ood is not None and self.ood_threshold is not None:
+                    scores |= {"ood": round(float(ood[j]), 4), "ood_threshold": round(float(self.ood_threshold), 4)}
+                    if ood[j] > self.ood_threshold:
+                        out[i] = self._rejected(NOT_A_LESION, labels[i], scores)
+                        continue
+                out[i] = self._result(probs[j], labels[i], scores)
+        return [r for r in out if r is not None]
+
+    def _model_label(self) -> str:
+        return f"{self._meta.architecture} ({self.model_path.name})"
+
+    def _rejected(self, reason: str | None, image: str | None, scores: dict[str, float]) -> PredictionResult:
+        return PredictionResult(status="rejected", reason=reason, model=self._model_label(), image=image, scores=scores)
+
+    def _result(self, probs: np.ndarray, image: str | None, scores: dict[str, float]) -> PredictionResult:
+        conds = [CONDITIONS[c] for c in self._meta.classes]
+        order = np.argsort(-probs, kind="stable")
+        preds = [
+            ClassProbability(
+                code=conds[k].code,
+                name=self._meta.class_names[k],
+                probability=float(probs[k]),
+                malignancy=str(conds[k].malignancy),
+            )
+            for k in order
+        ]
+        top = conds[int(order[0])]
+        return PredictionResult(
+            status="ok",
+            reason=None,
+            predictions=preds,
+            malignant=top.is_concerning,
+            uncertain=bool(probs[order[0]] < UNCERTAIN_BELOW),
+            model=self._model_label(),
+            image=image,
+            concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
+            scores=scores,
+        )
+
+    # ---------------------------------------------------------------------------------------------- explanation
+
+    def explain(self, source: Source, target: str | None = None) -> bytes:
+        """PNG of the image the model saw beside the same image with the Grad-CAM heatmap of ``target`` (a class
+        code; default: the top class) laid over it. Raises `ImageError` when the image cannot be decoded."""
+        from dermsight.inference.explain import gradcam_png
+
+        if target is not None and target not in self._meta.classes:
+            raise ValueError(f"unknown class {target!r}: this model's classes are {', '.join(self._meta.classes)}")
+        image = self.decode(source)
+        x = torch.from_numpy(self.preprocess(image))[None]
+        index = self._meta.classes.index(target) if target is not None else None
+        return gradcam_png(self.torch_model, x, self._display_image(source, image), index)
+
+    def _display_image(self, source: Source, decoded: np.ndarray) -> np.ndarray:
+        """The picture the heatmap is drawn on: the model's view (its centre crop), at a size people can see."""
+        big = decoded
+        if min(decoded.shape[:2]) >= self.decode_side and self.decode_side < DISPLAY_SIDE:
+            # The original is larger than what the model needed: decode it again, bigger, for people.
+            big = decode(source, DISPLAY_SIDE)
+        h, w = big.shape[:2]
+        side = round(min(h, w) * self._meta.crop_pct)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        crop = Image.fromarray(big[y0 : y0 + side, x0 : x0 + side])
+        out = max(self._meta.input_size, min(side, DISPLAY_SIDE))
+        return np.asarray(crop.resize((out, out), Image.Resampling.BICUBIC))

@@ -1,0 +1,109 @@
+"""A model card rendered from the model's own contract, so the card can never disagree with the model file.
+
+`dermsight model-card` writes it as Markdown (MODEL_CARD.md for the bundled model); the web app's "about the model"
+page shows the same facts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermsight.classes import CONDITIONS
+from dermsight.models.bundle import ModelMeta
+
+INTENDED_USE = """\
+**Intended use.** A research tool and an aid: it suggests which of seven common pigmented-lesion categories a
+*dermoscopic* image most resembles, so that people and dermatologists can decide what to look at more closely. It is
+**not a medical device**, has not been clinically validated, and does not give a diagnosis. A low-risk answer is no
+reason to ignore a lesion that changes, bleeds, itches or worries you.
+
+**Limits.**
+- Trained on dermoscopy (images taken through a dermatoscope, close-up, lit, often with a circular vignette). Ordinary
+  phone photos of skin look different; results on them are less reliable, and the app rejects images that do not
+  look like the training data.
+- Seven classes only (HAM10000): actinic keratosis / intraepithelial carcinoma, basal cell carcinoma, benign
+  keratosis-like lesions, dermatofibroma, melanoma, melanocytic nevus, vascular lesions. Any other condition (eczema,
+  psoriasis, infections, rarer tumours) is forced into one of these seven or rejected.
+- HAM10000 comes from two centres (Vienna, Austria, and Queensland, Australia) and mostly shows light skin
+  (Fitzpatrick types I-III). Performance on darker skin types is unknown and likely worse.
+- Metrics below come from held-out lesions of the same collection; on images from other clinics, cameras and
+  populations they are usually lower.
+"""
+
+
+def _fmt(v: Any, ci: Any = None) -> str:
+    if v is None:
+        return "n/a"
+    s = f"{v:.3f}"
+    if ci:
+        s += f" ({ci[0]:.3f}-{ci[1]:.3f})"
+    return s
+
+
+def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "") -> str:
+    m = meta.metrics or {}
+    lines = [
+        f"# Model card: {meta.architecture} ({meta.taxonomy}, {meta.num_classes} classes)",
+        "",
+        f"File: `{model_file}`" if model_file else "",
+        "",
+        INTENDED_USE,
+        "## Model",
+        "",
+        f"- Architecture: `{meta.architecture}` (timm), input {meta.input_size}x{meta.input_size} px, "
+        f"eval preprocessing: shorter side to {meta.resize_size} px, centre crop, mean {list(meta.mean)}, "
+        f"std {list(meta.std)}, {meta.interpolation} interpolation.",
+        f"- Started from: {meta.weights.get('description', meta.weights.get('source'))} "
+        f"(source `{meta.weights.get('source')}`).",
+        "- Classes (logit order): "
+        + ", ".join(f"{c} ({n})" for c, n in zip(meta.classes, meta.class_names, strict=True))
+        + ".",
+        f"- Calibration: temperature {meta.temperature:.3f}"
+        + (" (fitted on the validation split)" if meta.temperature != 1.0 else " (not calibrated)")
+        + ".",
+        f"- Created {meta.created} with dermsight {meta.dermsight_version}.",
+        "",
+        "## Training data",
+        "",
+        f"- {meta.training_data}",
+        f"- Split: {meta.split}",
+        "- Licence: HAM10000 / ISIC data are CC BY-NC 4.0 (Tschandl, Rosendahl & Kittler, Sci. Data 5:180161, 2018);"
+        " this model inherits the non-commercial restriction.",
+    ]
+    if reproduce:
+        lines += ["", f"Reproduce: `{reproduce}`"]
+    cfg = meta.config or {}
+    if cfg:
+        keys = ("epochs", "batch_size", "lr", "weight_decay", "imbalance", "label_smoothing", "input_size", "seed")
+        lines += ["", "Training config: " + ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg) + "."]
+    for split in ("val", "test"):
+        s = m.get(split)
+        if not s:
+            continue
+        ci = s.get("ci95", {})
+        title = "validation split (used for model selection)" if split == "val" else "held-out test split"
+        lines += [
+            "",
+            f"## Metrics on the {title}",
+            "",
+            f"{s['n']} images of lesions never seen in training (95% bootstrap confidence intervals).",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            "| balanced accuracy (mean per-class recall, ISIC metric) | "
+            f"{_fmt(s['balanced_accuracy'], ci.get('balanced_accuracy'))} |",
+            f"| accuracy | {_fmt(s['accuracy'], ci.get('accuracy'))} |",
+            f"| macro ROC AUC | {_fmt(s['macro_auc'], ci.get('macro_auc'))} |",
+            f"| expected calibration error | {_fmt(s.get('ece'))} |",
+        ]
+        if s.get("ece_before_temperature") is not None:
+            lines.append(f"| ECE before temperature scaling | {_fmt(s['ece_before_temperature'])} |")
+        recall = s.get("recall", {})
+        if recall:
+            lines += ["", "| class | recall |", "|---|---:|"]
+            lines += [f"| {c} ({CONDITIONS[c].name}) | {_fmt(r)} |" for c, r in recall.items()]
+    for key, title in (("rejection", "Image gate and out-of-distribution rejection"),):
+        if m.get(key):
+            lines += ["", f"## {title}", ""]
+            lines += [f"- {k}: {v}" for k, v in m[key].items()]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -1,0 +1,589 @@
+"""The web app through Flask's test client: every route, every error, the safety measures.
+
+Error paths use `FakePredictor` (fixed answers, no model) so each case is fast and exact; the tests marked
+`real_model` go through the real Predictor and the bundled default model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import HAM_FULLRES, needs_fullres
+from dermsight.classes import CONDITIONS, HAM7
+from dermsight.data.images import load_rgb
+from dermsight.inference.types import ClassProbability, PredictionResult
+from dermsight.models.bundle import default_model_path, read_meta
+from dermsight.web import create_app
+from dermsight.web.app import config_from_env
+from dermsight.web.knowledge import KNOWLEDGE_PATH, KnowledgeError, load_knowledge, parse_knowledge
+from dermsight.web.security import RateLimiter, parse_rate_limit, sniff_image_type
+from dermsight.web.server import gunicorn_options, threads_per_worker
+from dermsight.web.triage import advise
+
+# --------------------------------------------------------------------------------------------------------- fixtures
+
+
+def _result(probs: dict[str, float], uncertain: bool = False) -> PredictionResult:
+    preds = sorted(
+        (ClassProbability(c, CONDITIONS[c].name, p, str(CONDITIONS[c].malignancy)) for c, p in probs.items()),
+        key=lambda p: -p.probability,
+    )
+    return PredictionResult("ok", None, preds, CONDITIONS[preds[0].code].is_concerning, uncertain, "fake model")
+
+
+class FakePredictor:
+    """The Predictor interface with fixed answers: decodes like the real one, rejects flat images."""
+
+    def __init__(self, probs: dict[str, float] | None = None, fail: Exception | None = None):
+        self.meta = read_meta(default_model_path())
+        self.probs = probs or {"mel": 0.55, "nv": 0.25, "bkl": 0.1, "bcc": 0.04, "akiec": 0.03, "df": 0.02, "vasc": 0.01}
+        self.fail = fail
+        self.calls = 0
+
+    def predict(self, source, tta: bool = False) -> PredictionResult:
+        self.calls += 1
+        if self.fail:
+            raise self.fail
+        rgb = load_rgb(source)
+        if rgb.std() < 2:
+            return PredictionResult("rejected", "The photo is almost uniform: no spot is visible.", model="fake model")
+        return _result(self.probs)
+
+    def explain(self, source) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def info(self) -> dict:
+        m = self.meta
+        classes = [{"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)} for c, n in zip(m.classes, m.class_names)]
+        return {"architecture": m.architecture, "taxonomy": m.taxonomy, "classes": classes, "metrics": m.metrics}
+
+
+def _jpeg(size=(300, 225), seed=0, flat=False) -> bytes:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = np.full((h, w, 3), 128, np.uint8) if flat else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fake():
+    return FakePredictor()
+
+
+@pytest.fixture
+def app(fake):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "off", "SECRET_KEY": "test-only"})
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def _token(client) -> str:
+    page = client.get("/").get_data(as_text=True)
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def _form_post(client, data: bytes | None, name="photo.jpg", token: str | None = None, field="image"):
+    form = {"csrf_token": _token(client) if token is None else token}
+    if data is not None:
+        form[field] = (io.BytesIO(data), name)
+    return client.post("/analyse", data=form, content_type="multipart/form-data")
+
+
+def _api_post(client, data: bytes | None, name="photo.jpg", field="image"):
+    form = {} if data is None else {field: (io.BytesIO(data), name)}
+    return client.post("/api/v1/predict", data=form, content_type="multipart/form-data")
+
+
+# ------------------------------------------------------------------------------------------------------------ pages
+
+
+def test_upload_page_has_form_csrf_camera_disclaimer_and_headers(client):
+    r = client.get("/")
+    page = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert 'enctype="multipart/form-data"' in page and 'action="/analyse"' in page
+    assert re.search(r'name="csrf_token" value="[^"]{20,}"', page)
+    assert 'capture="environment"' in page
+    assert '<label class="field" for="image">' in page  # inputs are labelled
+    assert "Not a medical device and not a diagnosis" in page
+    csp = r.headers["Content-Security-Policy"]
+    assert "img-src 'self' data: blob:" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Lax" in r.headers["Set-Cookie"]
+    assert "<script>" not in page and "style=" not in page  # nothing inline: the CSP forbids it
+
+
+def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client):
+    r = _form_post(client, _jpeg())
+    page = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"] == "no-store"
+    assert "See a dermatologist soon" in page  # melanoma on top
+    assert page.count("<meter") == 7 and "55%" in page
+    assert re.search(r'<img src="data:image/png;base64,[^"]+"[^>]*id="heatmap"', page)  # photo beside heatmap
+    assert page.count('class="card"') == 3  # mel, nv, bkl are >= 5%
+    assert 'href="/conditions/mel"' in page
+    assert "Not a medical device" in page
+
+
+def test_result_page_shows_the_photo_when_the_heatmap_fails(client, fake, caplog):
+    def broken(source):
+        raise RuntimeError("grad-cam broke")
+
+    fake.explain = broken
+    page = _form_post(client, _jpeg()).get_data(as_text=True)
+    assert re.search(r'<img src="data:image/jpeg;base64,[^"]+" alt="The photo you uploaded"', page)
+    assert "heatmap is not available" in page and page.count("<meter") == 7
+    assert "grad-cam broke" in caplog.text
+
+
+def test_rejected_photo_gets_reason_and_tips(client):
+    r = _form_post(client, _jpeg(flat=True))
+    page = r.get_data(as_text=True)
+    assert r.status_code == 200
+    assert "We could not assess this photo" in page and "almost uniform" in page
+    assert "Tips for a photo we can assess" in page
+    assert 'alt="The photo you uploaded"' in page
+    assert "<meter" not in page
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "status", "text"),
+    [
+        (b"just some text, not a photo\n", "lesion.jpg", 415, "text file"),
+        (b"%PDF-1.7\n%binary", "scan.pdf", 415, "PDF"),
+        (b"GIF89a" + bytes(64), "a.gif", 415, "GIF"),
+        (b"\xff\xd8\xff\xe0" + bytes(200), "broken.jpg", 400, "could not read this image"),
+        (b"", "empty.jpg", 400, "No photo was received"),
+    ],
+)
+def test_form_errors_are_friendly_pages(client, data, name, status, text):
+    r = _form_post(client, data, name)
+    page = r.get_data(as_text=True)
+    assert r.status_code == status
+    assert r.mimetype == "text/html"
+    assert text in page
+    assert "Traceback" not in page and "Try another photo" in page
+    if status in (400, 415):
+        assert "Tips for a photo we can assess" in page
+
+
+def test_form_without_file_field(client):
+    r = client.post("/analyse", data={"csrf_token": _token(client)}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "No photo was received" in r.get_data(as_text=True)
+
+
+def test_form_camera_input_is_used_when_the_picker_is_empty(client, fake):
+    form = {
+        "csrf_token": _token(client),
+        "image": [(io.BytesIO(b""), ""), (io.BytesIO(_jpeg()), "camera.jpg")],
+    }
+    r = client.post("/analyse", data=form, content_type="multipart/form-data")
+    assert r.status_code == 200 and fake.calls == 1
+
+
+@pytest.mark.parametrize("token", ["", "forged-token"])
+def test_csrf_rejects_missing_or_wrong_token(client, fake, token):
+    client.get("/")
+    r = _form_post(client, _jpeg(), token=token)
+    assert r.status_code == 400
+    assert "session has expired" in r.get_data(as_text=True)
+    assert fake.calls == 0
+
+
+def test_csrf_rejects_a_post_without_session(app, fake):
+    token = _token(app.test_client())  # a token from another browser's session
+    r = _form_post(app.test_client(), _jpeg(), token=token)
+    assert r.status_code == 400 and fake.calls == 0
+
+
+def test_too_large_upload_is_413_page_and_json(fake):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "off", "MAX_CONTENT_LENGTH": 50_000})
+    client = app.test_client()
+    big = _jpeg((800, 600))
+    assert len(big) > 50_000
+    r = _form_post(client, big)
+    assert r.status_code == 413 and r.mimetype == "text/html"
+    assert "larger than the 49 KB limit" in r.get_data(as_text=True)
+    assert "This file is too large" in r.get_data(as_text=True)
+    r = _api_post(client, big)
+    assert r.status_code == 413 and r.json["error"] == "too_large" and r.json["status"] == "error"
+    assert fake.calls == 0
+
+
+def test_condition_pages_for_every_catalogue_code(client):
+    for code, cond in CONDITIONS.items():
+        r = client.get(f"/conditions/{code}")
+        page = r.get_data(as_text=True)
+        assert r.status_code == 200, code
+        assert cond.name.replace("'", "&#39;") in page
+        for heading in ("What it is", "Signs and symptoms", "Causes and risk factors", "Treatment options"):
+            assert heading in page
+        assert "When to see a doctor" in page and 'rel="noopener noreferrer external"' in page
+    r = client.get("/conditions")
+    assert r.status_code == 200 and r.get_data(as_text=True).count('class="card"') == 10  # shared entries once
+    assert client.get("/conditions/nope").status_code == 404
+
+
+def test_about_page_shows_model_card(client, fake):
+    page = client.get("/about").get_data(as_text=True)
+    assert fake.meta.architecture in page
+    assert "Intended use" in page and "Limits" in page and "How well it works" in page
+    assert "Balanced accuracy" in page  # the bundled model records test metrics
+    for name in fake.meta.class_names:
+        assert name in page
+
+
+def test_unknown_page_is_html_404_and_api_404_is_json(client):
+    r = client.get("/no/such/page")
+    assert r.status_code == 404 and r.mimetype == "text/html" and "Page not found" in r.get_data(as_text=True)
+    r = client.get("/api/v1/no-such")
+    assert r.status_code == 404 and r.json == {
+        "status": "error",
+        "error": "not_found",
+        "message": "There is no page at this address.",
+    }
+    r = client.get("/api/v1/predict")
+    assert r.status_code == 405 and r.json["error"] == "method_not_allowed"
+
+
+def test_internal_errors_show_no_stack_trace(fake, caplog):
+    fake.fail = RuntimeError("secret internals at /srv/app.py line 3")
+    app = create_app(fake, {"RATE_LIMIT": "off", "SECRET_KEY": "t"})  # not TESTING: errors are handled, not raised
+    client = app.test_client()
+    with caplog.at_level(logging.ERROR, logger="dermsight.web"):
+        r = _api_post(client, _jpeg())
+    assert r.status_code == 500 and r.json["error"] == "internal_error"
+    assert "secret" not in r.get_data(as_text=True) and "Traceback" not in r.get_data(as_text=True)
+    assert "secret internals" in caplog.text  # the log has it for the operator
+    r = _form_post(client, _jpeg())
+    assert r.status_code == 500 and "Something went wrong" in r.get_data(as_text=True)
+    assert "secret" not in r.get_data(as_text=True)
+
+
+# --------------------------------------------------------------------------------------------------------------- API
+
+
+def test_api_predict_ok(client):
+    r = _api_post(client, _jpeg())
+    body = r.json
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    assert list(body)[:5] == ["status", "reason", "predictions", "malignant", "uncertain"]
+    assert body["status"] == "ok" and body["reason"] is None and body["malignant"] is True
+    assert body["model"] == "fake model"
+    assert body["predictions"][0] == {"code": "mel", "name": "Melanoma", "probability": 0.55}
+    assert set(body["predictions"][0]) == {"code", "name", "probability"}
+    assert body["advice"]["level"] == "see_doctor"
+    assert "image" not in body  # no file names echoed
+
+
+def test_api_predict_rejected(client):
+    body = _api_post(client, _jpeg(flat=True)).json
+    assert body["status"] == "rejected" and "uniform" in body["reason"] and body["malignant"] is None
+    assert body["predictions"] == [] and body["tips"] and body["advice"]["level"] == "retake"
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "status", "error"),
+    [
+        (b"hello, I am text", "image", 415, "unsupported_type"),
+        (b"%PDF-1.4 ...", "image", 415, "unsupported_type"),
+        (b"\x00\x00\x00\x18ftypheic" + bytes(64), "image", 415, "unsupported_type"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), "image", 400, "unreadable_image"),
+        (None, "image", 400, "no_image"),
+        (b"\xff\xd8\xff" + bytes(10), "photo", 400, "no_image"),  # wrong field name
+    ],
+)
+def test_api_predict_errors(client, fake, data, field, status, error):
+    r = _api_post(client, data, field=field)
+    assert r.status_code == status and r.mimetype == "application/json"
+    assert r.json["status"] == "error" and r.json["error"] == error and r.json["message"]
+    if error == "unsupported_type":
+        assert fake.calls == 0
+
+
+def test_api_heic_message_helps_iphone_users(client):
+    r = _api_post(client, b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    assert "HEIC" in r.json["message"]
+
+
+def test_rate_limit_429_with_retry_after(fake):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "2/60"})
+    client = app.test_client()
+    assert _api_post(client, _jpeg()).status_code == 200
+    assert _api_post(client, _jpeg()).status_code == 200
+    r = _api_post(client, _jpeg())
+    assert r.status_code == 429 and r.json["error"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    r = _form_post(client, _jpeg())  # the page shares the client's budget
+    assert r.status_code == 429 and "Please slow down" in r.get_data(as_text=True) and r.headers["Retry-After"]
+    assert fake.calls == 2
+    # another client is not affected
+    other = client.post(
+        "/api/v1/predict",
+        data={"image": (io.BytesIO(_jpeg()), "x.jpg")},
+        content_type="multipart/form-data",
+        environ_base={"REMOTE_ADDR": "10.0.0.9"},
+    )
+    assert other.status_code == 200
+
+
+def test_rate_limiter_sliding_window():
+    now = [0.0]
+    rl = RateLimiter(3, 10, max_keys=2, clock=lambda: now[0])
+    assert [rl.hit("a") for _ in range(3)] == [0, 0, 0]
+    assert rl.hit("a") == pytest.approx(10)
+    now[0] = 5
+    assert rl.hit("a") == pytest.approx(5)
+    now[0] = 10.5  # the first three hits left the window
+    assert rl.hit("a") == 0
+    rl.hit("b")
+    rl.hit("c")  # over max_keys: "a", least recently seen, is forgotten
+    assert "a" not in rl._hits and len(rl._hits) == 2
+    assert RateLimiter(0, 60).hit("x") == 0
+    assert parse_rate_limit("30/60") == (30, 60.0) and parse_rate_limit("off") == (0, 0.0)
+    with pytest.raises(ValueError):
+        parse_rate_limit("lots")
+
+
+def test_api_conditions(client):
+    body = client.get("/api/v1/conditions").json
+    assert [c["code"] for c in body["conditions"]] == list(CONDITIONS)
+    assert set(body["conditions"][0]) == {"code", "name", "malignancy", "urgency", "summary"}
+    mel = client.get("/api/v1/conditions/mel").json
+    assert mel["name"] == "Melanoma" and mel["malignancy"] == "malignant" and mel["urgency"] == "urgent"
+    assert mel["sources"] and all(s["url"].startswith("https://") for s in mel["sources"])
+    assert mel["same_condition_codes"] == ["mel", "MEL"]
+    r = client.get("/api/v1/conditions/XYZ")
+    assert r.status_code == 404 and r.json["error"] == "not_found"
+
+
+def test_api_model(client, fake):
+    body = client.get("/api/v1/model").json
+    assert body["architecture"] == fake.meta.architecture
+    assert [c["code"] for c in body["classes"]] == list(fake.meta.classes)
+    assert "metrics" in body and "config" not in body
+
+
+def test_healthz(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json["status"] == "ok" and r.json["model_loaded"] is True
+
+
+def test_openapi_lists_every_api_route(app, client):
+    r = client.get("/api/v1/openapi.json")
+    doc = json.loads(r.get_data(as_text=True))
+    assert doc["openapi"].startswith("3.1")
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/") or rule.rule == "/healthz":
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            routes |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == routes
+    # every referenced schema exists, and every documented error status is one the app can send
+    refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc)))
+    assert refs <= set(doc["components"]["schemas"])
+    assert set(doc["paths"]["/api/v1/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "429", "500"}
+
+
+# -------------------------------------------------------------------------------------------- privacy and safety
+
+
+def test_uploads_stay_in_memory(client, monkeypatch):
+    import tempfile
+
+    import werkzeug.formparser
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    monkeypatch.setattr(werkzeug.formparser, "SpooledTemporaryFile", no_disk)
+    monkeypatch.setattr(werkzeug.formparser, "TemporaryFile", no_disk, raising=False)
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_disk)
+    big = _jpeg((1200, 900))  # over Werkzeug's 500 KB spooling threshold
+    assert len(big) > 500 * 1024
+    assert _api_post(client, big).status_code == 200
+    assert _form_post(client, big).status_code == 200
+
+
+def test_uploads_and_their_names_are_not_logged(client, caplog):
+    with caplog.at_level(logging.DEBUG):
+        _api_post(client, _jpeg(), name="patient-jane-doe.jpg")
+        _form_post(client, b"not an image", name="patient-jane-doe.jpg")
+    assert "jane" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"), [("JPEG", "JPEG"), ("PNG", "PNG"), ("WEBP", "WEBP"), ("BMP", "BMP"), ("TIFF", "TIFF")]
+)
+def test_sniff_image_type(fmt, expected):
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format=fmt)
+    assert sniff_image_type(buf.getvalue()) == expected
+
+
+def test_sniff_ignores_names_and_rejects_lookalikes():
+    assert sniff_image_type(b"GIF89a") is None
+    assert sniff_image_type(b"%PDF-1.7") is None
+    assert sniff_image_type(b"RIFF\x00\x00\x00\x00WAVE") is None
+    assert sniff_image_type(b"") is None
+
+
+def test_decompression_bomb_is_refused(client):
+    # A PNG header claiming 100000 x 100000 pixels: refused from the header, before any pixels are decoded.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    r = _api_post(client, bomb)
+    assert r.status_code == 400 and r.json["error"] == "unreadable_image"
+    assert "limit" in r.json["message"]
+
+
+def test_config_from_env():
+    cfg = config_from_env(
+        {"DERMSIGHT_MAX_UPLOAD_MB": "5", "DERMSIGHT_RATE_LIMIT": "10/30", "DERMSIGHT_HTTPS": "1", "OTHER": "x"}
+    )
+    assert cfg == {"MAX_CONTENT_LENGTH": 5 * 2**20, "RATE_LIMIT": "10/30", "HTTPS": True}
+    app = create_app(FakePredictor(), {"HTTPS": True, "SECRET_KEY": "t"})
+    r = app.test_client().get("/")
+    assert "Strict-Transport-Security" in r.headers and "Secure" in r.headers["Set-Cookie"]
+
+
+def test_gunicorn_options_share_cores_between_workers():
+    assert threads_per_worker(4, cpus=16) == 4 and threads_per_worker(4, cpus=2) == 1
+    opts = gunicorn_options("0.0.0.0", 8123, workers=3)
+    assert opts["bind"] == "0.0.0.0:8123" and opts["workers"] == 3 and opts["preload_app"] is False
+
+
+def test_serve_command_is_wired():
+    from dermsight.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "9000", "--workers", "2"])
+    assert args.port == 9000 and args.workers == 2 and args.host == "127.0.0.1" and args.func.__name__ == "cmd_serve"
+
+
+# ------------------------------------------------------------------------------------------------------------ triage
+
+
+def test_triage_rules():
+    assert advise(_result({"mel": 0.6, "nv": 0.4})).level == "see_doctor"
+    assert advise(_result({"akiec": 0.6, "nv": 0.4})).level == "see_doctor"
+    assert advise(_result({"nv": 0.9, "mel": 0.1})).level == "monitor"
+    assert advise(_result({"nv": 0.5, "mel": 0.35, "bkl": 0.15})).level == "see_doctor"  # melanoma quite possible
+    assert advise(_result({"nv": 0.6, "mel": 0.2, "bcc": 0.15, "df": 0.05})).level == "see_doctor"  # 35% together
+    assert advise(_result({"nv": 0.4, "bkl": 0.35, "df": 0.25}, uncertain=True)).level == "see_doctor"
+    rejected = PredictionResult("rejected", "the photo is blurred")
+    assert advise(rejected).level == "retake" and "The photo is blurred. Please" in advise(rejected).message
+
+
+# --------------------------------------------------------------------------------------------------------- knowledge
+
+
+def test_knowledge_covers_the_catalogue():
+    k = load_knowledge()
+    assert list(k.conditions) == list(CONDITIONS)
+    assert k["MEL"].summary == k["mel"].summary and k["AK"].summary != k["akiec"].summary
+    assert all(info.sources for info in k.conditions.values())
+    assert k.photo_tips
+
+
+def _raw() -> dict:
+    return yaml.safe_load(KNOWLEDGE_PATH.read_text(encoding="utf-8"))
+
+
+def test_knowledge_validation_fails_when_a_class_is_missing():
+    data = _raw()
+    data["conditions"] = [e for e in data["conditions"] if "df" not in e["codes"]]
+    with pytest.raises(KnowledgeError, match="no knowledge entry for catalogue class.*df, DF"):
+        parse_knowledge(data)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda e: e.update(codes=["mel", "XYZ"]), "XYZ not in the class catalogue"),
+        (lambda e: e.pop("symptoms"), "'symptoms' must be a non-empty list"),
+        (lambda e: e.update(sources=[]), "at least one source"),
+        (lambda e: e.update(sources=[{"name": "x", "url": "http://insecure"}]), "https url"),
+        (lambda e: e.update(urgency="whenever"), "'urgency' must be one of"),
+        (lambda e: e.update(summary=""), "'summary' must be non-empty"),
+    ],
+)
+def test_knowledge_validation_names_the_problem(mutate, message):
+    data = _raw()
+    mutate(data["conditions"][0])
+    with pytest.raises(KnowledgeError, match=message):
+        parse_knowledge(data)
+
+
+def test_knowledge_validation_rejects_duplicates():
+    data = _raw()
+    data["conditions"].append(data["conditions"][0])
+    with pytest.raises(KnowledgeError, match="already has an entry"):
+        parse_knowledge(data)
+
+
+def test_app_refuses_to_start_with_incomplete_knowledge(tmp_path: Path):
+    data = _raw()
+    data["conditions"] = [e for e in data["conditions"] if "UNK" not in e["codes"]]
+    bad = tmp_path / "conditions.yaml"
+    bad.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(KnowledgeError, match="UNK"):
+        create_app(FakePredictor(), {"KNOWLEDGE_PATH": str(bad)})
+
+
+# ---------------------------------------------------------------------------------------------- the real predictor
+
+
+@pytest.fixture(scope="module")
+def real_client():
+    pytest.importorskip("dermsight.inference.predictor", reason="the inference engine is not in this checkout yet")
+    app = create_app(None, {"TESTING": True, "RATE_LIMIT": "off", "SECRET_KEY": "t", "THREADS": 1})
+    return app.test_client()
+
+
+@needs_fullres
+@pytest.mark.shared_data
+def test_real_model_api_predicts_a_real_photo(real_client):
+    data = (HAM_FULLRES / "images" / "ISIC_0024306.jpg").read_bytes()
+    r = _api_post(real_client, data)
+    body = r.json
+    assert r.status_code == 200, body
+    assert body["status"] in ("ok", "rejected")
+    if body["status"] == "ok":
+        codes = [p["code"] for p in body["predictions"]]
+        assert sorted(codes) == sorted(HAM7.codes)
+        assert sum(p["probability"] for p in body["predictions"]) == pytest.approx(1, abs=1e-3)
+        assert body["malignant"] in (True, False)
+    r = _api_post(real_client, b"plain text pretending to be a photo", name="x.jpg")
+    assert r.status_code == 415
+    r = _api_post(real_client, b"\xff\xd8\xff\xe0" + bytes(300))
+    assert r.status_code == 400 and r.json["error"] == "unreadable_image"
+    model = real_client.get("/api/v1/model").json
+    assert model["classes"]
