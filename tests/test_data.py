@@ -400,3 +400,10 @@ def test_download_builds_the_official_isic_cli_command(tmp_path, capsys):
     assert isic_command(DownloadRequest(Path("x"))) == ["isic", "image", "download", "x"]
     assert main(["data", "download", "--out", str(tmp_path / "d"), "--limit", "5", "--dry-run"]) == 0
     assert "isic image download --limit 5" in capsys.readouterr().out
+
+
+def test_download_without_isic_cli_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `isic` executable anywhere
+    assert main(["data", "download", "--out", str(tmp_path / "d"), "--limit", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "isic-cli is not installed" in err and "pip install" in err and "Traceback" not in err

@@ -36,7 +36,13 @@ from dermsight.data.images import ImageError, load_rgb
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import OnnxRunner, TorchRunner
 from dermsight.inference.export import ensure_onnx
-from dermsight.inference.gate import ANALYSIS_SIDE, QUALITY_THRESHOLDS, QualityThresholds, check_quality
+from dermsight.inference.gate import (
+    ANALYSIS_SIDE,
+    QUALITY_THRESHOLDS,
+    QualityReport,
+    QualityThresholds,
+    check_quality,
+)
 from dermsight.inference.ood import FeatureDensity
 from dermsight.inference.types import ClassProbability, PredictionResult
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
@@ -249,6 +255,10 @@ class Predictor:
         """HxWx3 uint8 RGB, shorter side at most `decode_side`. Raises `ImageError` for unusable input."""
         return decode(source, self.decode_side)
 
+    def check_quality(self, image: np.ndarray) -> QualityReport:
+        """The image-quality gate with this predictor's thresholds (see `gate.check_quality`)."""
+        return check_quality(image, self.quality)
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """Decoded image -> normalised (3, S, S) float32 model input, per the model's contract."""
         return self.preset(image).numpy()
@@ -312,7 +322,7 @@ class Predictor:
             except ImageError as e:
                 out[i] = e
                 continue
-            report = check_quality(image, self.quality)
+            report = self.check_quality(image)
             reports[i] = report
             if not report.ok:
                 out[i] = self._rejected(report.reason, labels[i], report.scores())

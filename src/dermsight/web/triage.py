@@ -26,6 +26,11 @@ class Advice:
         return asdict(self)
 
 
+def _name(p) -> str:
+    # Lower case inside a sentence, except names that start with a capital for a reason ("Bowen's disease").
+    return p.name[0].lower() + p.name[1:] if p.name[1:2].islower() else p.name
+
+
 def _concerning(code: str) -> bool:
     cond = CONDITIONS.get(code)
     return cond is not None and cond.is_concerning
@@ -58,16 +63,16 @@ def advise(result: PredictionResult) -> Advice:
         return Advice(
             "see_doctor",
             "See a dermatologist soon",
-            f"The photo looks most like {top.name.lower()} ({top.probability:.0%}), which can be or become skin "
-            "cancer. Please book an appointment with a doctor or dermatologist soon and show them this spot. "
+            f"The photo looks most like {_name(top)}, at {top.probability:.0%}: a condition that can be or become "
+            "skin cancer. Please book an appointment with a doctor or dermatologist soon and show them this spot. "
             "Only a doctor can diagnose it; most spots checked this way turn out to be harmless.",
         )
     if result.uncertain:
         return Advice(
             "see_doctor",
             "See a dermatologist soon: the result is uncertain",
-            f"The model is not confident about this photo (its best guess, {top.name.lower()}, is only "
-            f"{top.probability:.0%}). An uncertain result cannot rule anything out: please have the spot checked "
+            f"The model is not confident about this photo: its best guess, {_name(top)}, is only "
+            f"{top.probability:.0%}. An uncertain result cannot rule anything out: please have the spot checked "
             "by a doctor or dermatologist.",
         )
     concern = concerning_probability(result)
@@ -76,13 +81,13 @@ def advise(result: PredictionResult) -> Advice:
         return Advice(
             "see_doctor",
             "See a dermatologist soon",
-            f"The photo looks most like {top.name.lower()} ({top.probability:.0%}), but conditions that can be or "
-            f"become skin cancer together reach {concern:.0%} (most of all {worst.name.lower()}, "
+            f"The photo looks most like {_name(top)}, at {top.probability:.0%}, but conditions that can be or "
+            f"become skin cancer together reach {concern:.0%} (most of all {_name(worst)}, "
             f"{worst.probability:.0%}). Please have the spot checked by a doctor or dermatologist.",
         )
     return Advice(
         "monitor",
         "Probably harmless: keep an eye on it",
-        f"The photo looks most like {top.name.lower()} ({top.probability:.0%}), which is usually harmless. "
+        f"The photo looks most like {_name(top)}, at {top.probability:.0%}, which is usually harmless. "
         "See a doctor if the spot changes in size, shape or colour, bleeds, itches, or worries you.",
     )
