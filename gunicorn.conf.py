@@ -9,7 +9,7 @@ the app's DERMSIGHT_* variables (see the README).
 
 import os
 
-from dermsight.web.server import default_workers, gunicorn_options, prepare_environment
+from dermsight.web.server import default_workers, gunicorn_options, import_inference_stack, prepare_environment
 
 _options = gunicorn_options(
     host=os.environ.get("GUNICORN_HOST", "0.0.0.0"),
@@ -29,9 +29,11 @@ max_requests_jitter = _options["max_requests_jitter"]
 limit_request_line = _options["limit_request_line"]
 limit_request_fields = _options["limit_request_fields"]
 worker_tmp_dir = _options["worker_tmp_dir"]
+control_socket_disable = _options["control_socket_disable"]
 accesslog = _options["accesslog"]
 errorlog = _options["errorlog"]
 
 # This file runs in the master before it forks: one secret and one thread budget for every worker.
 prepare_environment(workers)
 os.environ.setdefault("DERMSIGHT_LOAD_MODEL_AT_START", "1")
+import_inference_stack()

@@ -49,7 +49,8 @@ def base_url():
 
     from dermsight.web import create_app
 
-    app = create_app(None, {"RATE_LIMIT": "off", "THREADS": 1})
+    # A 2 MB upload limit (the photos are ~300 KB) keeps the too-large test's buffer small.
+    app = create_app(None, {"RATE_LIMIT": "off", "THREADS": 1, "MAX_CONTENT_LENGTH": 2 * 2**20})
     app.extensions["dermsight.model"].get()  # load before the browser's first request
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -76,9 +77,9 @@ def page(browser):
     context.close()
 
 
-def _shot(page, name: str) -> None:
+def _shot(page, name: str, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
 
 
 def test_upload_a_photo_read_the_result_open_a_condition(page, base_url):
@@ -126,6 +127,16 @@ def test_a_text_file_named_jpg_gets_a_friendly_error(page, base_url):
     _shot(page, "error.png")
 
 
+def test_a_too_large_photo_is_stopped_before_it_is_uploaded(page, base_url):
+    page.goto(base_url + "/")
+    big = b"\xff\xd8\xff" + bytes(2 * 2**20)  # over the 2 MB limit set above
+    page.set_input_files("#image", {"name": "big.jpg", "mimeType": "image/jpeg", "buffer": big})
+    page.click("#submit")
+    page.wait_for_selector("#form-error:not([hidden])")
+    assert "larger than the 2 MB limit" in page.inner_text("#form-error")
+    assert page.url.endswith("/")  # nothing was sent
+
+
 def test_core_flow_works_without_javascript(browser, base_url):
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
@@ -149,6 +160,7 @@ def test_phone_layout_and_keyboard(browser, base_url):
         assert page.locator("#camera").is_visible()  # camera capture offered on a touch screen
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.className") == "skip"
-        _shot(page, "upload-phone.png")
+        # Viewport only: a full-page capture re-emulates the screen without touch, which hides the camera input.
+        _shot(page, "upload-phone.png", full_page=False)
     finally:
         context.close()

@@ -45,7 +45,15 @@ class FakePredictor:
 
     def __init__(self, probs: dict[str, float] | None = None, fail: Exception | None = None):
         self.meta = read_meta(default_model_path())
-        self.probs = probs or {"mel": 0.55, "nv": 0.25, "bkl": 0.1, "bcc": 0.04, "akiec": 0.03, "df": 0.02, "vasc": 0.01}
+        self.probs = probs or {
+            "mel": 0.55,
+            "nv": 0.25,
+            "bkl": 0.1,
+            "bcc": 0.04,
+            "akiec": 0.03,
+            "df": 0.02,
+            "vasc": 0.01,
+        }
         self.fail = fail
         self.calls = 0
 
@@ -65,7 +73,10 @@ class FakePredictor:
 
     def info(self) -> dict:
         m = self.meta
-        classes = [{"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)} for c, n in zip(m.classes, m.class_names)]
+        classes = [
+            {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
+            for c, n in zip(m.classes, m.class_names, strict=True)
+        ]
         return {"architecture": m.architecture, "taxonomy": m.taxonomy, "classes": classes, "metrics": m.metrics}
 
 
@@ -185,6 +196,11 @@ def test_form_errors_are_friendly_pages(client, data, name, status, text):
     assert "Traceback" not in page and "Try another photo" in page
     if status in (400, 415):
         assert "Tips for a photo we can assess" in page
+
+
+def test_get_analyse_goes_back_to_the_upload_page(client):
+    r = client.get("/analyse")
+    assert r.status_code == 302 and r.headers["Location"] == "/"
 
 
 def test_form_without_file_field(client):
@@ -459,7 +475,9 @@ def test_decompression_bomb_is_refused(client):
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    bomb = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    )
     r = _api_post(client, bomb)
     assert r.status_code == 400 and r.json["error"] == "unreadable_image"
     assert "limit" in r.json["message"]
@@ -486,6 +504,23 @@ def test_serve_command_is_wired():
 
     args = build_parser().parse_args(["serve", "--port", "9000", "--workers", "2"])
     assert args.port == 9000 and args.workers == 2 and args.host == "127.0.0.1" and args.func.__name__ == "cmd_serve"
+
+
+def test_templates_and_static_files_are_package_data():
+    # `pip install .` (Dockerfile, Heroku) copies only declared data files: an undeclared template is a 500 there.
+    import fnmatch
+    import tomllib
+
+    from conftest import ROOT
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dermsight"]
+    package = ROOT / "src" / "dermsight"
+    files = [
+        p.relative_to(package).as_posix() for d in ("web/templates", "web/static") for p in (package / d).iterdir()
+    ]
+    assert files
+    undeclared = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not undeclared, f"add these to [tool.setuptools.package-data] in pyproject.toml: {undeclared}"
 
 
 # ------------------------------------------------------------------------------------------------------------ triage
@@ -520,7 +555,7 @@ def _raw() -> dict:
 def test_knowledge_validation_fails_when_a_class_is_missing():
     data = _raw()
     data["conditions"] = [e for e in data["conditions"] if "df" not in e["codes"]]
-    with pytest.raises(KnowledgeError, match="no knowledge entry for catalogue class.*df, DF"):
+    with pytest.raises(KnowledgeError, match=r"no knowledge entry for catalogue class.*df, DF"):
         parse_knowledge(data)
 
 

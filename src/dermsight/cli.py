@@ -173,6 +173,82 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _report_problems(ev.problems, Path(args.out) / "problems.csv" if ev.problems else None)
 
 
+# --------------------------------------------------------------------------------------------------------- inference
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from dermsight.data.images import ImageError
+    from dermsight.inference.output import format_table, result_record
+    from dermsight.inference.predictor import Predictor
+    from dermsight.models.bundle import ModelLoadError
+
+    try:
+        predictor = Predictor.from_path(args.model, backend=args.backend, threads=args.threads)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    explain_dir = Path(args.explain) if args.explain else None
+    records, failed, written = [], 0, set()
+    for start in range(0, len(args.images), 32):  # 32 images decoded and held at once
+        batch = args.images[start : start + 32]
+        for image, result in zip(batch, predictor.predict_batch(batch, tta=args.tta), strict=True):
+            record = result_record(image, result)
+            if isinstance(result, ImageError):
+                failed += 1
+                print(f"error: {image}: {result}", file=sys.stderr)
+            elif explain_dir and result.status == "ok":
+                out, n = explain_dir / f"{Path(image).stem}_gradcam.png", 2
+                while out in written:  # two inputs of the same name from different folders
+                    out, n = explain_dir / f"{Path(image).stem}_{n}_gradcam.png", n + 1
+                explain_dir.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(predictor.explain(image))
+                written.add(out)
+                record["explanation"] = str(out)
+            records.append(record)
+    print(json.dumps(records, indent=2) if args.json else format_table(records))
+    return EXIT_DROPPED if failed else EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dermsight.inference.export import export_model
+    from dermsight.models.bundle import ModelLoadError, default_model_path
+
+    try:
+        model_path = Path(args.model) if args.model else default_model_path()
+        report, meta = export_model(
+            model_path, Path(args.out), args.check_images or (), args.max_check, args.int8, args.threads or 1
+        )
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(report.lines(meta)))
+    return EXIT_OK if report.ok else EXIT_DROPPED
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dermsight.inference.calibration import calibrate_model, list_images, report_lines
+    from dermsight.models.bundle import ModelLoadError, default_model_path
+
+    try:
+        report = calibrate_model(
+            Path(args.model) if args.model else default_model_path(),
+            Path(args.data),
+            Path(args.out) if args.out else None,
+            negatives=[p for d in args.negatives or () for p in list_images(d)],
+            target_rejection=args.target_rejection,
+            max_fit_images=args.max_fit_images,
+            backend=args.backend,
+            threads=args.threads,
+        )
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(report_lines(report)))
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------------------------- serve
 
 
@@ -285,6 +361,67 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--name", help="how to call the file in the card")
     mc.add_argument("--reproduce", default="", help="the command that reproduces the model")
     mc.set_defaults(func=cmd_model_card)
+
+    def inference_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--backend",
+            choices=("auto", "onnx", "torch"),
+            default="auto",
+            help="ONNX Runtime, PyTorch, or auto: ONNX Runtime with PyTorch as the fallback (default)",
+        )
+        sp.add_argument("--threads", type=int, help="intra-op threads (default: $DERMSIGHT_THREADS, else all cores)")
+
+    pr = sub.add_parser("predict", help="classify lesion images (rejects images it cannot assess)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
+    pr.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
+    pr.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (slower, steadier)")
+    pr.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per image to DIR/<name>_gradcam.png")
+    pr.add_argument("--json", action="store_true", help="print a JSON array, one object per image")
+    inference_options(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it against PyTorch")
+    ex.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
+    ex.add_argument("--out", required=True, metavar="FILE.onnx", help="ONNX file to write")
+    ex.add_argument("--int8", action="store_true", help="also write FILE.int8.onnx (dynamic int8) and compare it")
+    ex.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="PATH",
+        help="images, folders or a split manifest (its val split, with labels) for the parity check "
+        "(default: synthetic images)",
+    )
+    ex.add_argument("--max-check", type=int, default=64, help="at most this many check images (default 64)")
+    ex.add_argument("--threads", type=int, help="ONNX Runtime threads for the check (default 1)")
+    ex.set_defaults(func=cmd_export)
+
+    ca = sub.add_parser("calibrate", help="fit temperature scaling and the not-a-lesion gate on a validation split")
+    ca.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
+    ca.add_argument(
+        "--data",
+        required=True,
+        metavar="SPLIT_MANIFEST_OR_RUN_DIR",
+        help="split manifest (train: fits the OOD statistics, val: temperature and threshold, test: "
+        "measured only) or a training run folder with split.csv",
+    )
+    ca.add_argument("--out", help="model file to write (default: update --model in place)")
+    ca.add_argument(
+        "--negatives",
+        nargs="+",
+        metavar="PATH",
+        help="images or folders of non-lesion photos, to measure the share the gate catches",
+    )
+    ca.add_argument(
+        "--target-rejection",
+        type=float,
+        default=0.02,
+        help="share of validation lesions the OOD threshold may reject (default 0.02)",
+    )
+    ca.add_argument(
+        "--max-fit-images", type=int, default=4000, help="training images used to fit the OOD statistics (default 4000)"
+    )
+    inference_options(ca)
+    ca.set_defaults(func=cmd_calibrate)
 
     w = sub.add_parser("serve", help="run the web app and JSON API (gunicorn)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")

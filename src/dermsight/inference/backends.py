@@ -17,18 +17,57 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "features")
 
 
+def stage_names(model: nn.Module) -> list[str]:
+    """The modules that end each stage of a timm backbone (``feature_info``), shallow to deep."""
+    return [str(f["module"]) for f in getattr(model, "feature_info", [])]
+
+
+def feature_layout(model: nn.Module, total: int) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each block of `ServingModule`'s ``features`` output of width ``total``: the pooled
+    features first, then each stage's per-channel means and standard deviations."""
+    stages = [(str(f["module"]), int(f["num_chs"])) for f in getattr(model, "feature_info", [])]
+    pooled = total - 2 * sum(c for _, c in stages)
+    out, start = [("pooled", 0, pooled)], pooled
+    for name, c in stages:
+        out.append((name, start, start + 2 * c))
+        start += 2 * c
+    return out
+
+
 class ServingModule(nn.Module):
-    """logits and pooled features in one pass, for any timm backbone (``forward_features`` + ``forward_head``)."""
+    """One pass giving the logits and the features the out-of-distribution gate scores, for any timm backbone.
+
+    ``features`` = the pooled features the classifier reads, then, for the last module of each stage
+    (``feature_info``), the mean and standard deviation of every channel over the image. The deep pooled features
+    say what the network sees; the per-stage statistics say what the picture is made of (colour, texture, edges,
+    compression), in which a photo of a cat, a page or a street differs from dermoscopy far more clearly than in
+    the classifier's features, which were trained only to tell lesions apart (see dermsight.inference.ood).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.stages = stage_names(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.model.forward_features(x)
+        stats: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+            # Summarised at once: a later in-place op (an activation, a residual add) may overwrite `out`.
+            stats.extend([out.mean((2, 3)), out.var((2, 3), unbiased=False).add(1e-6).sqrt()])
+
+        # Hooks are added for this call only, so the model stays clean for Grad-CAM and training; ONNX tracing
+        # records what they compute like any other op.
+        handles = [self.model.get_submodule(name).register_forward_hook(keep) for name in self.stages]
+        try:
+            fmap = self.model.forward_features(x)
+        finally:
+            for h in handles:
+                h.remove()
         # Pooling twice (once inside each forward_head call) costs microseconds and keeps this generic: heads differ
         # in what sits between pooling and the classifier (dropout, timm's ConvMlp for VGG).
-        return self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True)
+        logits = self.model.forward_head(fmap)
+        return logits, torch.cat([self.model.forward_head(fmap, pre_logits=True).flatten(1), *stats], 1)
 
 
 class TorchRunner:

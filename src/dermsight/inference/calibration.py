@@ -27,10 +27,11 @@ from PIL import Image
 from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
-from dermsight.data.images import ImageError
+from dermsight.data.images import ImageError, probe
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
-from dermsight.inference.ood import METHOD, FeatureDensity
+from dermsight.inference.backends import feature_layout
+from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.models.bundle import ModelMeta, load_model, save_model
 
@@ -67,6 +68,52 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float
     return float(math.exp(res.x))
 
 
+# ------------------------------------------------------------------------------------------------ source detail
+
+# The IJG (libjpeg) luminance quantisation table for quality 50, in natural order; quality q scales it by 5000/q
+# (q < 50) or 200 - 2q percent. Nearly every encoder (libjpeg, Pillow, cameras' "standard" tables) uses it.
+_IJG_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+)  # fmt: skip
+
+
+def jpeg_quality(path: str | os.PathLike) -> int:
+    """The IJG quality setting a JPEG file was most likely saved with (0 when it is not a JPEG)."""
+    with Image.open(path) as im:
+        tables = getattr(im, "quantization", None) if im.format in ("JPEG", "MPO") else None
+    if not tables or 0 not in tables or len(tables[0]) != 64:
+        return 0
+    luma = np.array(tables[0], dtype=np.float64)
+    best, best_err = 0, float("inf")
+    for q in range(1, 101):
+        scale = 5000 / q if q < 50 else 200 - 2 * q
+        ref = np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
+        err = float(np.abs(ref - luma).sum())
+        if err < best_err:
+            best, best_err = q, err
+    return best
+
+
+def source_detail(paths: Sequence[str], sample: int = 64) -> tuple[int, int]:
+    """(median shorter side, median JPEG quality) of a random sample of training images; quality 0 when most are
+    not JPEGs."""
+    rng = np.random.default_rng(0)
+    pick = [paths[i] for i in rng.choice(len(paths), min(sample, len(paths)), replace=False)]
+    sides, qualities = [], []
+    for p in pick:
+        try:
+            info = probe(p)
+            sides.append(min(info.width, info.height))
+            qualities.append(jpeg_quality(p))
+        except (ImageError, OSError):
+            continue
+    if not sides:
+        raise DataError("none of the sampled training images could be read")
+    return int(np.median(sides)), int(np.median(qualities))
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 
 
@@ -75,7 +122,7 @@ def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
     h, w = image.shape[:2]
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
-    return np.asarray(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
 
 
 @dataclass
@@ -161,13 +208,19 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _targets(df: pd.DataFrame, meta: ModelMeta) -> np.ndarray:
+def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.ndarray | None:
+    """Class indices (in the model's logit order) of a manifest's rows, from its label column for the model's
+    taxonomy. Missing or foreign labels raise `DataError`, or give None when not ``strict``."""
     col = _LABEL_COLUMN[meta.taxonomy]
     if col not in df.columns:
+        if not strict:
+            return None
         raise DataError(f"the manifest has no {col} column, needed to calibrate a {meta.taxonomy} model")
     index = {c: i for i, c in enumerate(meta.classes)}
     y = df[col].map(index)
     if y.isna().any():
+        if not strict:
+            return None
         bad = sorted(set(df.loc[y.isna(), col].astype(str)))
         raise DataError(f"labels {', '.join(bad)} are not classes of this model ({', '.join(meta.classes)})")
     return y.to_numpy(int)
@@ -199,37 +252,43 @@ def calibrate_model(
     target_rejection: float = 0.02,
     components: int = 64,
     max_fit_images: int = 4000,
+    match_source: bool = True,
     backend: BackendName = "auto",
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fit the temperature and the OOD gate of ``model_path`` and write them into ``out_path`` (default: in place).
 
-    ``manifest``: a split manifest (or run folder with split.csv): lesion features of the ``train`` split (at most
-    ``max_fit_images``, drawn at random) fit the feature density, the ``val`` split fits the temperature and sets
-    the threshold so that ``target_rejection`` of its lesions are rejected, and the ``test`` split (if any) is only
-    measured. ``negatives``: image files of things that are not skin lesions, to measure the share caught.
-    Returns the report that is also stored in the model (``meta.ood`` and ``meta.metrics["calibration"]``).
+    ``manifest``: a split manifest (or run folder with split.csv). Lesion features of the ``train`` split (at most
+    ``max_fit_images``, drawn at random) fit the feature densities; the ``val`` split fits the temperature and sets
+    the threshold so that ``target_rejection`` of its lesions are rejected; the ``test`` split (if any) is only
+    measured, as 4:3 frames and as 224 px square centre crops (the shape of the external test data).
+    ``match_source``: record the training images' size and JPEG quality in the model (`ModelMeta.source_short_side`,
+    `source_jpeg_quality`) so serving brings inputs to that level of detail first. ``negatives``: image files of
+    things that are not skin lesions, to measure the share caught.
+    Returns the report that is also stored in the model (``meta.ood`` and ``meta.metrics``).
     """
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
-    predictor = Predictor.from_path(model_path, backend=backend, threads=threads)
     parts = {name: df[df["split"] == name] for name in ("train", "val", "test")}
     if parts["val"].empty:
         raise DataError("the manifest has no `val` split to calibrate on")
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
+    side, quality = source_detail([str(p) for p in fit_df["path"]]) if match_source else (0, 0)
+    meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality})
+    predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:
         fit_df = fit_df.sample(max_fit_images, random_state=0)
 
     def run(frame: pd.DataFrame, name: str, view=None) -> Scored:
-        return score_images(predictor, [str(p) for p in frame["path"]], view, f"{name}", progress)
+        return score_images(predictor, [str(p) for p in frame["path"]], view, name, progress)
 
     fit = run(fit_df, "fit (train)")
     val = run(parts["val"], "val")
-    y_val = _targets(parts["val"], meta)
+    y_val = read_labels(parts["val"], meta)
 
-    # Temperature: on validation lesions that pass the quality gate (the ones that would get a diagnosis).
+    # Temperature: on the validation lesions that pass the quality gate (the ones that would get a diagnosis).
     ok = val.usable
     temperature = fit_temperature(val.logits[ok], y_val[ok])
     calib: dict[str, Any] = {
@@ -238,41 +297,62 @@ def calibrate_model(
         "val": _calibration_numbers(val.logits[ok], y_val[ok], temperature),
     }
 
-    density = FeatureDensity.fit(fit.features[fit.usable], k=components)
-    val_scores = density.score(np.nan_to_num(val.features))
-    # Threshold: the (1 - target) quantile of the validation lesions' scores, so `target_rejection` of them are
-    # rejected by construction; the held-out rates below say how well that carries over.
-    threshold = float(np.quantile(val_scores[ok], 1 - target_rejection))
-    rates: dict[str, Any] = {"val": _rejections(val, val_scores, threshold)}
-
+    layout = feature_layout(model, fit.features.shape[1])
+    gate = OODGate.fit(fit.features[fit.usable], layout, k=components).calibrated(val.features[ok], target_rejection)
+    rates: dict[str, Any] = {"val": _rejections(val, gate.score(np.nan_to_num(val.features)), gate.threshold)}
     if not parts["test"].empty:
         test = run(parts["test"], "test")
-        rates["test"] = _rejections(test, density.score(np.nan_to_num(test.features)), threshold)
-        y_test = _targets(parts["test"], meta)
+        rates["test"] = _rejections(test, gate.score(np.nan_to_num(test.features)), gate.threshold)
+        y_test = read_labels(parts["test"], meta)
         calib["test"] = _calibration_numbers(test.logits[test.usable], y_test[test.usable], temperature)
         crops = run(parts["test"], "test, 224 px square crops", square_crop)
-        rates["test_square224"] = _rejections(crops, density.score(np.nan_to_num(crops.features)), threshold)
+        rates["test_square224"] = _rejections(crops, gate.score(np.nan_to_num(crops.features)), gate.threshold)
     if negatives:
         neg = score_images(predictor, [str(p) for p in negatives], desc="negatives", progress=progress)
-        neg_scores = density.score(np.nan_to_num(neg.features))
-        r = _rejections(neg, neg_scores, threshold)
-        rates["negatives"] = r | {"caught": r["total"]}
+        rates["negatives"] = _rejections(neg, gate.score(np.nan_to_num(neg.features)), gate.threshold)
 
-    ood = {
-        "method": METHOD,
-        "threshold": threshold,
-        "components": int(density.components.shape[0]),
-        "feature_dim": density.dim,
+    ood = gate.describe() | {
         "target_rejection": target_rejection,
         "fitted_on": f"train split ({int(fit.usable.sum())} lesion images)",
         "threshold_set_on": f"val split ({int(ok.sum())} lesion images)",
         "rejection_rates": rates,
         "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    metrics = dict(meta.metrics) | {"calibration": calib}
+    metrics = _updated_metrics(meta.metrics, calib, rates)
     new_meta = ModelMeta(**{**asdict(meta), "temperature": temperature, "ood": ood, "metrics": metrics})
-    out = save_model(Path(out_path) if out_path else model_path, model, new_meta, extra=density.to_tensors())
-    return {"model": str(out), "temperature": temperature, "calibration": calib, "ood": ood}
+    out = save_model(Path(out_path) if out_path else model_path, model, new_meta, extra=gate.to_tensors())
+    return {
+        "model": str(out),
+        "temperature": temperature,
+        "source": {"short_side": side, "jpeg_quality": quality},
+        "calibration": calib,
+        "ood": ood,
+    }
+
+
+def _updated_metrics(metrics: dict[str, Any], calib: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
+    """The model's metrics with calibration results merged in where the model card looks for them: each split's
+    ``ece`` becomes the calibrated one, with ``ece_before_temperature`` beside it; ``rejection`` summarises the
+    gates in words."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in metrics.items()}
+    for split in ("val", "test"):
+        if split in calib and isinstance(out.get(split), dict):
+            out[split]["ece"] = calib[split]["ece_after"]
+            out[split]["ece_before_temperature"] = calib[split]["ece_before"]
+    out["calibration"] = calib
+    names = {
+        "val": "validation lesions rejected (threshold set here)",
+        "test": "held-out test lesions rejected",
+        "test_square224": "held-out test lesions rejected, as 224 px square centre crops",
+        "negatives": "non-lesion photos rejected",
+    }
+    out["rejection"] = {
+        names[
+            k
+        ]: f"{r['total']:.1%} of {r['n']} (image-quality gate {r['quality']:.1%}, not-a-lesion gate {r['ood']:.1%})"
+        for k, r in rates.items()
+    }
+    return out
 
 
 def _calibration_numbers(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
@@ -284,3 +364,27 @@ def _calibration_numbers(logits: np.ndarray, y: np.ndarray, temperature: float) 
         "nll_before": round(nll(logits, y), 4),
         "nll_after": round(nll(logits, y, temperature), 4),
     }
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """`calibrate_model`'s report as text for the command line."""
+    cal, ood = report["calibration"], report["ood"]
+    lines = [f"temperature {report['temperature']:.4f} (fitted on the {cal['fitted_on']})"]
+    for split in ("val", "test"):
+        if split in cal:
+            c = cal[split]
+            lines.append(
+                f"  {split}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+                f"{c['nll_after']:.4f} (n={c['n']})"
+            )
+    lines.append(
+        f"not-a-lesion gate: {ood['method']}, {ood['components']} components, threshold {ood['threshold']:.4f} "
+        f"(fitted on the {ood['fitted_on']}; threshold set on the {ood['threshold_set_on']})"
+    )
+    for name, r in ood["rejection_rates"].items():
+        what = "non-lesion images caught" if name == "negatives" else "lesions rejected"
+        lines.append(
+            f"  {name}: {what} {r['total']:.1%} (quality gate {r['quality']:.1%}, OOD {r['ood']:.1%}; n={r['n']})"
+        )
+    lines.append(f"written to {report['model']}")
+    return lines

@@ -12,16 +12,20 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from dermsight.data.cache import default_cache_root
+from dermsight.data.images import ImageError
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, ServingModule, TorchRunner
 from dermsight.models.bundle import ModelMeta, load_model, read_meta
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 # Bumped whenever the exported graph changes (inputs, outputs, opset), so cached exports of older versions are not
 # reused.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 # The issue's bar for "the same model": probabilities may differ by at most this much between backends.
 PARITY_TOLERANCE = 1e-4
@@ -167,11 +171,11 @@ def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = 
 
 def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
     """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
-    from dermsight.inference.predictor import decode, decode_side
+    from dermsight.inference.predictor import decode, decode_side, match_detail
 
     preset = EvalPreset.from_meta(meta)
     side = decode_side(meta)
-    return np.stack([preset(decode(s, side)).numpy() for s in sources])
+    return np.stack([preset(match_detail(decode(s, side), meta)).numpy() for s in sources])
 
 
 def onnx_probabilities(onnx_path: str | os.PathLike, meta: ModelMeta, x: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -221,3 +225,105 @@ def ensure_onnx(model_path: str | os.PathLike, model: nn.Module | None = None, t
         if tmp.exists():
             tmp.unlink()
     return cached
+
+
+def parity_inputs(
+    items: Sequence[str | os.PathLike], meta: ModelMeta, limit: int = 64
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Preprocessed inputs for a parity check from image files, folders and manifests (CSV with `path`: its `val`
+    split if it has one, with labels when they are in the model's taxonomy). Unreadable images are skipped.
+
+    Returns the inputs, the labels (None unless every image has one) and a description for the report.
+    """
+    from dermsight.inference.calibration import list_images, read_labels
+
+    paths: list[str] = []
+    labels: list[int] | None = []
+    for item in items:
+        p = Path(item)
+        if p.suffix.lower() == ".csv" and p.is_file():
+            df = pd.read_csv(p, dtype={"path": str})
+            if "path" not in df.columns:
+                raise ValueError(f"{p}: a manifest needs a `path` column")
+            if "split" in df.columns and (df["split"] == "val").any():
+                df = df[df["split"] == "val"]
+            df = df.sample(min(limit, len(df)), random_state=0)
+            paths += [str(x) for x in df["path"]]
+            y = read_labels(df, meta, strict=False)
+            labels = labels + list(y) if labels is not None and y is not None else None
+        else:
+            paths += [str(x) for x in list_images(p)]
+            labels = None
+    xs, ys = [], []
+    for i, path in enumerate(paths[:limit]):
+        try:
+            xs.append(model_inputs(meta, [path])[0])
+        except ImageError:
+            continue
+        if labels is not None:
+            ys.append(labels[i])
+    if not xs:
+        raise ValueError("none of the check images could be read")
+    y_arr = np.array(ys) if labels is not None else None
+    return np.stack(xs), y_arr, f"{len(xs)} image(s)" + (" with labels" if y_arr is not None else "")
+
+
+@dataclass
+class ExportReport:
+    onnx: Path
+    seconds: float
+    checked_on: str
+    parity: Comparison
+    int8: Path | None = None
+    int8_vs_fp32: Comparison | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.max_abs_diff <= PARITY_TOLERANCE
+
+    def lines(self, meta: ModelMeta) -> list[str]:
+        out = [
+            f"exported {meta.architecture} to {self.onnx} in {self.seconds:.1f} s (input '{INPUT_NAME}' N x 3 x "
+            f"{meta.input_size} x {meta.input_size}, dynamic batch; outputs 'logits', 'features'; probabilities = "
+            f"softmax(logits / T) with T = {meta.temperature:.4f} from the model file, not baked in)",
+            f"parity with PyTorch on {self.checked_on}: max |probability difference| {self.parity.max_abs_diff:.2e} "
+            f"(tolerance {PARITY_TOLERANCE:.0e}) -> {'OK' if self.ok else 'FAILED'}; top-1 agreement "
+            f"{self.parity.top1_agreement:.1%}",
+        ]
+        q = self.int8_vs_fp32
+        if self.int8 is not None and q is not None:
+            line = (
+                f"int8 (dynamic quantisation) written to {self.int8} ({self.int8.stat().st_size / 2**20:.1f} MB vs "
+                f"{self.onnx.stat().st_size / 2**20:.1f} MB); vs fp32: max |probability difference| "
+                f"{q.max_abs_diff:.3f}, top-1 agreement {q.top1_agreement:.1%}"
+            )
+            if q.accuracy_a is not None and q.accuracy_b is not None:
+                line += f", accuracy {q.accuracy_a:.3f} -> {q.accuracy_b:.3f} ({q.accuracy_b - q.accuracy_a:+.3f})"
+            out.append(line)
+        return out
+
+
+def export_model(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    check: Sequence[str | os.PathLike] = (),
+    max_check: int = 64,
+    int8: bool = False,
+    threads: int = 1,
+) -> tuple[ExportReport, ModelMeta]:
+    """`dermsight export`: export, check parity on ``check`` images (default: synthetic), optionally quantise."""
+    model, meta = load_model(model_path)
+    out = Path(out)
+    t0 = time.perf_counter()
+    export_onnx(model, meta, out)
+    seconds = time.perf_counter() - t0
+    if check:
+        x, y, what = parity_inputs(check, meta, max_check)
+    else:
+        x, y, what = model_inputs(meta, list(synthetic_images(8))), None, "8 synthetic images"
+    report = ExportReport(out, seconds, what, check_parity(model, meta, out, x, threads))
+    if int8:
+        report.int8 = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
+        fp32 = onnx_probabilities(out, meta, x, threads)
+        report.int8_vs_fp32 = compare_backends(fp32, onnx_probabilities(report.int8, meta, x, threads), y)
+    return report, meta

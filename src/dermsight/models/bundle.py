@@ -61,6 +61,12 @@ class ModelMeta:
     weights: dict[str, Any]  # WeightsInfo.to_dict() of the starting weights
     crop_pct: float = 1.0
     temperature: float = 1.0  # logits are divided by this before softmax; 1.0 until calibrated
+    # The level of detail of the training images: inputs are first brought to it (shorter side scaled down to
+    # ``source_short_side``, then JPEG re-encoded at ``source_jpeg_quality``), see dermsight.inference.predictor.
+    # HAM10000 is 200x150 JPEG at quality 75; a CNN trained on it reacts to the extra detail and the missing
+    # compression artefacts of a sharper photo. 0 = leave inputs as they are (set by `dermsight calibrate`).
+    source_short_side: int = 0
+    source_jpeg_quality: int = 0
     training_data: str = ""
     split: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +92,8 @@ class ModelMeta:
             raise ValueError("class_names must give one name per class")
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
+        if self.source_short_side < 0 or not 0 <= self.source_jpeg_quality <= 100:
+            raise ValueError("source_short_side must be >= 0 and source_jpeg_quality in 0..100")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
         # the end of a training run, and a loaded meta compares equal to the one that was saved (tuples -> lists).
         for name in ("weights", "config", "metrics", "ood"):

@@ -98,6 +98,7 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
         n = int(app.config["PROXY_COUNT"])
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
+    _log_through_gunicorn()
     kpath = app.config["KNOWLEDGE_PATH"]
     app.extensions["dermsight.knowledge"] = load_knowledge(Path(kpath) if kpath else None)
     model = ModelService(predictor, app.config["MODEL"], app.config["BACKEND"], app.config["THREADS"])
@@ -121,6 +122,8 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
             "csrf_token": csrf_token,
             "version": __version__,
             "max_upload": human_size(app.config["MAX_CONTENT_LENGTH"]),
+            # The whole request may be this large; the JS check leaves room for the form's other fields.
+            "max_upload_bytes": app.config["MAX_CONTENT_LENGTH"] - 16 * 1024,
         }
 
     @app.after_request
@@ -137,6 +140,17 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
 
     _register_errors(app)
     return app
+
+
+def _log_through_gunicorn() -> None:
+    """Under gunicorn, dermsight's own log lines (model loaded, errors) go to gunicorn's error log, timestamped."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    ours = logging.getLogger("dermsight")
+    if gunicorn_log.handlers and not ours.handlers:
+        for handler in gunicorn_log.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 _FRIENDLY = {

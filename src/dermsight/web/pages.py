@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, current_app, render_template, request
+from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
 from dermsight.web.security import check_csrf, enforce_rate_limit
 from dermsight.web.service import ACCEPT, analyse, read_upload
@@ -55,6 +55,12 @@ def analyse_page():
     )
 
 
+@pages.get("/analyse")
+def analyse_get():
+    # A bookmarked or reloaded result: results are never stored, so start again.
+    return redirect(url_for("pages.index"))
+
+
 @pages.get("/conditions")
 def conditions():
     model_codes = _model_codes()
@@ -77,8 +83,11 @@ def condition(code: str):
 
 @pages.get("/about")
 def about():
-    meta = _model().meta
-    return render_template("about.html", meta=meta, metrics=_metrics_view(meta.metrics), knowledge=_knowledge())
+    model = _model()
+    meta = model.meta
+    return render_template(
+        "about.html", meta=meta, info=model.info(), metrics=_metrics_view(meta.metrics), knowledge=_knowledge()
+    )
 
 
 def _model_codes() -> tuple[str, ...]:

@@ -165,5 +165,10 @@ def analyse(model: ModelService, data: bytes, explain: bool = True) -> Analysis:
             # The prediction stands without its explanation; the page shows the photo alone.
             log.exception("Grad-CAM explanation failed")
     # The explanation already shows the photo beside its heatmap; otherwise show the photo itself.
-    photo = display_photo(data) if heatmap is None else None
+    photo = None
+    if heatmap is None:
+        try:
+            photo = display_photo(data)
+        except ImageError:
+            log.warning("could not re-encode an upload for display")
     return Analysis(result, photo, heatmap)

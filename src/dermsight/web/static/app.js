@@ -67,11 +67,20 @@
       show(files[0]);
     });
 
+    var maxBytes = parseInt(form.getAttribute("data-max-bytes"), 10) || 0;
     form.addEventListener("submit", function (e) {
-      if (!chosen()) {
+      var file = chosen();
+      if (!file) {
         e.preventDefault();
         showError("Please choose a photo first.");
         picker.focus();
+        return;
+      }
+      if (maxBytes && file.size > maxBytes) {
+        // Saves uploading megabytes only to be told so; the server enforces the same limit.
+        e.preventDefault();
+        showError("This file is larger than the " + form.getAttribute("data-max-text") +
+                  " limit. Please choose a smaller photo.");
         return;
       }
       submit.disabled = true;

@@ -1,0 +1,45 @@
+"""How `dermsight predict` shows results: one JSON object per image (the same keys whatever happened to it) and a
+readable table built from those objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dermsight.data.images import ImageError
+from dermsight.inference.types import PredictionResult
+
+DISCLAIMER = (
+    "concern: the top class is malignant or pre-malignant. These are a model's estimates from one image, not a "
+    "diagnosis; see a doctor about any lesion that worries you."
+)
+
+
+def result_record(image: str, result: PredictionResult | ImageError) -> dict[str, Any]:
+    """``image``, ``status`` ("ok", "rejected", or "error" for a file that could not be read), ``reason``,
+    ``predictions`` ([{code, name, probability}], highest first), ``malignant``, then the remaining result fields."""
+    if isinstance(result, ImageError):
+        return {"image": image, "status": "error", "reason": str(result), "predictions": [], "malignant": None}
+    d = result.to_dict()
+    head = {k: d.pop(k) for k in ("status", "reason", "predictions", "malignant")}
+    d.pop("image", None)
+    return {"image": image, **head, **d}
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    width = min(40, max(len("image"), *(len(Path(r["image"]).name) for r in records)))
+    lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'concern':<7}  next"]
+    for r in records:
+        name = Path(r["image"]).name[:width]
+        if r["status"] != "ok":
+            lines.append(f"{name:<{width}}  {r['status']:<8}  {r['reason']}")
+            continue
+        top, rest = r["predictions"][0], r["predictions"][1:3]
+        label = f"{top['code']} {top['name']}"[:38]
+        others = ", ".join(f"{p['code']} {p['probability']:.1%}" for p in rest)
+        flag = "  (uncertain)" if r.get("uncertain") else ""
+        concern = "yes" if r["malignant"] else "no"
+        lines.append(
+            f"{name:<{width}}  {'ok':<8}  {label:<38}  {top['probability']:>6.1%}  {concern:<7}  {others}{flag}"
+        )
+    return "\n".join([*lines, "", DISCLAIMER])
