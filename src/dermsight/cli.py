@@ -414,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--target-rejection",
         type=float,
-        default=0.02,
-        help="share of validation lesions the OOD threshold may reject (default 0.02)",
+        default=0.01,
+        help="share of validation lesions the OOD threshold may reject (default 0.01: held-out lesions were "
+        "rejected about twice as often as validation ones, and the bar is 5%%)",
     )
     ca.add_argument(
         "--max-fit-images", type=int, default=4000, help="training images used to fit the OOD statistics (default 4000)"

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dermsight.classes import HAM7
-from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.images import ImageError
 from dermsight.data.manifest import build_manifest, load_manifest
 from dermsight.data.problems import DataError, Problem
 from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
@@ -79,13 +79,17 @@ def model_logits(
     progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode."""
+    from dermsight.inference.predictor import decode, decode_side, match_detail
+
     tf = EvalPreset.from_meta(meta)
+    side = decode_side(meta)
     failed: list[tuple[int, str]] = []
 
     def load(i: int) -> torch.Tensor | None:
         try:
-            # Decoding straight to the eval resize size lets JPEG draft mode skip most of the work on big files.
-            return tf(load_rgb(paths[i], short_side=meta.resize_size))
+            # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
+            # level of the training images, then the model's eval preset. Scores must describe what is served.
+            return tf(match_detail(decode(paths[i], side), meta))
         except ImageError as e:
             failed.append((i, str(e)))
             return None

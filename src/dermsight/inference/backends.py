@@ -74,11 +74,13 @@ class TorchRunner:
     name = "torch"
 
     def __init__(self, model: nn.Module) -> None:
-        self.net = ServingModule(model).eval()
+        # channels_last: oneDNN's fast convolution layout on CPUs (as training and bench/models.py use).
+        self.net = ServingModule(model.to(memory_format=torch.channels_last)).eval()
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            logits, features = self.net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            logits, features = self.net(t)
         return logits.float().numpy(), features.float().numpy()
 
 

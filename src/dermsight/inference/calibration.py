@@ -2,13 +2,16 @@
 
 Temperature scaling (Guo et al., 2017) divides the logits by one number T, fitted to minimise the negative
 log-likelihood of the validation labels. It changes no prediction (the arg-max is the same), only how confident the
-probabilities are, and it is the simplest method that fixes the over-confidence of fine-tuned CNNs.
+probabilities are, and it is the simplest method that fixes the over-confidence of fine-tuned CNNs. (It cannot undo a
+shift of the class priors, such as the one a class-weighted loss builds in; that needs per-class biases, which would
+change predictions and so belongs to training.)
 
-`calibrate_model` also fits the out-of-distribution statistics (`ood.FeatureDensity`) on training-split lesion
-features and sets the rejection threshold on the validation split, then measures what it costs and gains: the share
-of lesions rejected on val, on the held-out test split and on square 224 px centre crops (the shape of the external
-test data), and, when negatives are given, the share of non-lesion photos rejected. Everything is written into the
-model file, so the model card can quote it and serving uses it.
+`calibrate_model` also records the training images' level of detail (size and JPEG quality, see
+`predictor.match_detail`), fits the out-of-distribution gate (`ood.OODGate`) on training-split lesion features, sets
+its threshold on the validation split, and measures what it costs and gains: the share of lesions rejected on val,
+on the held-out test split and on square 224 px centre crops of it (the shape of the external test data) and, when
+negatives are given, the share of non-lesion photos rejected. Everything is written into the model file, so serving
+uses it and the model card quotes it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dermsight.data.images import ImageError, probe
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
 from dermsight.inference.backends import feature_layout
+from dermsight.inference.negatives import everyday_images
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.models.bundle import ModelMeta, load_model, save_model
@@ -226,8 +230,16 @@ def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.nd
     return y.to_numpy(int)
 
 
-def _rate(mask: np.ndarray) -> float | None:
-    return round(float(mask.mean()), 4) if len(mask) else None
+def _rate(mask: np.ndarray) -> float:
+    return round(float(mask.mean()), 4) if len(mask) else 0.0
+
+
+def _gate_scores(gate: OODGate, s: Scored) -> np.ndarray:
+    """The gate's score of every image of ``s`` (0 where there is none: failed or quality-rejected)."""
+    out = np.zeros(len(s.usable))
+    if s.usable.any():
+        out[s.usable] = gate.score(s.features[s.usable])
+    return out
 
 
 def _rejections(s: Scored, scores: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -249,8 +261,8 @@ def calibrate_model(
     out_path: str | os.PathLike | None = None,
     *,
     negatives: Sequence[str | os.PathLike] = (),
-    target_rejection: float = 0.02,
-    components: int = 64,
+    target_rejection: float = 0.01,
+    components: int = 32,
     max_fit_images: int = 4000,
     match_source: bool = True,
     backend: BackendName = "auto",
@@ -299,17 +311,19 @@ def calibrate_model(
 
     layout = feature_layout(model, fit.features.shape[1])
     gate = OODGate.fit(fit.features[fit.usable], layout, k=components).calibrated(val.features[ok], target_rejection)
-    rates: dict[str, Any] = {"val": _rejections(val, gate.score(np.nan_to_num(val.features)), gate.threshold)}
+    rates: dict[str, Any] = {"val": _rejections(val, _gate_scores(gate, val), gate.threshold)}
     if not parts["test"].empty:
         test = run(parts["test"], "test")
-        rates["test"] = _rejections(test, gate.score(np.nan_to_num(test.features)), gate.threshold)
+        rates["test"] = _rejections(test, _gate_scores(gate, test), gate.threshold)
         y_test = read_labels(parts["test"], meta)
         calib["test"] = _calibration_numbers(test.logits[test.usable], y_test[test.usable], temperature)
         crops = run(parts["test"], "test, 224 px square crops", square_crop)
-        rates["test_square224"] = _rejections(crops, gate.score(np.nan_to_num(crops.features)), gate.threshold)
+        rates["test_square224"] = _rejections(crops, _gate_scores(gate, crops), gate.threshold)
+    builtin = score_images(predictor, list(everyday_images().values()), desc="built-in negatives", progress=progress)
+    rates["builtin_negatives"] = _rejections(builtin, _gate_scores(gate, builtin), gate.threshold)
     if negatives:
         neg = score_images(predictor, [str(p) for p in negatives], desc="negatives", progress=progress)
-        rates["negatives"] = _rejections(neg, gate.score(np.nan_to_num(neg.features)), gate.threshold)
+        rates["negatives"] = _rejections(neg, _gate_scores(gate, neg), gate.threshold)
 
     ood = gate.describe() | {
         "target_rejection": target_rejection,
@@ -344,7 +358,8 @@ def _updated_metrics(metrics: dict[str, Any], calib: dict[str, Any], rates: dict
         "val": "validation lesions rejected (threshold set here)",
         "test": "held-out test lesions rejected",
         "test_square224": "held-out test lesions rejected, as 224 px square centre crops",
-        "negatives": "non-lesion photos rejected",
+        "builtin_negatives": "non-lesion pictures rejected (built-in set: package photos, crops, synthetic)",
+        "negatives": "non-lesion photos rejected (--negatives)",
     }
     out["rejection"] = {
         names[
@@ -369,7 +384,12 @@ def _calibration_numbers(logits: np.ndarray, y: np.ndarray, temperature: float) 
 def report_lines(report: dict[str, Any]) -> list[str]:
     """`calibrate_model`'s report as text for the command line."""
     cal, ood = report["calibration"], report["ood"]
-    lines = [f"temperature {report['temperature']:.4f} (fitted on the {cal['fitted_on']})"]
+    src = report["source"]
+    lines = [
+        f"training images: shorter side {src['short_side']} px, JPEG quality {src['jpeg_quality']} "
+        "(inputs are brought to this level of detail; 0 = as they are)",
+        f"temperature {report['temperature']:.4f} (fitted on the {cal['fitted_on']})",
+    ]
     for split in ("val", "test"):
         if split in cal:
             c = cal[split]
@@ -378,11 +398,12 @@ def report_lines(report: dict[str, Any]) -> list[str]:
                 f"{c['nll_after']:.4f} (n={c['n']})"
             )
     lines.append(
-        f"not-a-lesion gate: {ood['method']}, {ood['components']} components, threshold {ood['threshold']:.4f} "
+        f"not-a-lesion gate: {ood['method']} over {len(ood['blocks'])} feature blocks, threshold "
+        f"{ood['threshold']:.4f} "
         f"(fitted on the {ood['fitted_on']}; threshold set on the {ood['threshold_set_on']})"
     )
     for name, r in ood["rejection_rates"].items():
-        what = "non-lesion images caught" if name == "negatives" else "lesions rejected"
+        what = "non-lesion images caught" if name.endswith("negatives") else "lesions rejected"
         lines.append(
             f"  {name}: {what} {r['total']:.1%} (quality gate {r['quality']:.1%}, OOD {r['ood']:.1%}; n={r['n']})"
         )

@@ -1,15 +1,15 @@
 """ONNX export of a saved model, the ONNX cache used by serving, int8 quantisation and the parity check.
 
 The exported graph takes the normalised image batch (N, 3, S, S) and returns two outputs: ``logits`` (N, C) and
-``features`` (N, D), the pooled features the out-of-distribution gate scores. The temperature is NOT baked in:
-both backends return raw logits and `Predictor` applies ``softmax(logits / T)`` in one place, so recalibrating a
-model (which only rewrites T) never invalidates an exported graph, and parity is checked on the probabilities users
-see.
-"""
+``features`` (N, D), what the out-of-distribution gate scores (`backends.ServingModule`). The temperature is NOT
+baked in: both backends return raw logits and `Predictor` applies ``softmax(logits / T)`` in one place, so
+recalibrating a model (which only rewrites T) never invalidates an exported graph, and parity is checked on the
+probabilities users see."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -105,10 +105,16 @@ def quantize_int8(onnx_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    root = logging.getLogger()
+    level = root.level
     try:
+        # The quantiser logs a warning on the root logger for every tensor whose type shape inference cannot pin
+        # down (TF-style "same" padding slices); they are harmless and would bury the report.
+        root.setLevel(logging.ERROR)
         quantize_dynamic(str(onnx_path), tmp, weight_type=QuantType.QUInt8)
         os.replace(tmp, out)
     finally:
+        root.setLevel(level)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out

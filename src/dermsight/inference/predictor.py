@@ -201,8 +201,6 @@ class Predictor:
         model_path = Path(path) if path is not None else default_model_path()
         file_meta = read_meta(model_path)
         n = resolve_threads(threads)
-        # Preprocessing runs in torch (torchvision) whichever backend runs the network.
-        torch.set_num_threads(n)
         gate = OODGate.load(file_meta.ood, read_extra(model_path)) if meta is None else None
         if gate is None and meta is None:
             log.warning(
@@ -217,8 +215,8 @@ class Predictor:
         if backend in ("auto", "onnx"):
             try:
                 if onnx_path is None:
-                    model = load_model(model_path)[0]
-                    onnx_path = ensure_onnx(model_path, model, threads=n)
+                    # Loads the PyTorch model only when the export is not cached yet.
+                    onnx_path = ensure_onnx(model_path, threads=n)
                 runner = OnnxRunner(onnx_path, n)
             except ModelLoadError:
                 raise
@@ -229,6 +227,12 @@ class Predictor:
         if runner is None:
             model = model if model is not None else load_model(model_path)[0]
             runner = TorchRunner(model)
+        # torch's thread count is per process. With PyTorch running the network it gets all ``n``; with ONNX
+        # Runtime torch only resizes one small image per call (and runs Grad-CAM), and one thread avoids OpenMP's
+        # worst case: on a busy machine a 2-thread torch forward measured 100 times slower than a 1-thread one,
+        # every op waiting at a barrier for a descheduled thread. ONNX Runtime's pool, without spinning, did not
+        # suffer from it.
+        torch.set_num_threads(n if runner.name == "torch" else 1)
         meta = meta if meta is not None else file_meta
         # With ONNX Runtime serving, the PyTorch model is only needed for explanations: drop it and reload it on
         # first use, so a worker that never explains does not hold the weights twice.

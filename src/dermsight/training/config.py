@@ -47,6 +47,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU (0: all cores)
     max_steps_per_epoch: int = 0  # 0: full epochs; tests use a few steps
     resume: bool = False  # continue from out/last.pt when it exists
+    calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

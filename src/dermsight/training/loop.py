@@ -449,6 +449,21 @@ def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader,
     summary["best_epoch"] = best_epoch + 1
     final = ModelMeta(**{**asdict(meta), "metrics": summary})
     model_path = save_model(run / "model.safetensors", model, final)
+    if cfg.calibrate:
+        from dermsight.inference.calibration import calibrate_model, report_lines
+        from dermsight.models.bundle import read_meta
+
+        # Temperature and the OOD gate are fitted on train/val only; test is measured, never used to fit.
+        try:
+            report = calibrate_model(model_path, data.manifest, None, progress=progress)
+            print("\n".join(report_lines(report)))
+            summary = read_meta(model_path).metrics
+        except ValueError as e:
+            # Hours of training must not be lost to a calibration problem: keep the uncalibrated model and say so.
+            print(
+                f"warning: calibration failed ({e}); the model is saved uncalibrated. Run `dermsight calibrate "
+                f"--model {model_path} --data {run}` once the problem is fixed."
+            )
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"best epoch {best_epoch + 1}; model written to {model_path}")
     for name, m in out.items():

@@ -1,0 +1,396 @@
+"""The inference engine: predictor, gates, calibration, ONNX export and parity, Grad-CAM, `dermsight predict`.
+
+Models here are tiny random-weight backbones calibrated on synthetic lesion pictures, or the bundled default model;
+nothing asserts how good a particular trained model is, only what the engine does with the numbers a model carries.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from conftest import HAM, HAM_FULLRES, make_image, needs_fullres, needs_ham
+from dermsight.cli import main
+from dermsight.data.images import ImageError, load_rgb
+from dermsight.evaluation.metrics import softmax
+from dermsight.inference.backends import ServingModule, feature_layout
+from dermsight.inference.calibration import calibrate_model, fit_temperature, jpeg_quality, nll, square_crop
+from dermsight.inference.explain import gradcam_png
+from dermsight.inference.export import (
+    PARITY_TOLERANCE,
+    cached_onnx_path,
+    check_parity,
+    export_onnx,
+    model_inputs,
+    synthetic_images,
+)
+from dermsight.inference.gate import check_quality
+from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
+from dermsight.inference.ood import OODGate
+from dermsight.inference.predictor import Predictor, match_detail, tta_views
+from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
+from dermsight.models.bundle import DEFAULT_MODEL, read_extra, read_meta
+
+WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
+
+
+def tiny_model(path, arch: str = "tf_efficientnet_lite0", size: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    model, _ = create_model(arch, 7, weights="none")
+    meta = ModelMeta.new(arch, "ham7", WEIGHTS, input_size=size)
+    return save_model(path, model, meta)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny random-weight model calibrated on synthetic lesion pictures saved as 200x150 JPEGs (quality 80)."""
+    root = tmp_path_factory.mktemp("calibrated")
+    model_path = tiny_model(root / "tiny.safetensors")
+    rows = []
+    for i, img in enumerate(synthetic_images(150, seed=1)):
+        path = root / "images" / f"lesion{i:03d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(img).save(path, quality=80)
+        split = "train" if i < 90 else "val" if i < 130 else "test"
+        rows.append({"path": str(path), "split": split, "label_ham7": ("nv", "mel", "bkl")[i % 3]})
+    manifest = pd.DataFrame(rows)
+    out = root / "tiny_cal.safetensors"
+    report = calibrate_model(model_path, manifest, out, backend="torch", threads=1, progress=False, components=16)
+    return out, report, manifest
+
+
+# ---------------------------------------------------------------------------------------------------- quality gate
+
+
+def test_gate_rejects_bad_pictures():
+    rng = np.random.default_rng(0)
+    lesion = synthetic_images(1, size=(400, 300))[0]
+    assert check_quality(lesion).ok
+    cases = {
+        "too small": synthetic_images(1, size=(120, 90))[0],
+        "uniform": np.full((300, 400, 3), (200, 150, 130), np.uint8),
+        "blurred": np.array(Image.fromarray(lesion).filter(ImageFilter.GaussianBlur(10))),
+        "dark": (lesion * 0.08).astype(np.uint8),
+        "over-exposed": np.clip(lesion.astype(int) + 200, 0, 255).astype(np.uint8),
+        "nearly uniform": np.clip(rng.normal(128, 1.5, (300, 400, 3)), 0, 255).astype(np.uint8),
+    }
+    reasons = {name: check_quality(img).reason for name, img in cases.items()}
+    assert all(reasons.values()), reasons
+    assert "too small" in reasons["too small"]
+    assert "uniform" in reasons["uniform"]
+    assert "blurred" in reasons["blurred"]
+    assert "dark" in reasons["dark"]
+    assert "over-exposed" in reasons["over-exposed"]
+
+
+@needs_ham
+def test_gate_accepts_real_dermoscopy_in_every_shape():
+    """HAM10000 frames (200x150), the 600x450 originals and 224 px square centre crops of both all pass."""
+    labels = pd.read_csv(HAM / "labels.csv").sample(150, random_state=0)
+    images = [load_rgb(HAM / p) for p in labels["image"]]
+    if (HAM_FULLRES / "labels.csv").is_file():
+        full = pd.read_csv(HAM_FULLRES / "labels.csv").head(30)
+        images += [load_rgb(HAM_FULLRES / p) for p in full["image"]]
+    images += [square_crop(im) for im in images]
+    rejected = [check_quality(im).reason for im in images if not check_quality(im).ok]
+    assert not rejected
+
+
+# -------------------------------------------------------------------------------------------------- calibration
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    true_t = 2.5
+    logits = rng.normal(0, 3, (20000, 7))
+    p = softmax(logits, true_t)
+    y = np.array([rng.choice(7, p=row) for row in p])
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(true_t, rel=0.05)
+    assert nll(logits, y, t) <= nll(logits, y, 1.0)
+
+
+def test_jpeg_quality_estimate(tmp_path):
+    img = synthetic_images(1)[0]
+    for q in (60, 75, 95):
+        Image.fromarray(img).save(tmp_path / f"q{q}.jpg", quality=q)
+        assert jpeg_quality(tmp_path / f"q{q}.jpg") == q
+    Image.fromarray(img).save(tmp_path / "x.png")
+    assert jpeg_quality(tmp_path / "x.png") == 0
+
+
+def test_calibrate_writes_temperature_gate_and_source_detail(calibrated):
+    path, report, _ = calibrated
+    meta = read_meta(path)
+    assert meta.temperature == pytest.approx(report["temperature"]) and meta.temperature > 0
+    assert (meta.source_short_side, meta.source_jpeg_quality) == (150, 80)
+    assert meta.ood["threshold"] > 0 and meta.ood["blocks"][0]["name"] == "pooled"
+    # 2% of 40 validation images by construction: the threshold is their 98th percentile.
+    assert meta.ood["rejection_rates"]["val"]["ood"] <= 0.05
+    assert {"val", "test", "test_square224", "builtin_negatives"} <= set(meta.ood["rejection_rates"])
+    assert meta.ood["rejection_rates"]["builtin_negatives"]["n"] == len(everyday_images())
+    assert meta.metrics["calibration"]["val"]["ece_after"] >= 0
+    assert any(k.startswith("ood.") for k in read_extra(path))
+    # The extra tensors do not disturb loading, nor using the file as starting weights.
+    load_model(path)
+    create_model("tf_efficientnet_lite0", 7, weights=str(path))
+
+
+# --------------------------------------------------------------------------------------------------- prediction
+
+
+def test_predict_result_shape_and_catalogue(calibrated):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    r = p.predict(manifest["path"].iloc[-1])
+    assert r.status == "ok" and r.reason is None
+    probs = [c.probability for c in r.predictions]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-6)
+    assert [c.code for c in r.predictions] != [] and {c.code for c in r.predictions} == set(p.meta.classes)
+    top = r.predictions[0]
+    assert r.malignant == (top.malignancy in ("malignant", "premalignant"))
+    concerning = sum(c.probability for c in r.predictions if c.malignancy in ("malignant", "premalignant"))
+    assert r.concerning_probability == pytest.approx(concerning)
+    assert r.top_k(3) == r.predictions[:3]
+    assert set(r.to_dict()) >= {"status", "reason", "predictions", "malignant", "model"}
+    info = p.info()
+    assert info["backend"] == "torch" and len(info["classes"]) == 7 and info["ood"]["threshold"] > 0
+
+
+def test_predict_accepts_bytes_paths_and_arrays_alike(calibrated):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    file = manifest["path"].iloc[-2]
+    with open(file, "rb") as f:
+        data = f.read()
+    a, b, c = p.predict(file), p.predict(data), p.predict(load_rgb(file))
+    assert a.predictions == b.predictions == c.predictions
+    assert a.image == file and b.image is None
+
+
+def test_batch_keeps_going_past_unreadable_files(calibrated, tmp_path):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = manifest["path"].iloc[-1]
+    out = p.predict_batch([good, broken, tmp_path / "missing.png", good])
+    assert [type(r).__name__ for r in out] == ["PredictionResult", "ImageError", "ImageError", "PredictionResult"]
+    assert out[0].predictions == out[3].predictions
+    with pytest.raises(ImageError):
+        p.predict(broken)
+
+
+def test_tta_is_the_mean_over_the_eight_symmetries(calibrated):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    image = p.decode(manifest["path"].iloc[-1])
+    x = torch.from_numpy(p.preprocess(image))[None]
+    views = tta_views(x)
+    assert len(views) == 8 and all(v.shape == x.shape for v in views)
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 8  # eight different views
+    model, _ = load_model(path)
+    with torch.inference_mode():
+        mean_logits = torch.stack([model(v) for v in views]).mean(0).numpy()
+    expected = softmax(mean_logits, p.meta.temperature)[0]
+    got = p.predict(image, tta=True)
+    by_code = {c.code: c.probability for c in got.predictions}
+    assert [by_code[c] for c in p.meta.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_gates_reject_everyday_pictures_and_say_why(calibrated):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    everyday = [document(), scene(), checkerboard(), *package_photos().values()]
+    results = p.predict_batch(everyday)
+    assert all(r.status == "rejected" and r.reason and not r.predictions and r.malignant is None for r in results)
+    ood = [r for r in results if "close-up of a skin lesion" in r.reason]
+    assert ood and all(r.scores["ood"] > r.scores["ood_threshold"] for r in ood)
+    # Quality failures never reach the model.
+    flat = p.predict(np.full((300, 400, 3), 128, np.uint8))
+    assert flat.status == "rejected" and "uniform" in flat.reason and "ood" not in flat.scores
+    # Held-out lesion pictures mostly pass (the threshold rejects 2% of the validation ones).
+    held_out = p.predict_batch(list(manifest[manifest["split"] == "test"]["path"]))
+    assert sum(r.status == "ok" for r in held_out) >= len(held_out) - 2
+
+
+def test_ood_gate_round_trip():
+    rng = np.random.default_rng(0)
+    layout = [("pooled", 0, 20), ("s0", 20, 30)]
+    x = rng.normal(0, 1, (200, 30))
+    gate = OODGate.fit(x[:150], layout, k=4).calibrated(x[150:], 0.1)
+    back = OODGate.load(gate.describe(), gate.to_tensors())
+    assert back is not None and back.threshold == gate.threshold
+    np.testing.assert_allclose(back.score(x[:5]), gate.score(x[:5]), rtol=1e-5)
+    assert np.mean(gate.score(x[150:]) > gate.threshold) == pytest.approx(0.1, abs=0.03)
+    assert gate.score(x[:1] + 8).item() > gate.threshold  # far from the data
+
+
+def test_match_detail_downscales_and_recompresses():
+    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, source_short_side=150, source_jpeg_quality=75)
+    img = synthetic_images(1, size=(600, 450))[0]
+    out = match_detail(img, meta)
+    assert out.shape == (150, 200, 3)
+    small = synthetic_images(1, size=(120, 90))[0]
+    assert match_detail(small, meta).shape == small.shape  # never enlarged
+    plain = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS)
+    assert match_detail(img, plain) is img
+
+
+# ---------------------------------------------------------------------------------------------- ONNX and parity
+
+
+def test_onnx_backend_matches_torch_and_is_cached(calibrated, tmp_path):
+    path, _, manifest = calibrated
+    onnx_p = Predictor.from_path(path, backend="onnx", threads=1)
+    torch_p = Predictor.from_path(path, backend="torch", threads=1)
+    assert onnx_p.backend == "onnx" and cached_onnx_path(path).is_file()
+    files = list(manifest["path"].iloc[-6:])
+    a, b = onnx_p.predict_batch(files), torch_p.predict_batch(files)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.status == rb.status
+        pa = {c.code: c.probability for c in ra.predictions}
+        pb = {c.code: c.probability for c in rb.predictions}
+        assert all(abs(pa[k] - pb[k]) <= PARITY_TOLERANCE for k in pa)
+
+
+def test_auto_backend_falls_back_to_torch(calibrated, monkeypatch, caplog):
+    path, _, manifest = calibrated
+
+    def no_runtime(*args, **kwargs):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr("dermsight.inference.predictor.OnnxRunner", no_runtime)
+    p = Predictor.from_path(path, backend="auto", threads=1)
+    assert p.backend == "torch" and "using PyTorch" in caplog.text
+    assert p.predict(manifest["path"].iloc[-1]).status in ("ok", "rejected")
+    with pytest.raises(ImportError):
+        Predictor.from_path(path, backend="onnx", threads=1)
+
+
+def test_onnx_export_is_reused_across_starts(calibrated, monkeypatch):
+    path, _, _ = calibrated
+    Predictor.from_path(path, backend="onnx", threads=1)
+    cached = cached_onnx_path(path)
+    before = cached.stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the export is cached")
+
+    monkeypatch.setattr("dermsight.inference.export.export_onnx", no_export)
+    assert Predictor.from_path(path, backend="onnx", threads=1).backend == "onnx"
+    assert cached.stat().st_mtime_ns == before
+
+
+@needs_fullres
+def test_export_parity_on_real_images(tmp_path):
+    """The bundled model, exported with a dynamic batch, gives PyTorch's probabilities on real uploads."""
+    model, meta = load_model(DEFAULT_MODEL)
+    onnx_file = export_onnx(model, meta, tmp_path / "model.onnx")
+    files = sorted((HAM_FULLRES / "images").glob("*.jpg"))[:12]
+    x = model_inputs(meta, files)
+    cmp = check_parity(model, meta, onnx_file, x)
+    assert cmp.n == 12 and cmp.max_abs_diff <= PARITY_TOLERANCE and cmp.top1_agreement == 1.0
+    one = check_parity(model, meta, onnx_file, x[:1])  # batch of one through the same dynamic graph
+    assert one.max_abs_diff <= PARITY_TOLERANCE
+
+
+def test_serving_features_follow_the_layout():
+    model, _ = create_model("mobilenetv2_100", 7, weights="none")
+    logits, feats = ServingModule(model.eval())(torch.randn(2, 3, 64, 64))
+    layout = feature_layout(model, feats.shape[1])
+    assert logits.shape == (2, 7) and layout[0] == ("pooled", 0, model.num_features)
+    assert layout[-1][2] == feats.shape[1] and len(layout) == 1 + len(model.feature_info)
+
+
+# ---------------------------------------------------------------------------------------------------- Grad-CAM
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"])
+def test_gradcam_png_for_each_backbone(arch):
+    torch.manual_seed(0)
+    model, _ = create_model(arch, 7, weights="none")
+    display = synthetic_images(1, size=(96, 96))[0]
+    png = gradcam_png(model.eval(), torch.randn(1, 3, 64, 64), display)
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.height == 96 and im.width > 2 * 96
+    over = np.asarray(im)[:, -96:]
+    assert np.abs(over.astype(int) - display.astype(int)).mean() > 5  # the heatmap is visible
+
+
+def test_predictor_explain(calibrated):
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="onnx", threads=1)
+    png = p.explain(manifest["path"].iloc[-1])
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size[0] > 2 * 64
+    with pytest.raises(ValueError, match="unknown class"):
+        p.explain(manifest["path"].iloc[-1], target="xyz")
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_predict_cli_json_and_per_file_errors(calibrated, tmp_path, capsys):
+    path, _, manifest = calibrated
+    good = manifest["path"].iloc[-1]
+    doc = tmp_path / "page.png"
+    doc.write_bytes(png_bytes(document()))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"garbage")
+    rc = main(["predict", good, str(broken), str(doc), "--model", str(path), "--json", "--backend", "torch",
+               "--threads", "1", "--explain", str(tmp_path / "cams")])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 1 and "broken.jpg" in out.err
+    records = json.loads(out.out)
+    assert [r["image"] for r in records] == [good, str(broken), str(doc)]
+    assert [r["status"] for r in records] == ["ok", "error", "rejected"]
+    for r in records:
+        assert list(r)[:5] == ["image", "status", "reason", "predictions", "malignant"]
+    ok = records[0]
+    assert set(ok["predictions"][0]) == {"code", "name", "probability"} and isinstance(ok["malignant"], bool)
+    assert math.isclose(sum(p["probability"] for p in ok["predictions"]), 1, abs_tol=1e-6)
+    assert records[2]["predictions"] == [] and records[2]["reason"]
+    cam = tmp_path / "cams" / f"{manifest['path'].iloc[-1].rsplit('/', 1)[-1][:-4]}_gradcam.png"
+    assert cam.is_file() and ok["explanation"] == str(cam)
+
+
+def test_predict_cli_table(calibrated, capsys):
+    path, _, manifest = calibrated
+    rc = main(["predict", *manifest["path"].iloc[-2:], "--model", str(path), "--backend", "torch", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "top class" in out and "not a diagnosis" in out
+    assert manifest["path"].iloc[-1].rsplit("/", 1)[-1] in out
+
+
+def test_predict_cli_bad_model(tmp_path, capsys):
+    (tmp_path / "x.safetensors").write_bytes(b"nope")
+    rc = main(["predict", "a.jpg", "--model", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_export_cli(tmp_path, capsys):
+    model_path = tiny_model(tmp_path / "m.safetensors")
+    images = tmp_path / "imgs"
+    for i in range(3):
+        make_image(images / f"{i}.png", size=(200, 150), seed=i)
+    rc = main(["export", "--model", str(model_path), "--out", str(tmp_path / "m.onnx"), "--check-images",
+               str(images), "--int8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "OK" in out and "3 image(s)" in out and "int8" in out
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file()
