@@ -275,12 +275,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tune_decision(args: argparse.Namespace) -> int:
+    from dermsight.inference.decision import report_lines, tune_decision
+    from dermsight.models.bundle import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    report = tune_decision(model, args.data, args.out, report_dir=args.reports)
+    print("\n".join(report_lines(report)))
+    return EXIT_OK
+
+
 def cmd_model_card(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import default_model_path, read_meta
     from dermsight.models.card import render_model_card
 
     path = Path(args.model) if args.model else default_model_path()
-    text = render_model_card(read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce)
+    text = render_model_card(
+        read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce, notes=tuple(args.note)
+    )
     if args.out:
         Path(args.out).write_text(text)
         print(f"model card written to {args.out}")
@@ -351,15 +363,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled data: a folder/CSV any reader understands, or a manifest")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--split", help="only this split of a split manifest (e.g. test)")
-    e.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    e.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average over the 8 flips/rotations (default: the model's own rule)",
+    )
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     e.set_defaults(func=cmd_evaluate)
+
+    td = sub.add_parser(
+        "tune-decision",
+        help="choose TTA and the prior correction on the val split, refit the temperature, re-score val and test",
+    )
+    td.add_argument("--model", help="model file (default: the bundled default model)")
+    td.add_argument("--data", required=True, help="split manifest (split.csv) or a training run folder")
+    td.add_argument("--out", help="write the tuned model here (default: in place)")
+    td.add_argument("--reports", help="folder for the val/test reports (default: a temporary folder)")
+    td.set_defaults(func=cmd_tune_decision)
 
     mc = sub.add_parser("model-card", help="render a model's card (Markdown) from the metadata inside the model")
     mc.add_argument("--model", help="model file (default: the bundled default model)")
     mc.add_argument("--out", help="write here instead of printing")
     mc.add_argument("--name", help="how to call the file in the card")
     mc.add_argument("--reproduce", default="", help="the command that reproduces the model")
+    mc.add_argument("--note", action="append", default=[], help="a paragraph to add (repeatable)")
     mc.set_defaults(func=cmd_model_card)
 
     def inference_options(sp: argparse.ArgumentParser) -> None:
@@ -374,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify lesion images (rejects images it cannot assess)")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
     pr.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
-    pr.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (slower, steadier)")
+    pr.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average over the 8 flips/rotations (default: the model's own rule)",
+    )
     pr.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per image to DIR/<name>_gradcam.png")
     pr.add_argument("--json", action="store_true", help="print a JSON array, one object per image")
     inference_options(pr)

@@ -121,13 +121,16 @@ def evaluate(
     out_dir: Path,
     model_path: Path | None = None,
     split: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     n_bootstrap: int = 1000,
     progress: bool = True,
 ) -> Evaluation:
-    """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots and report.md."""
+    """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots and report.md.
+
+    ``tta`` None follows the model's decision rule (`ModelMeta.tta`), as serving does."""
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_model(model_path)
+    tta = meta.tta if tta is None else tta
     model = model.to(memory_format=torch.channels_last)
     manifest, problems = read_labelled(Path(data), split)
     y, labels, taxonomy = _targets(manifest, meta)
@@ -136,7 +139,7 @@ def evaluate(
     problems += [Problem(paths[i], reason, "image") for i, reason in failed]
     ok = ~np.isnan(logits).any(axis=1)
     logits, y = logits[ok], y[ok]
-    probs_raw, probs = softmax(logits), softmax(logits, meta.temperature)
+    probs_raw, probs = softmax(meta.adjust(logits)), softmax(meta.adjust(logits), meta.temperature)
     if taxonomy != meta.taxonomy:
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
@@ -150,6 +153,7 @@ def evaluate(
         "split": split,
         "tta": tta,
         "temperature": meta.temperature,
+        "logit_bias": list(meta.logit_bias),
         "ece_before_temperature": expected_calibration_error(probs_raw, y),
         "images_failed": len(failed),
     }

@@ -324,14 +324,14 @@ class Predictor:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities: ``softmax(logits / T)`` with the model's stored temperature."""
-        return softmax(logits, self._meta.temperature)
+        return softmax(self._meta.adjust(logits), self._meta.temperature)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
         return self.gate.score(features) if self.gate is not None else None
 
     # ------------------------------------------------------------------------------------------------ prediction
 
-    def predict(self, source: Source, tta: bool = False, name: str | None = None) -> PredictionResult:
+    def predict(self, source: Source, tta: bool | None = None, name: str | None = None) -> PredictionResult:
         """Predict one image. Raises `ImageError` when it cannot be decoded."""
         result = self.predict_batch([source], tta=tta, names=[name] if name is not None else None)[0]
         if isinstance(result, ImageError):
@@ -339,10 +339,12 @@ class Predictor:
         return result
 
     def predict_batch(
-        self, sources: Sequence[Source], tta: bool = False, names: Sequence[str | None] | None = None
+        self, sources: Sequence[Source], tta: bool | None = None, names: Sequence[str | None] | None = None
     ) -> list[PredictionResult | ImageError]:
         """Predict several images in batched forward passes; an image that cannot be decoded gets its `ImageError`
-        in its place. ``names`` label the results (default: the path of path sources)."""
+        in its place. ``names`` label the results (default: the path of path sources). ``tta`` None follows the
+        model's own decision rule (`ModelMeta.tta`)."""
+        tta = self._meta.tta if tta is None else tta
         if names is not None and len(names) != len(sources):
             raise ValueError("names must give one name per source")
         labels = [

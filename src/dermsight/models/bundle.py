@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -67,6 +68,11 @@ class ModelMeta:
     # compression artefacts of a sharper photo. 0 = leave inputs as they are (set by `dermsight calibrate`).
     source_short_side: int = 0
     source_jpeg_quality: int = 0
+    # Decision rule, chosen on the validation split (dermsight.inference.decision): a per-class bias added to the
+    # logits before the temperature (tau * log of the training class prior, which undoes part of the class-weighted
+    # loss's shift towards rare classes), and whether predictions average the eight flips/rotations by default.
+    logit_bias: tuple[float, ...] = ()
+    tta: bool = False
     training_data: str = ""
     split: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +98,8 @@ class ModelMeta:
             raise ValueError("class_names must give one name per class")
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
+        if self.logit_bias and len(self.logit_bias) != len(self.classes):
+            raise ValueError("logit_bias must give one value per class (or none)")
         if self.source_short_side < 0 or not 0 <= self.source_jpeg_quality <= 100:
             raise ValueError("source_short_side must be >= 0 and source_jpeg_quality in 0..100")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
@@ -143,6 +151,10 @@ class ModelMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def adjust(self, logits: np.ndarray) -> np.ndarray:
+        """Logits with the model's decision bias added (before the temperature); unchanged without one."""
+        return logits + np.asarray(self.logit_bias, dtype=logits.dtype) if self.logit_bias else logits
+
     @property
     def resize_size(self) -> int:
         """Shorter side after the eval resize, before the centre crop."""
@@ -165,6 +177,7 @@ class ModelMeta:
         data = {k: v for k, v in data.items() if k in known}  # fields a newer minor release added are ignored
         for key in ("classes", "class_names"):
             data[key] = tuple(data[key])
+        data["logit_bias"] = tuple(float(v) for v in data.get("logit_bias", ()))
         for key in ("mean", "std"):
             data[key] = tuple(float(v) for v in data[key])
         return cls(**data)

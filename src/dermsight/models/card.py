@@ -40,7 +40,7 @@ def _fmt(v: Any, ci: Any = None) -> str:
     return s
 
 
-def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "") -> str:
+def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "", notes: tuple[str, ...] = ()) -> str:
     m = meta.metrics or {}
     lines = [
         f"# Model card: {meta.architecture} ({meta.taxonomy}, {meta.num_classes} classes)",
@@ -72,6 +72,19 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
     ]
     if reproduce:
         lines += ["", f"Reproduce: `{reproduce}`"]
+    lines += [f"\n{n}" for n in notes]
+    d = m.get("decision")
+    if d:
+        lines += [
+            "",
+            "## Decision rule",
+            "",
+            f"- Test-time augmentation (mean logits over the 8 flips/rotations): {'on' if d['tta'] else 'off'}.",
+            f"- Prior correction: tau = {d['tau']} x log(training class prior) added to the logits, undoing part of "
+            "the class-weighted loss's shift towards rare classes (tau 0 = balanced rule, 1 = frequency rule).",
+            f"- Both chosen on the {d['chosen_on']}; the temperature was refitted for this rule. The test split "
+            "below was scored once, after the choice.",
+        ]
     cfg = meta.config or {}
     if cfg:
         keys = ("epochs", "batch_size", "lr", "weight_decay", "imbalance", "label_smoothing", "input_size", "seed")

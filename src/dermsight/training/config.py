@@ -48,6 +48,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0: full epochs; tests use a few steps
     resume: bool = False  # continue from out/last.pt when it exists
     calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
+    tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.inference.decision)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -457,6 +457,11 @@ def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader,
         try:
             report = calibrate_model(model_path, data.manifest, None, progress=progress)
             print("\n".join(report_lines(report)))
+            if cfg.tune_decision:
+                from dermsight.inference import decision
+
+                tuned = decision.tune_decision(model_path, data.manifest, None, run / "decision", progress)
+                print("\n".join(decision.report_lines(tuned)))
             summary = read_meta(model_path).metrics
         except ValueError as e:
             # Hours of training must not be lost to a calibration problem: keep the uncalibrated model and say so.
