@@ -271,3 +271,19 @@ def test_load_errors_are_clear(tmp_path):
     )
     with pytest.raises(ModelLoadError, match="does not match its own metadata"):
         load_model(mismatched)
+
+
+def test_update_meta_keeps_weights_and_extra_tensors(tmp_path):
+    from dataclasses import asdict
+
+    from dermsight.models.bundle import read_extra, read_meta, update_meta
+
+    model, info = create_model("mobilenetv2_100", 7, weights="none")
+    meta = ModelMeta.new("mobilenetv2_100", "ham7", info, input_size=64)
+    path = save_model(tmp_path / "m.safetensors", model, meta, extra={"gate.mean": torch.arange(4.0)})
+    update_meta(path, ModelMeta(**{**asdict(meta), "temperature": 0.5, "tta": True}))
+    assert read_meta(path).temperature == 0.5 and read_meta(path).tta
+    assert torch.equal(read_extra(path)["gate.mean"], torch.arange(4.0))  # a metadata change must not drop these
+    reloaded, _ = load_model(path)
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

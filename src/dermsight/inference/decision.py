@@ -24,7 +24,7 @@ from sklearn.metrics import balanced_accuracy_score
 from dermsight.data.problems import DataError
 from dermsight.evaluation.run import evaluate, model_logits
 from dermsight.inference.calibration import fit_temperature, read_split_manifest
-from dermsight.models.bundle import ModelMeta, load_model, save_model
+from dermsight.models.bundle import ModelMeta, load_model, update_meta
 
 TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.05))
 _LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
@@ -105,8 +105,7 @@ def tune_decision(
         "train_prior": {c: round(float(p), 4) for c, p in zip(meta.classes, prior, strict=True)},
     }
     new = ModelMeta(**{**asdict(meta), "logit_bias": bias, "tta": bool(tta), "temperature": temperature})
-    out = Path(out_path) if out_path else model_path
-    save_model(out, model, new)
+    out = update_meta(model_path, new, out_path)
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
     reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
@@ -119,8 +118,7 @@ def tune_decision(
                 ev = evaluate(split_csv, reports / name, out, split=name, progress=progress)
                 metrics[name] = _summary(ev.metrics)
     metrics["decision"] = decision
-    final = ModelMeta(**{**asdict(new), "metrics": metrics})
-    save_model(out, model, final)
+    update_meta(out, ModelMeta(**{**asdict(new), "metrics": metrics}))
     return {
         "model": str(out),
         "decision": decision,

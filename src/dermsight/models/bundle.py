@@ -207,6 +207,21 @@ def save_model(
         tensors[key] = t
     for key, tensor in (extra or {}).items():
         tensors[EXTRA_PREFIX + key] = tensor.detach().to("cpu").contiguous().clone()
+    _write(path, tensors, meta)
+    return path
+
+
+def update_meta(path: str | os.PathLike, meta: ModelMeta, out: str | os.PathLike | None = None) -> Path:
+    """Rewrite a model file with new metadata, keeping every tensor (weights and extras such as the OOD gate's
+    statistics) as it is. Use this, not `save_model`, for steps that only change the contract."""
+    read_meta(path)  # a clear ModelLoadError for a missing or foreign file
+    tensors = safetensors.torch.load_file(str(path))
+    target = Path(out) if out else Path(path)
+    _write(target, tensors, meta)
+    return target
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: ModelMeta) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted save never leaves a truncated model under the real name.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -217,7 +232,6 @@ def save_model(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:
