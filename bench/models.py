@@ -38,7 +38,7 @@ BACKBONES = (
 )
 
 
-def cpu_latency_ms(arch: str, size: int, threads: int = 2, repeats: int = 20) -> float:
+def cpu_latency_ms(arch: str, size: int, threads: int = 1, repeats: int = 20) -> float:
     """Median batch-1 forward time in PyTorch eager on the CPU (channels_last, inference mode)."""
     torch.set_num_threads(threads)
     model, _ = create_model(arch, 7, weights="none")
@@ -72,7 +72,7 @@ def train_one(arch: str, base: TrainConfig, root: Path) -> Path:
     return root / arch
 
 
-def row_from_run(run: Path, size: int) -> dict:
+def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
     _, meta = load_model(run / "model.safetensors")
     test = json.loads((run / "test" / "metrics.json").read_text())
     secs = float((run / "train_seconds.txt").read_text()) if (run / "train_seconds.txt").exists() else float("nan")
@@ -84,7 +84,7 @@ def row_from_run(run: Path, size: int) -> dict:
         "accuracy": test["accuracy"],
         "macro_auc": test["macro_auc"],
         "params_m": params_m(meta.architecture),
-        "latency_ms": cpu_latency_ms(meta.architecture, size),
+        "latency_ms": cpu_latency_ms(meta.architecture, size, threads),
         "train_min": secs / 60,
         "epochs": meta.config.get("epochs"),
         "input_size": meta.input_size,
@@ -128,6 +128,13 @@ def main() -> None:
     ap.add_argument("--input-size", type=int)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--measure-only", action="store_true", help="only parameters and CPU latency")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the latency column (default 1: on a "
+        "machine shared with other work, more threads mostly wait for each other)",
+    )
     ap.add_argument("--collect", type=Path, help="build the table from finished runs under this folder")
     args = ap.parse_args()
 
@@ -135,11 +142,17 @@ def main() -> None:
     size = base.input_size
     if args.measure_only:
         rows = [
-            {"arch": a, "params_m": params_m(a), "latency_ms": cpu_latency_ms(a, size), "input_size": size}
+            {
+                "arch": a,
+                "params_m": params_m(a),
+                "latency_ms": cpu_latency_ms(a, size, args.threads),
+                "input_size": size,
+            }
             for a in args.archs
         ]
         note = (
-            f"Parameters and CPU latency only (PyTorch eager, batch 1, {size} px, 2 threads, median of 20), "
+            f"Parameters and CPU latency only (PyTorch eager, batch 1, {size} px, {args.threads} thread(s), "
+            "median of 20), "
             "measured in one run on this machine. No backbone was trained for this table."
         )
     else:
@@ -148,11 +161,11 @@ def main() -> None:
                 train_one(arch, base, args.root)
         root = args.collect or args.root
         runs = [root / a for a in args.archs if (root / a / "model.safetensors").exists()]
-        rows = [row_from_run(r, size) for r in runs]
+        rows = [row_from_run(r, size, args.threads) for r in runs]
         note = (
             f"Same lesion-grouped split (seed {base.split_seed}), schedule and class-weighted loss for every backbone "
             f"(base config {args.config}); selected on validation balanced accuracy, scored once on the test split. "
-            f"CPU latency: PyTorch eager, batch 1, 2 threads, median of 20, measured in the same run."
+            f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in the same run."
         )
     args.out.write_text(markdown(rows, note))
     print(args.out.read_text())
