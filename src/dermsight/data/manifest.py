@@ -37,6 +37,8 @@ MANIFEST_COLUMNS = (
     "height",
 )
 ID_COLUMNS = ("image_id", "lesion_id", "patient_id")
+# The manifest column that holds each taxonomy's labels (training, evaluation and calibration read it from here).
+LABEL_COLUMNS = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 _JUNK = frozenset({"thumbs.db", "desktop.ini"})
 

@@ -18,14 +18,16 @@ from tqdm.auto import tqdm
 
 from dermsight.classes import HAM7
 from dermsight.data.images import ImageError
-from dermsight.data.manifest import build_manifest, load_manifest
+from dermsight.data.manifest import (
+    LABEL_COLUMNS,
+    build_manifest,
+    load_manifest,
+)
 from dermsight.data.problems import DataError, Problem
 from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
 from dermsight.evaluation.report import write_report
 from dermsight.models.bundle import ModelMeta, default_model_path, load_model
 from dermsight.transforms import EvalPreset
-
-_LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
 
 
 @dataclass
@@ -55,7 +57,7 @@ def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, l
 
 def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[str], str]:
     """Target indices in the scoring taxonomy: the model's when the data has it for every row, else HAM7."""
-    col = _LABEL_COLUMN[meta.taxonomy]
+    col = LABEL_COLUMNS[meta.taxonomy]
     if col in manifest and manifest[col].notna().all():
         labels = list(meta.classes)
         taxonomy = meta.taxonomy

@@ -31,6 +31,7 @@ from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError, probe
+from dermsight.data.manifest import LABEL_COLUMNS
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
 from dermsight.inference.backends import feature_layout
@@ -39,7 +40,6 @@ from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.models.bundle import ModelMeta, load_model, save_model
 
-_LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -215,7 +215,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.ndarray | None:
     """Class indices (in the model's logit order) of a manifest's rows, from its label column for the model's
     taxonomy. Missing or foreign labels raise `DataError`, or give None when not ``strict``."""
-    col = _LABEL_COLUMN[meta.taxonomy]
+    col = LABEL_COLUMNS[meta.taxonomy]
     if col not in df.columns:
         if not strict:
             return None

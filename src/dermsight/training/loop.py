@@ -28,7 +28,11 @@ from tqdm.auto import tqdm
 
 from dermsight.classes import TAXONOMIES
 from dermsight.data.cache import ImageCache, build_cache
-from dermsight.data.manifest import build_manifest, load_manifest
+from dermsight.data.manifest import (
+    LABEL_COLUMNS,
+    build_manifest,
+    load_manifest,
+)
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
@@ -36,9 +40,6 @@ from dermsight.models.bundle import ModelMeta, save_model
 from dermsight.models.factory import create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
 from dermsight.transforms import EvalPreset, TrainPreset
-
-LABEL_COLUMN = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
-
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -96,12 +97,12 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
                 f"warning: {len(ingest.problems)} item(s) of {src} dropped while reading (see `dermsight data "
                 "manifest` for the list)"
             )
-        split_cfg = SplitConfig(val=cfg.val, test=cfg.test, seed=cfg.split_seed, label=LABEL_COLUMN[cfg.taxonomy])
+        split_cfg = SplitConfig(val=cfg.val, test=cfg.test, seed=cfg.split_seed, label=LABEL_COLUMNS[cfg.taxonomy])
         manifest = split_manifest(ingest.manifest, split_cfg)
         for issue in check_split(manifest, split_cfg.label):
             print(f"warning: {issue}")
     classes = TAXONOMIES[cfg.taxonomy].codes
-    label = LABEL_COLUMN[cfg.taxonomy]
+    label = LABEL_COLUMNS[cfg.taxonomy]
     lookup = {c: i for i, c in enumerate(classes)}
     manifest = manifest.copy()
     manifest["target"] = manifest[label].map(lookup).fillna(-1).astype(int)
