@@ -30,16 +30,6 @@ from dermsight.models import (
 )
 from dermsight.models.factory import offline_weights_path, read_offline_state_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared with other jobs: a second intra-op thread makes tiny tensor ops up to 10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # inception_v3 needs at least 75 px; everything else runs at 64.
 SIZES = {"inception_v3": 75}
 

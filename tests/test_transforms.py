@@ -11,16 +11,6 @@ from dermsight.models import create_model
 from dermsight.models.bundle import ModelMeta
 from dermsight.transforms import EvalPreset, RandomRot90, TrainPreset, to_tensor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared with other jobs: a second intra-op thread makes tiny tensor ops up to 10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MEAN = (0.5, 0.25, 0.0)
 STD = (0.5, 0.25, 1.0)
 

@@ -81,7 +81,7 @@ def model_logits(
     progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode."""
-    from dermsight.inference.predictor import decode, decode_side, match_detail
+    from dermsight.inference.predictor import decode, decode_side, to_model_input
 
     tf = EvalPreset.from_meta(meta)
     side = decode_side(meta)
@@ -91,7 +91,7 @@ def model_logits(
         try:
             # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
             # level of the training images, then the model's eval preset. Scores must describe what is served.
-            return tf(match_detail(decode(paths[i], side), meta))
+            return to_model_input(decode(paths[i], side), meta, tf)
         except ImageError as e:
             failed.append((i, str(e)))
             return None

@@ -177,11 +177,11 @@ def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = 
 
 def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
     """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
-    from dermsight.inference.predictor import decode, decode_side, match_detail
+    from dermsight.inference.predictor import decode, decode_side, to_model_input
 
     preset = EvalPreset.from_meta(meta)
     side = decode_side(meta)
-    return np.stack([preset(match_detail(decode(s, side), meta)).numpy() for s in sources])
+    return np.stack([to_model_input(decode(s, side), meta, preset).numpy() for s in sources])
 
 
 def onnx_probabilities(onnx_path: str | os.PathLike, meta: ModelMeta, x: np.ndarray, threads: int = 1) -> np.ndarray:

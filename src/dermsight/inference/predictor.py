@@ -149,6 +149,12 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     return image
 
 
+def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> torch.Tensor:
+    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, then the
+    model's eval preset. The one serving path; `dermsight evaluate` and the export's parity check call it too."""
+    return preset(match_detail(image, meta))
+
+
 class Predictor:
     """Calibrated, gated, optionally explained predictions from one saved model. Build it with `from_path`.
 
@@ -296,7 +302,7 @@ class Predictor:
         """Decoded image -> normalised (3, S, S) float32 model input, per the model's contract."""
         if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. np.asarray of a PIL image)
             image = image.copy()
-        return self.preset(match_detail(image, self._meta)).numpy()
+        return to_model_input(image, self._meta, self.preset).numpy()
 
     def forward(self, x: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, S, S) inputs -> (N, C) logits and (N, D) pooled features, in batches of `BATCH_SIZE`.
