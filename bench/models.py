@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/models.py --out bench/models.md                       # train + score every backbone
     .venv/bin/python bench/models.py --out bench/models.md --epochs 12 --device cuda
+    .venv/bin/python bench/models.py --protocol cpu-quick --out bench/models.md  # a 2-core CPU budget (below)
     .venv/bin/python bench/models.py --measure-only --out bench/models.md        # params and CPU latency only
     .venv/bin/python bench/models.py --collect runs/compare --out bench/models.md  # table from finished runs
 
@@ -9,6 +10,15 @@ Every backbone is trained by the same `dermsight.training.fit` with the same spl
 class-weighted loss; it is selected on validation balanced accuracy and scored once on the test split. The weights
 each run started from are read back from the saved model, so the table says honestly whether a backbone had ImageNet
 weights (hub or offline) or started from random initialisation because no weights were reachable.
+
+``--protocol cpu-quick`` is what a 2-core CPU can afford for all seven backbones (VGG-19 alone costs about 40 minutes
+an epoch there): 128 px, 2 epochs of 60 steps of 32 images (3,840 training images seen), the same for every backbone.
+It ranks backbones under a tiny budget; it does not say how good each gets when trained properly (use a GPU and the
+base config for that). ``--imbalance loss sampler none`` adds rows for the first backbone trained with class-weighted
+loss, class-balanced sampling, or neither, under the same protocol.
+
+Bench runs skip the temperature/OOD calibration and decision-rule tuning of `dermsight train`: the table compares
+backbones under plain argmax, the same rule for each.
 """
 
 from __future__ import annotations
@@ -59,8 +69,23 @@ def params_m(arch: str) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def train_one(arch: str, base: TrainConfig, root: Path) -> Path:
-    cfg = replace(base, arch=arch, out=str(root / arch))
+PROTOCOLS = {
+    # name: overrides of the base config
+    "config": {},
+    "cpu-quick": dict(input_size=128, epochs=2, max_steps_per_epoch=60, batch_size=32, warmup_epochs=0.25, patience=2),
+}
+
+
+def run_name(arch: str, imbalance: str, base: TrainConfig) -> str:
+    return arch if imbalance == base.imbalance else f"{arch}+{imbalance}"
+
+
+def train_one(arch: str, base: TrainConfig, root: Path, imbalance: str | None = None) -> Path:
+    imbalance = imbalance or base.imbalance
+    name = run_name(arch, imbalance, base)
+    cfg = replace(
+        base, arch=arch, imbalance=imbalance, out=str(root / name), calibrate=False, tune_decision=False, resume=False
+    )
     try:
         create_model(arch, 7, weights=cfg.weights)
     except WeightsError as e:
@@ -68,8 +93,8 @@ def train_one(arch: str, base: TrainConfig, root: Path) -> Path:
         cfg = replace(cfg, weights="none")
     t0 = time.perf_counter()
     fit(cfg)
-    (root / arch / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    return root / arch
+    (root / name / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return root / name
 
 
 def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
@@ -77,8 +102,11 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
     test = json.loads((run / "test" / "metrics.json").read_text())
     secs = float((run / "train_seconds.txt").read_text()) if (run / "train_seconds.txt").exists() else float("nan")
     ci = test.get("ci95", {})
+    imbalance = meta.config.get("imbalance", "")
+    steps = meta.config.get("max_steps_per_epoch") or 0
     return {
-        "arch": meta.architecture,
+        "arch": run.name,
+        "imbalance": imbalance,
         "balanced_accuracy": test["balanced_accuracy"],
         "bacc_ci": ci.get("balanced_accuracy"),
         "accuracy": test["accuracy"],
@@ -87,6 +115,7 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
         "latency_ms": cpu_latency_ms(meta.architecture, size, threads),
         "train_min": secs / 60,
         "epochs": meta.config.get("epochs"),
+        "steps": steps,
         "input_size": meta.input_size,
         "weights": meta.weights.get("description", meta.weights.get("source")),
     }
@@ -99,8 +128,8 @@ def markdown(rows: list[dict], note: str) -> str:
         note,
         "",
         "| backbone | balanced acc. (95% CI) | accuracy | macro AUC | params (M) | CPU latency, batch 1 (ms) "
-        "| training (min) | input | starting weights |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| training (min) | input | imbalance | starting weights |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -(r.get("balanced_accuracy") or -1)):
         if r.get("balanced_accuracy") is None:
@@ -110,10 +139,10 @@ def markdown(rows: list[dict], note: str) -> str:
             q = f"{r['balanced_accuracy']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
             q += f" | {r['accuracy']:.3f} | {r['macro_auc']:.3f}"
         minutes = r.get("train_min", float("nan"))
-        train = "" if math.isnan(minutes) else f"{minutes:.0f}"
+        train = "" if math.isnan(minutes) else f"{minutes:.1f}"
         out.append(
             f"| {r['arch']} | {q} | {r['params_m']:.1f} | {r['latency_ms']:.0f} | {train} | "
-            f"{r.get('input_size', '')} | {r.get('weights', '')} |"
+            f"{r.get('input_size', '')} | {r.get('imbalance', '')} | {r.get('weights', '')} |"
         )
     return "\n".join(out) + "\n"
 
@@ -122,6 +151,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base training config")
     ap.add_argument("--archs", nargs="+", default=list(BACKBONES))
+    ap.add_argument("--protocol", choices=tuple(PROTOCOLS), default="config", help="training budget (see above)")
+    ap.add_argument(
+        "--imbalance",
+        nargs="+",
+        choices=("loss", "sampler", "none"),
+        default=[],
+        help="extra rows: the first backbone trained with each of these imbalance treatments",
+    )
     ap.add_argument("--root", type=Path, default=Path("runs/compare"), help="run folders")
     ap.add_argument("--out", type=Path, default=Path("bench/models.md"))
     ap.add_argument("--epochs", type=int)
@@ -138,7 +175,13 @@ def main() -> None:
     ap.add_argument("--collect", type=Path, help="build the table from finished runs under this folder")
     args = ap.parse_args()
 
-    base = TrainConfig.from_yaml(args.config, epochs=args.epochs, input_size=args.input_size, device=args.device)
+    base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol])
+    base = replace(
+        base,
+        epochs=args.epochs or base.epochs,
+        input_size=args.input_size or base.input_size,
+        device=args.device or base.device,
+    )
     size = base.input_size
     if args.measure_only:
         rows = [
@@ -156,16 +199,28 @@ def main() -> None:
             "measured in one run on this machine. No backbone was trained for this table."
         )
     else:
+        jobs = [(a, base.imbalance) for a in args.archs]
+        jobs += [(args.archs[0], i) for i in args.imbalance if i != base.imbalance]
         if args.collect is None:
-            for arch in args.archs:
-                train_one(arch, base, args.root)
+            for arch, imbalance in jobs:
+                if (args.root / run_name(arch, imbalance, base) / "train_seconds.txt").exists():
+                    print(f"{run_name(arch, imbalance, base)}: finished run found, not retrained")
+                    continue
+                train_one(arch, base, args.root, imbalance)
         root = args.collect or args.root
-        runs = [root / a for a in args.archs if (root / a / "model.safetensors").exists()]
+        names = [run_name(a, i, base) for a, i in jobs]
+        runs = [root / n for n in names if (root / n / "model.safetensors").exists()]
         rows = [row_from_run(r, size, args.threads) for r in runs]
+        budget = f"{base.epochs} epochs" + (
+            f" of {base.max_steps_per_epoch} steps of {base.batch_size} images" if base.max_steps_per_epoch else ""
+        )
         note = (
-            f"Same lesion-grouped split (seed {base.split_seed}), schedule and class-weighted loss for every backbone "
-            f"(base config {args.config}); selected on validation balanced accuracy, scored once on the test split. "
-            f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in the same run."
+            f"Protocol `{args.protocol}` over base config {args.config}: the same lesion-grouped split (seed "
+            f"{base.split_seed}), {base.input_size} px, {budget}, lr {base.lr}, {base.imbalance} imbalance treatment "
+            "for every backbone unless the imbalance column says otherwise; selected on validation balanced accuracy, "
+            "scored once on the test split with plain argmax (no calibration, TTA or prior correction). "
+            f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in the same run. "
+            "Training minutes are wall time on the machine that trained (including scoring val and test)."
         )
     args.out.write_text(markdown(rows, note))
     print(args.out.read_text())

@@ -20,7 +20,7 @@ from conftest import make_image
 from dermsight.models.bundle import load_model
 from dermsight.models.factory import create_model
 from dermsight.training import TrainConfig, fit, train_one_epoch
-from dermsight.training.loop import WeightedSampler, class_weights, warmup_cosine
+from dermsight.training.loop import WeightedCrossEntropy, WeightedSampler, class_weights, warmup_cosine
 
 
 def synthetic_dataset(root: Path, n: int = 48) -> Path:
@@ -72,6 +72,34 @@ def test_class_weights_balance_classes_and_sampler_splits_across_ranks():
     assert len(a) == len(s0) == 5 and len(b) == 5
     whole = list(WeightedSampler(w[y], 10, seed=1))
     assert sorted(a + b) == sorted(whole)
+
+
+def _loss_optimum(criterion: nn.Module, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    z = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.SGD([z], lr=1.0)
+    for _ in range(2000):
+        loss = criterion(z.expand(len(target), n_classes), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z.detach().softmax(0)
+
+
+def test_weighted_loss_with_smoothing_keeps_the_true_class_on_top():
+    # A batch of common-class images (class 0, small weight) must still be pushed towards class 0: the smoothed
+    # target is 1 - e + e/C there. PyTorch's own weighted + smoothed loss puts its optimum on the rare class 1.
+    w, y = torch.tensor([0.2, 10.0, 1.0]), torch.zeros(4, dtype=torch.long)
+    ours = _loss_optimum(WeightedCrossEntropy(w, label_smoothing=0.1), y, 3)
+    assert ours[0].item() == pytest.approx(0.9 + 0.1 / 3, abs=1e-3)
+    torch_builtin = _loss_optimum(nn.CrossEntropyLoss(weight=w, label_smoothing=0.1), y, 3)
+    assert torch_builtin.argmax().item() == 1  # the trap this loss avoids (if PyTorch changes, revisit the note)
+    # Weights scale samples: one rare sample (w=10) counts as much as ten common ones (w=1).
+    crit = WeightedCrossEntropy(torch.tensor([1.0, 10.0]))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    per = nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")
+    expected = (per[0] * 1 + per[1] * 10) / 11
+    assert crit(logits, torch.tensor([0, 1])).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert WeightedCrossEntropy()(logits, torch.tensor([0, 1])).item() == pytest.approx(per.mean().item(), rel=1e-6)
 
 
 def test_model_overfits_32_images_and_loss_falls():

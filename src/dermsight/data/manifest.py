@@ -111,9 +111,9 @@ def _labels(raw: pd.Series, items: pd.Series, problems: list[Problem]) -> pd.Ser
     return raw.map(resolved)
 
 
-def _finish(rows: pd.DataFrame, source: str, problems: list[Problem]) -> pd.DataFrame:
+def _finish(rows: pd.DataFrame, source: str, problems: list[Problem], fmt: str, rows_read: int) -> Ingest:
     """Fill derived columns, drop rows without path or label, and order columns as MANIFEST_COLUMNS."""
-    rows.attrs["labels_read"] = {str(k): int(v) for k, v in rows["label"].value_counts().items()}
+    labels_read = {str(k): int(v) for k, v in rows["label"].value_counts().items()}
     rows = rows[rows["label"].notna() & rows["path"].notna()].copy()
     rows["source"] = source
     rows["label_ham7"] = rows["label"].map(lambda c: to_taxonomy(c, HAM7))
@@ -127,7 +127,8 @@ def _finish(rows: pd.DataFrame, source: str, problems: list[Problem]) -> pd.Data
     for c in MANIFEST_COLUMNS:
         if c not in rows:
             rows[c] = pd.NA
-    return rows.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
+    manifest = rows.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
+    return Ingest(manifest, problems, fmt, rows_read, labels_read)
 
 
 def _attach_paths(
@@ -168,12 +169,7 @@ def read_labels_csv(csv_path: Path) -> Ingest:
     rows["sex"] = _col(df, "sex")
     rows["site"] = _col(df, "site", "localization", "anatom_site_general")
     rows["dx_type"] = _col(df, "dx_type", "diagnosis_confirm_type")
-    return Ingest(
-        _finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems),
-        problems,
-        "labels-csv",
-        len(df),
-    )
+    return _finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems, "labels-csv", len(df))
 
 
 def _isic_codes(col: pd.Series) -> pd.Series:
@@ -205,7 +201,7 @@ def read_ham10000(root: Path) -> Ingest:
     rows["sex"] = _col(df, "sex")
     rows["site"] = _col(df, "localization")
     rows["dx_type"] = _col(df, "dx_type")
-    return Ingest(_finish(rows, "ham10000", problems), problems, "ham10000", len(df))
+    return _finish(rows, "ham10000", problems, "ham10000", len(df))
 
 
 def _find_one(root: Path, pattern: str) -> Path | None:
@@ -250,7 +246,7 @@ def read_isic2019(root: Path) -> Ingest:
     rows["age"] = _col(meta, "age_approx")
     rows["sex"] = _col(meta, "sex")
     rows["site"] = _col(meta, "anatom_site_general")
-    return Ingest(_finish(rows, "isic2019", problems), problems, "isic2019", len(gt))
+    return _finish(rows, "isic2019", problems, "isic2019", len(gt))
 
 
 # isic-cli writes a metadata.csv whose diagnosis columns vary with the archive's taxonomy version; the most specific
@@ -298,7 +294,7 @@ def read_isic_archive(root: Path) -> Ingest:
     rows["sex"] = _col(df, "sex")
     rows["site"] = _col(df, "anatom_site_general")
     rows["dx_type"] = _col(df, "diagnosis_confirm_type")
-    return Ingest(_finish(rows, "isic-archive", problems), problems, "isic-archive", len(df))
+    return _finish(rows, "isic-archive", problems, "isic-archive", len(df))
 
 
 def read_folders(root: Path) -> Ingest:
@@ -327,7 +323,7 @@ def read_folders(root: Path) -> Ingest:
         records.extend({"path": p, "image_id": p.stem, "label": code} for p in files)
     rows = pd.DataFrame.from_records(records, columns=["path", "image_id", "label"])
     n_read = len(rows) + len(problems)
-    return Ingest(_finish(rows, f"folders:{root.resolve().name}", problems), problems, "folders", n_read)
+    return _finish(rows, f"folders:{root.resolve().name}", problems, "folders", n_read)
 
 
 READERS: dict[str, Callable[[Path], Ingest]] = {
@@ -431,7 +427,6 @@ def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", pro
         raise DataError(f"{path}: no such file or folder")
     ingest = READERS[fmt](path)
     ingest.format = fmt
-    ingest.labels_read = ingest.manifest.attrs.pop("labels_read", {})
     if verify != "none" and len(ingest.manifest):
         ingest.manifest, bad = verify_images(ingest.manifest, full=verify == "full", progress=progress)
         ingest.problems.extend(bad)
