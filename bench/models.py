@@ -214,7 +214,7 @@ def main() -> None:
         names = [run_name(a, i, base) for a, i in jobs]
         runs = [root / n for n in names if (root / n / "model.safetensors").exists()]
         rows = [row_from_run(r, size, args.threads) for r in runs]
-        budget = f"{base.epochs} epochs" + (
+        budget = f"{base.epochs} epoch{'s' if base.epochs != 1 else ''}" + (
             f" of {base.max_steps_per_epoch} steps of {base.batch_size} images" if base.max_steps_per_epoch else ""
         )
         note = (
