@@ -103,11 +103,9 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
     test = json.loads((run / "test" / "metrics.json").read_text())
     secs = float((run / "train_seconds.txt").read_text()) if (run / "train_seconds.txt").exists() else float("nan")
     ci = test.get("ci95", {})
-    imbalance = meta.config.get("imbalance", "")
-    steps = meta.config.get("max_steps_per_epoch") or 0
     return {
         "arch": run.name,
-        "imbalance": imbalance,
+        "imbalance": meta.config.get("imbalance", ""),
         "balanced_accuracy": test["balanced_accuracy"],
         "bacc_ci": ci.get("balanced_accuracy"),
         "accuracy": test["accuracy"],
@@ -116,7 +114,6 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
         "latency_ms": cpu_latency_ms(meta.architecture, size, threads),
         "train_min": secs / 60,
         "epochs": meta.config.get("epochs"),
-        "steps": steps,
         "input_size": meta.input_size,
         "weights": meta.weights.get("description", meta.weights.get("source")),
     }
@@ -206,8 +203,9 @@ def main() -> None:
         jobs += [(a, base.imbalance) for a in args.archs[1:]]
         if args.collect is None:
             for arch, imbalance in jobs:
-                if (args.root / run_name(arch, imbalance, base) / "train_seconds.txt").exists():
-                    print(f"{run_name(arch, imbalance, base)}: finished run found, not retrained")
+                name = run_name(arch, imbalance, base)
+                if (args.root / name / "train_seconds.txt").exists():
+                    print(f"{name}: finished run found, not retrained")
                     continue
                 train_one(arch, base, args.root, imbalance)
         root = args.collect or args.root

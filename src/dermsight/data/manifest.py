@@ -426,7 +426,6 @@ def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", pro
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     ingest = READERS[fmt](path)
-    ingest.format = fmt
     if verify != "none" and len(ingest.manifest):
         ingest.manifest, bad = verify_images(ingest.manifest, full=verify == "full", progress=progress)
         ingest.problems.extend(bad)

@@ -141,7 +141,8 @@ def evaluate(
     problems += [Problem(paths[i], reason, "image") for i, reason in failed]
     ok = ~np.isnan(logits).any(axis=1)
     logits, y = logits[ok], y[ok]
-    probs_raw, probs = softmax(meta.adjust(logits)), softmax(meta.adjust(logits), meta.temperature)
+    adjusted = meta.adjust(logits)
+    probs_raw, probs = softmax(adjusted), softmax(adjusted, meta.temperature)
     if taxonomy != meta.taxonomy:
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)

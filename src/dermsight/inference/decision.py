@@ -24,18 +24,10 @@ from sklearn.metrics import balanced_accuracy_score
 from dermsight.data.manifest import LABEL_COLUMNS
 from dermsight.data.problems import DataError
 from dermsight.evaluation.run import evaluate, model_logits
-from dermsight.inference.calibration import fit_temperature, read_split_manifest
+from dermsight.inference.calibration import fit_temperature, read_labels, read_split_manifest
 from dermsight.models.bundle import ModelMeta, load_model, update_meta
 
 TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.05))
-
-
-def _split_targets(df: pd.DataFrame, meta: ModelMeta) -> np.ndarray:
-    col = LABEL_COLUMNS[meta.taxonomy]
-    y = df[col].map({c: i for i, c in enumerate(meta.classes)})
-    if y.isna().any():
-        raise DataError(f"{int(y.isna().sum())} validation rows have no {col} in the model's classes")
-    return y.to_numpy(int)
 
 
 def choose(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray) -> tuple[float, float, float]:
@@ -75,7 +67,7 @@ def tune_decision(
     col = LABEL_COLUMNS[meta.taxonomy]
     prior = train[col].value_counts(normalize=True).reindex(list(meta.classes)).fillna(0).to_numpy()
     log_prior = np.log(np.maximum(prior, 1e-6))
-    y = _split_targets(val, meta)
+    y = read_labels(val, meta)
     paths = [str(p) for p in val["path"]]
 
     candidates = {}

@@ -329,7 +329,8 @@ class Predictor:
         return np.concatenate(logits), np.concatenate(feats)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities: ``softmax(logits / T)`` with the model's stored temperature."""
+        """Calibrated class probabilities: ``softmax((logits + bias) / T)`` with the model's stored decision bias
+        (`ModelMeta.adjust`) and temperature."""
         return softmax(self._meta.adjust(logits), self._meta.temperature)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
