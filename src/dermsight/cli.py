@@ -285,6 +285,14 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    from dermsight.training.soup import make_soup, report_lines
+
+    report = make_soup(args.models, args.data, args.out, greedy=not args.uniform, device=args.device)
+    print("\n".join(report_lines(report)))
+    return EXIT_OK
+
+
 def cmd_model_card(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import default_model_path, read_meta
     from dermsight.models.card import render_model_card
@@ -380,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--out", help="write the tuned model here (default: in place)")
     td.add_argument("--reports", help="folder for the val/test reports (default: a temporary folder)")
     td.set_defaults(func=cmd_tune_decision)
+
+    so = sub.add_parser(
+        "soup", help="average the weights of runs of one recipe (greedy model soup, chosen on the val split)"
+    )
+    so.add_argument("models", nargs="+", metavar="MODEL", help="model files of runs of the same recipe")
+    so.add_argument("--data", required=True, help="split manifest (split.csv) or a training run folder")
+    so.add_argument("--out", required=True, help="model file to write")
+    so.add_argument("--uniform", action="store_true", help="average all models (default: greedy on val)")
+    so.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    so.set_defaults(func=cmd_soup)
 
     mc = sub.add_parser("model-card", help="render a model's card (Markdown) from the metadata inside the model")
     mc.add_argument("--model", help="model file (default: the bundled default model)")

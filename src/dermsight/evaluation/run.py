@@ -98,6 +98,7 @@ def model_logits(
 
     out = np.full((len(paths), meta.num_classes), np.nan, np.float32)
     model.eval()
+    device = next(model.parameters()).device  # images are decoded on the CPU; the model may sit on a GPU
     with ThreadPoolExecutor(4) as pool:
         chunks = range(0, len(paths), batch_size)
         for start in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress or None):
@@ -106,7 +107,11 @@ def model_logits(
             keep = [i for i, t in zip(idx, items, strict=True) if t is not None]
             if not keep:
                 continue
-            x = torch.stack([t for t in items if t is not None]).contiguous(memory_format=torch.channels_last)
+            x = (
+                torch.stack([t for t in items if t is not None])
+                .to(device)
+                .contiguous(memory_format=torch.channels_last)
+            )
             if tta:
                 # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
                 # original; averaging logits over them smooths the model's orientation-specific errors.
@@ -114,7 +119,7 @@ def model_logits(
                 logits = torch.stack([model(v) for v in views]).mean(0)
             else:
                 logits = model(x)
-            out[keep] = logits.float().numpy()
+            out[keep] = logits.float().cpu().numpy()
     return out, sorted(failed)
 
 

@@ -1,0 +1,79 @@
+"""Model soups: weight averaging is exact, greedy selection never loses on val, and mismatched runs are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dermsight.models.bundle import load_model, read_meta
+from dermsight.training import fit
+from dermsight.training.soup import average_state_dicts, make_soup, reset_batchnorm
+from test_training import synthetic_dataset, tiny_config
+
+
+def test_average_state_dicts_means_floats_and_keeps_integer_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}
+    out = average_state_dicts([a, b])
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and int(out["n"]) == 3
+    with pytest.raises(ValueError, match="different parameters"):
+        average_state_dicts([a, {"w": a["w"]}])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("soup")
+    data = synthetic_dataset(tmp / "data")
+    runs = []
+    for seed in (0, 1):
+        cfg = tiny_config(tmp, data, seed=seed, out=str(tmp / f"run{seed}"), epochs=2)
+        runs.append(fit(cfg, progress=False))
+    return tmp, runs
+
+
+def test_greedy_soup_is_never_worse_on_val_than_its_best_ingredient(two_runs):
+    tmp, runs = two_runs
+    out = tmp / "soup.safetensors"
+    report = make_soup([r.model_path for r in runs], runs[0].run_dir, out, device="cpu", progress=False)
+    best_single = max(i["val"]["balanced_accuracy"] for i in report["ingredients"])
+    assert report["val"]["balanced_accuracy"] >= best_single
+    assert len(report["steps"]) == 1 and report["chosen"]
+    model, meta = load_model(out)
+    assert meta.metrics["soup"]["chosen"] == report["chosen"] and meta.temperature == 1.0 and not meta.logit_bias
+    assert model(torch.zeros(1, 3, meta.input_size, meta.input_size)).shape == (1, meta.num_classes)
+
+
+def test_uniform_soup_averages_every_run(two_runs):
+    tmp, runs = two_runs
+    out = tmp / "uniform.safetensors"
+    report = make_soup([r.model_path for r in runs], runs[0].run_dir, out, greedy=False, device="cpu", progress=False)
+    assert len(report["chosen"]) == 2 and report["batchnorm"].startswith("re-estimated")
+    soup, _ = load_model(out)
+    a, _ = load_model(runs[0].model_path)
+    b, _ = load_model(runs[1].model_path)
+    name = "conv_stem.weight"  # a conv weight: averaged exactly (BatchNorm statistics are re-estimated)
+    expected = (a.state_dict()[name] + b.state_dict()[name]) / 2
+    assert torch.allclose(soup.state_dict()[name], expected, atol=1e-6)
+
+
+def test_soup_refuses_runs_of_different_recipes(two_runs, tmp_path):
+    tmp, runs = two_runs
+    data = tmp / "data"
+    other = fit(tiny_config(tmp_path, data, input_size=40, epochs=1), progress=False)
+    with pytest.raises(ValueError, match="input_size"):
+        make_soup([runs[0].model_path, other.model_path], runs[0].run_dir, tmp_path / "x.safetensors", progress=False)
+    with pytest.raises(ValueError, match="at least two"):
+        make_soup([runs[0].model_path], runs[0].run_dir, tmp_path / "x.safetensors", progress=False)
+    assert read_meta(runs[0].model_path).input_size == 32
+
+
+def test_reset_batchnorm_replaces_running_statistics(two_runs):
+    _, runs = two_runs
+    model, meta = load_model(runs[0].model_path)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_mean.fill_(123.0)
+    paths = [str(p) for p in sorted((runs[0].run_dir.parent / "data" / "img").glob("*.jpg"))[:8]]
+    reset_batchnorm(model, meta, paths)
+    assert not model.training and bn.momentum == 0.1
+    assert float(bn.running_mean.abs().max()) < 50
