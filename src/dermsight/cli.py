@@ -131,7 +131,13 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dermsight.training import TrainConfig, fit
 
-    overrides = {"out": args.out, "epochs": args.epochs, "device": args.device, "resume": args.resume or None}
+    overrides = {
+        "out": args.out,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "device": args.device,
+        "resume": args.resume or None,
+    }
     cfg = (
         TrainConfig.from_yaml(Path(args.config), **overrides)
         if args.config
@@ -362,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file of TrainConfig options (default: built-in defaults)")
     t.add_argument("--out", help="run folder (overrides the config)")
     t.add_argument("--epochs", type=int, help="override the number of epochs")
+    t.add_argument("--seed", type=int, help="override the seed (runs of one recipe for `dermsight soup`)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.set_defaults(func=cmd_train)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,13 @@ def choose(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray) -> tuple[fl
     return best[1], best[2], best[3]
 
 
+def train_prior(train: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, np.ndarray]:
+    """Class frequencies of the training split in the model's class order, and their logs (floored at 1e-6)."""
+    col = LABEL_COLUMNS[meta.taxonomy]
+    prior = train[col].value_counts(normalize=True).reindex(list(meta.classes)).fillna(0).to_numpy()
+    return prior, np.log(np.maximum(prior, 1e-6))
+
+
 def _summary(metrics: dict) -> dict:
     extra = metrics.get("extra", {})
     return {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")} | {
@@ -65,9 +72,7 @@ def tune_decision(
     train, val = df[df["split"] == "train"], df[df["split"] == "val"]
     if val.empty or train.empty:
         raise DataError("the manifest needs `train` (for the class prior) and `val` splits")
-    col = LABEL_COLUMNS[meta.taxonomy]
-    prior = train[col].value_counts(normalize=True).reindex(list(meta.classes)).fillna(0).to_numpy()
-    log_prior = np.log(np.maximum(prior, 1e-6))
+    prior, log_prior = train_prior(train, meta)
     y = read_labels(val, meta)
     paths = [str(p) for p in val["path"]]
 
@@ -81,8 +86,9 @@ def tune_decision(
         candidates[False]["balanced_accuracy"] + candidates[False]["accuracy"]
     )
     pick = candidates[tta]
-    bias = tuple(float(b) for b in pick["tau"] * log_prior)
-    temperature = fit_temperature(pick["logits"] + np.asarray(bias, dtype=np.float32), pick["y"])
+    biased = replace(meta, logit_bias=tuple(float(b) for b in pick["tau"] * log_prior))
+    # The temperature is fitted to the logits as they will be served: with the decision bias added.
+    temperature = fit_temperature(biased.adjust(pick["logits"]), pick["y"])
     decision = {
         "tta": bool(tta),
         "tau": pick["tau"],
@@ -97,7 +103,7 @@ def tune_decision(
         },
         "train_prior": {c: round(float(p), 4) for c, p in zip(meta.classes, prior, strict=True)},
     }
-    new = ModelMeta(**{**asdict(meta), "logit_bias": bias, "tta": bool(tta), "temperature": temperature})
+    new = replace(biased, tta=bool(tta), temperature=temperature)
     out = update_meta(model_path, new, out_path)
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
@@ -111,7 +117,7 @@ def tune_decision(
                 ev = evaluate(split_csv, reports / name, out, split=name, progress=progress)
                 metrics[name] = _summary(ev.metrics)
     metrics["decision"] = decision
-    update_meta(out, ModelMeta(**{**asdict(new), "metrics": metrics}))
+    update_meta(out, replace(new, metrics=metrics))
     return {
         "model": str(out),
         "decision": decision,

@@ -4,10 +4,14 @@ Runs fine-tuned from the same pretrained weights (here: the same config with dif
 basin of the loss, where the average of their weights scores like an ensemble of them but costs one model at
 inference: the CPU latency, the bundle size, the ONNX export and Grad-CAM are those of a single network.
 
-The greedy recipe keeps this honest: ingredients are ranked by their own validation balanced accuracy and each is
-added only when the soup's validation score does not drop, so the result is never worse on val than the best run
-alone (and the test split plays no part). Averaged BatchNorm statistics do not describe the averaged network, so
-they are re-estimated on training images (eval preprocessing, as served) before each soup is scored.
+The greedy recipe keeps this honest: ingredients are ranked by their own validation score and each is added only
+when the soup's validation score does not drop, so the result is never worse on val than the best run alone (and the
+test split plays no part). The score is the one the decision rule maximises (`dermsight.inference.decision`):
+balanced accuracy + accuracy under the best prior correction tau, since that rule is what the soup will be served
+with; raw argmax balanced accuracy alone would favour runs whose class weighting happens to suit argmax.
+
+Averaged BatchNorm statistics do not describe the averaged network, so they are re-estimated on training images
+(eval preprocessing, as served) before each soup is scored.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +31,7 @@ from dermsight.data.images import ImageError
 from dermsight.data.problems import DataError
 from dermsight.evaluation.run import model_logits
 from dermsight.inference.calibration import read_labels, read_split_manifest
+from dermsight.inference.decision import choose, train_prior
 from dermsight.models.bundle import ModelMeta, load_model, read_meta, save_model
 
 # What must agree for weights to be averaged and served with one contract.
@@ -85,13 +89,10 @@ def reset_batchnorm(model: nn.Module, meta: ModelMeta, paths: list[str], batch_s
     model.train(was_training)
 
 
-def _score(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def _score(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray) -> dict[str, float]:
     ok = ~np.isnan(logits).any(axis=1)
-    pred = logits[ok].argmax(1)
-    return {
-        "balanced_accuracy": float(balanced_accuracy_score(y[ok], pred)),
-        "accuracy": float((pred == y[ok]).mean()),
-    }
+    tau, ba, acc = choose(logits[ok], y[ok], log_prior)
+    return {"score": ba + acc, "balanced_accuracy": ba, "accuracy": acc, "tau": tau}
 
 
 def make_soup(
@@ -104,7 +105,7 @@ def make_soup(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Average ``model_paths`` (greedily, on val balanced accuracy, unless ``greedy`` is false) into ``out``."""
+    """Average ``model_paths`` (greedily on the val score, unless ``greedy`` is false) into ``out``."""
     paths = [Path(p) for p in model_paths]
     names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
     if len(paths) < 2:
@@ -121,6 +122,7 @@ def make_soup(
     if val.empty or train.empty:
         raise DataError("the manifest needs `train` (BatchNorm statistics) and `val` (selection) splits")
     y = read_labels(val, metas[0])
+    _, log_prior = train_prior(train, metas[0])
     val_paths = [str(p) for p in val["path"]]
     bn_paths = [str(p) for p in train["path"].sample(min(bn_images, len(train)), random_state=seed)]
     dev = torch.device(
@@ -130,21 +132,21 @@ def make_soup(
     loaded = [load_model(p, device=dev) for p in paths]
     # Copies: `work` below is the first model itself, and loading a soup into it must not change the ingredients.
     states = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m, _ in loaded]
-    singles = [_score(model_logits(m, meta, val_paths, progress=progress)[0], y) for m, meta in loaded]
-    order = sorted(range(len(paths)), key=lambda i: -singles[i]["balanced_accuracy"])
+    singles = [_score(model_logits(m, meta, val_paths, progress=progress)[0], y, log_prior) for m, meta in loaded]
+    order = sorted(range(len(paths)), key=lambda i: -singles[i]["score"])
     work = loaded[0][0]
 
     def soup_score(members: list[int]) -> dict[str, float]:
         work.load_state_dict(average_state_dicts([states[i] for i in members]))
         reset_batchnorm(work, metas[0], bn_paths)
-        return _score(model_logits(work, metas[0], val_paths, progress=progress)[0], y)
+        return _score(model_logits(work, metas[0], val_paths, progress=progress)[0], y, log_prior)
 
     steps = []
     if greedy:
         chosen, best = [order[0]], singles[order[0]]
         for i in tqdm(order[1:], desc="greedy soup", disable=not progress or None):
             trial = soup_score([*chosen, i])
-            kept = trial["balanced_accuracy"] >= best["balanced_accuracy"]
+            kept = trial["score"] >= best["score"]
             steps.append({"add": names[i], "val": trial, "kept": kept})
             if kept:
                 chosen, best = [*chosen, i], trial
@@ -164,7 +166,7 @@ def make_soup(
         "steps": steps,
         "chosen": [names[i] for i in chosen],
         "val": best,
-        "selected_on": f"val split ({len(val_paths)} images), balanced accuracy",
+        "selected_on": f"val split ({len(val_paths)} images), balanced accuracy + accuracy at the best tau",
         "batchnorm": f"re-estimated on {len(bn_paths)} training images" if len(chosen) > 1 else "kept",
     }
     base = metas[chosen[0]]
@@ -183,12 +185,15 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     for ing in report["ingredients"]:
         v = ing["val"]
         lines.append(
-            f"  {ing['model']}: val balanced accuracy {v['balanced_accuracy']:.3f}, accuracy {v['accuracy']:.3f}"
+            f"  {ing['model']}: val balanced accuracy {v['balanced_accuracy']:.3f}, accuracy {v['accuracy']:.3f} "
+            f"(tau {v['tau']:.2f})"
         )
     for s in report["steps"]:
         v = s["val"]
         verdict = "kept" if s["kept"] else "left out"
-        lines.append(f"  + {s['add']}: soup {v['balanced_accuracy']:.3f} / {v['accuracy']:.3f} -> {verdict}")
+        lines.append(
+            f"  + {s['add']}: soup {v['balanced_accuracy']:.3f} / {v['accuracy']:.3f} (tau {v['tau']:.2f}) -> {verdict}"
+        )
     v = report["val"]
     lines.append(
         f"soup of {', '.join(report['chosen'])}: val balanced accuracy {v['balanced_accuracy']:.3f}, accuracy "

@@ -1,0 +1,56 @@
+"""The decision rule: the prior-correction search and its end-to-end tuning on a split, fitted on val only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermsight.inference.decision import TAUS, choose, train_prior, tune_decision
+from dermsight.models.bundle import read_meta
+from dermsight.training import fit
+from test_training import synthetic_dataset, tiny_config
+
+
+def test_choose_moves_towards_the_prior_when_that_raises_accuracy():
+    # Class 0 is common (90%), class 1 rare. The logits lean slightly towards class 1 (as a class-weighted loss
+    # makes them), so argmax calls every ambiguous image rare; the log prior undoes that.
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 90 + [1] * 10)
+    logits = np.stack([np.zeros(100), np.where(y == 1, 2.0, 0.3) + rng.normal(0, 0.1, 100)], 1)
+    log_prior = np.log(np.array([0.9, 0.1]))
+    tau, ba, acc = choose(logits, y, log_prior)
+    assert tau > 0 and tau in TAUS
+    assert acc == 1.0 and ba == 1.0
+    assert (logits.argmax(1) == y).mean() == pytest.approx(0.1)  # the uncorrected rule: everything called rare
+
+
+def test_choose_keeps_the_balanced_rule_on_ties():
+    y = np.array([0, 1, 0, 1])
+    logits = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    assert choose(logits, y, np.log(np.array([0.5, 0.5])))[0] == 0.0
+
+
+def test_train_prior_follows_the_model_class_order(tmp_path):
+    data = synthetic_dataset(tmp_path / "data")
+    run = fit(tiny_config(tmp_path, data, epochs=1), progress=False)
+    meta = read_meta(run.model_path)
+    df = pd.read_csv(run.run_dir / "split.csv")
+    prior, log_prior = train_prior(df[df["split"] == "train"], meta)
+    assert prior.sum() == pytest.approx(1.0) and len(prior) == len(meta.classes)
+    assert prior[meta.classes.index("df")] == 0 and log_prior[meta.classes.index("df")] == pytest.approx(np.log(1e-6))
+
+
+def test_tune_decision_stores_the_rule_and_scores_val_and_test(tmp_path):
+    data = synthetic_dataset(tmp_path / "data")
+    run = fit(tiny_config(tmp_path, data, epochs=2), progress=False)
+    out = tmp_path / "tuned.safetensors"
+    report = tune_decision(run.model_path, run.run_dir / "split.csv", out, tmp_path / "reports", progress=False)
+    meta = read_meta(out)
+    tau = report["decision"]["tau"]
+    _, log_prior = train_prior(pd.read_csv(run.run_dir / "split.csv").query("split == 'train'"), meta)
+    assert np.allclose(meta.logit_bias, tau * log_prior)
+    assert meta.temperature == pytest.approx(report["temperature"]) and meta.temperature > 0
+    assert meta.metrics["decision"]["chosen_on"].startswith("val split")
+    assert {"val", "test"} <= set(meta.metrics) and (tmp_path / "reports" / "test" / "metrics.json").is_file()
+    assert read_meta(run.model_path).logit_bias == ()  # the input model is left as it was
