@@ -132,7 +132,10 @@ def make_soup(
     loaded = [load_model(p, device=dev) for p in paths]
     # Copies: `work` below is the first model itself, and loading a soup into it must not change the ingredients.
     states = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m, _ in loaded]
-    singles = [_score(model_logits(m, meta, val_paths, progress=progress)[0], y, log_prior) for m, meta in loaded]
+    # Every candidate is scored through one preprocessing, the first model's: a calibrated model also brings inputs to
+    # its training images' detail level (`ModelMeta.source_short_side`), and ranking runs through different input
+    # paths would compare the paths as much as the weights.
+    singles = [_score(model_logits(m, metas[0], val_paths, progress=progress)[0], y, log_prior) for m, _ in loaded]
     order = sorted(range(len(paths)), key=lambda i: -singles[i]["score"])
     work = loaded[0][0]
 
