@@ -74,6 +74,23 @@ def test_soup_refuses_runs_of_different_recipes(two_runs, tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         make_soup([runs[0].model_path], runs[0].run_dir, tmp_path / "x.safetensors", progress=False)
     assert read_meta(runs[0].model_path).input_size == 32
+    # Through the command line: a clear error and exit code 2, never a traceback.
+    from dermsight.cli import main
+
+    assert (
+        main(
+            [
+                "soup",
+                str(runs[0].model_path),
+                str(tmp_path / "missing.safetensors"),
+                "--data",
+                str(runs[0].run_dir),
+                "--out",
+                str(tmp_path / "y.safetensors"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_reset_batchnorm_replaces_running_statistics(two_runs):

@@ -197,3 +197,13 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1/1" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
     assert proc.stdout.count("model written to") == 1  # only rank 0 writes
+
+
+def test_train_with_missing_weights_is_a_clear_user_error(tmp_path, capsys):
+    from dermsight.cli import main
+
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, weights=str(tmp_path / "missing.pth"), epochs=1)
+    assert main(["train", "--config", str(cfg.to_yaml(tmp_path / "c.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert "weights file not found" in err and "Traceback" not in err and "internal error" not in err

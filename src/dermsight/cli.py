@@ -495,8 +495,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dermsight.data.download import DownloadError
     from dermsight.data.images import ImageError
     from dermsight.data.problems import DataError
+    from dermsight.models.bundle import ModelLoadError
+    from dermsight.models.factory import WeightsError
 
-    return (DataError, ImageError, UnknownLabelError, DownloadError, FileNotFoundError, ValueError)
+    return (
+        DataError,
+        ImageError,
+        UnknownLabelError,
+        DownloadError,
+        ModelLoadError,
+        WeightsError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
