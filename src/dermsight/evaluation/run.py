@@ -7,6 +7,7 @@ probabilities into akiec (HAM's akiec cannot be split into the two).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,44 @@ def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[
     return y.to_numpy(int), labels, taxonomy
 
 
+def model_input_batches(
+    meta: ModelMeta,
+    paths: list[str],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    failed: list[tuple[int, str]] | None = None,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Batches of model inputs for ``paths`` through the serving preprocessing, as (indices kept, NCHW tensor on
+    ``device``). Images that fail to decode are skipped and, when ``failed`` is given, appended to it as
+    (index, reason)."""
+    from dermsight.inference.predictor import decode, decode_side, to_model_input
+
+    tf = EvalPreset.from_meta(meta)
+    side = decode_side(meta)
+
+    def load(i: int) -> torch.Tensor | None:
+        try:
+            # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
+            # level of the training images, then the model's eval preset. Scores must describe what is served.
+            return to_model_input(decode(paths[i], side), meta, tf)
+        except ImageError as e:
+            if failed is not None:
+                failed.append((i, str(e)))
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        chunks = range(0, len(paths), batch_size)
+        for start in tqdm(chunks, desc=desc, unit="batch", disable=not progress or None):
+            idx = list(range(start, min(start + batch_size, len(paths))))
+            items = list(pool.map(load, idx))
+            keep = [i for i, t in zip(idx, items, strict=True) if t is not None]
+            if keep:
+                x = torch.stack([t for t in items if t is not None]).to(device)
+                yield keep, x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def model_logits(
     model: torch.nn.Module,
@@ -81,45 +120,19 @@ def model_logits(
     progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode."""
-    from dermsight.inference.predictor import decode, decode_side, to_model_input
-
-    tf = EvalPreset.from_meta(meta)
-    side = decode_side(meta)
     failed: list[tuple[int, str]] = []
-
-    def load(i: int) -> torch.Tensor | None:
-        try:
-            # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
-            # level of the training images, then the model's eval preset. Scores must describe what is served.
-            return to_model_input(decode(paths[i], side), meta, tf)
-        except ImageError as e:
-            failed.append((i, str(e)))
-            return None
-
     out = np.full((len(paths), meta.num_classes), np.nan, np.float32)
     model.eval()
     device = next(model.parameters()).device  # images are decoded on the CPU; the model may sit on a GPU
-    with ThreadPoolExecutor(4) as pool:
-        chunks = range(0, len(paths), batch_size)
-        for start in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress or None):
-            idx = list(range(start, min(start + batch_size, len(paths))))
-            items = list(pool.map(load, idx))
-            keep = [i for i, t in zip(idx, items, strict=True) if t is not None]
-            if not keep:
-                continue
-            x = (
-                torch.stack([t for t in items if t is not None])
-                .to(device)
-                .contiguous(memory_format=torch.channels_last)
-            )
-            if tta:
-                # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
-                # original; averaging logits over them smooths the model's orientation-specific errors.
-                views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
-                logits = torch.stack([model(v) for v in views]).mean(0)
-            else:
-                logits = model(x)
-            out[keep] = logits.float().cpu().numpy()
+    for keep, x in model_input_batches(meta, paths, device, batch_size, failed, progress):
+        if tta:
+            # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
+            # original; averaging logits over them smooths the model's orientation-specific errors.
+            views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+            logits = torch.stack([model(v) for v in views]).mean(0)
+        else:
+            logits = model(x)
+        out[keep] = logits.float().cpu().numpy()
     return out, sorted(failed)
 
 

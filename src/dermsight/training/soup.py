@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dermsight.data.images import ImageError
 from dermsight.data.problems import DataError
-from dermsight.evaluation.run import model_logits
+from dermsight.evaluation.run import model_input_batches, model_logits
 from dermsight.inference.calibration import read_labels, read_split_manifest
 from dermsight.inference.decision import choose, train_prior
 from dermsight.models.bundle import ModelMeta, load_model, read_meta, save_model
@@ -59,31 +58,21 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, meta: ModelMeta, paths: list[str], batch_size: int = 64) -> None:
-    """Re-estimate every BatchNorm's running mean/var as the plain average over ``paths`` (eval preprocessing)."""
-    from dermsight.inference.predictor import decode, decode_side, to_model_input
-    from dermsight.transforms import EvalPreset
-
+    """Re-estimate every BatchNorm's running mean/var as the plain average over ``paths`` (serving preprocessing;
+    unreadable images are left out of the statistics)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    device = next(model.parameters()).device
     momenta = {}
     for m in bns:
         m.reset_running_stats()
         momenta[m] = m.momentum
         m.momentum = None  # cumulative average over all batches
-    tf, side = EvalPreset.from_meta(meta), decode_side(meta)
     was_training = model.training
     model.train()
-    for start in range(0, len(paths), batch_size):
-        batch = []
-        for p in paths[start : start + batch_size]:
-            try:
-                batch.append(to_model_input(decode(p, side), meta, tf))
-            except ImageError:  # an unreadable image is simply left out of the statistics
-                continue
-        if batch:
-            model(torch.stack(batch).to(device).contiguous(memory_format=torch.channels_last))
+    device = next(model.parameters()).device
+    for _, x in model_input_batches(meta, paths, device, batch_size, progress=False):
+        model(x)
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
@@ -125,9 +114,9 @@ def make_soup(
     _, log_prior = train_prior(train, metas[0])
     val_paths = [str(p) for p in val["path"]]
     bn_paths = [str(p) for p in train["path"].sample(min(bn_images, len(train)), random_state=seed)]
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
 
     loaded = [load_model(p, device=dev) for p in paths]
     # Copies: `work` below is the first model itself, and loading a soup into it must not change the ingredients.
