@@ -154,6 +154,33 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
 
 
+def test_swa_phase_averages_competes_on_val_and_resumes_exactly(tmp_path):
+    data = synthetic_dataset(tmp_path / "data")
+    # Uninterrupted: 2 epochs of the main schedule, then 2 averaged ones.
+    whole = tiny_config(tmp_path, data, swa_epochs=2, out=str(tmp_path / "whole"))
+    res = fit(whole, progress=False)
+    log = pd.read_csv(tmp_path / "whole" / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4]
+    assert np.allclose(log["lr"].iloc[-1], whole.swa_lr)  # the constant averaging rate is reached
+    ck = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    assert ck["swa"]["done"] == 2 and int(ck["swa"]["model"]["n_averaged"]) == 2
+    swa = res.run_dir / "metrics.json"
+    summary = pd.read_json(swa, typ="series")
+    assert summary["swa"]["epochs"] == 2 and isinstance(summary["swa"]["selected"], bool)
+    _, meta = load_model(res.model_path)
+    assert meta.config["swa_epochs"] == 2
+
+    # Interrupted after the first averaged epoch, then resumed: the same average as the uninterrupted run (the
+    # sampler's epoch orders and the RNG are restored), and the log continues instead of starting over.
+    part = tiny_config(tmp_path, data, swa_epochs=1, out=str(tmp_path / "part"))
+    fit(part, progress=False)
+    fit(tiny_config(tmp_path, data, swa_epochs=2, out=str(tmp_path / "part"), resume=True), progress=False)
+    assert list(pd.read_csv(tmp_path / "part" / "log.csv")["epoch"]) == [1, 2, 3, 4]
+    resumed = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["swa"]["model"]
+    for k, v in ck["swa"]["model"].items():
+        assert torch.allclose(v.float(), resumed[k].float(), atol=1e-5), k
+
+
 def test_fit_learns_the_synthetic_task(tmp_path):
     data = synthetic_dataset(tmp_path / "data", n=80)
     res = fit(tiny_config(tmp_path, data, epochs=6, imbalance="sampler"), progress=False)

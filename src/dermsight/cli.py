@@ -299,6 +299,25 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import torch
+
+    from dermsight.models.ensemble import combine
+
+    report = combine(args.models, args.out, dtype=None if args.float32 else torch.float16)
+    for m in report["members"]:
+        val = m["val"]
+        figures = f"val balanced accuracy {val['balanced_accuracy']:.3f}, accuracy {val['accuracy']:.3f}" if val else ""
+        print(f"  {m['model']} (seed {m['seed']}) {figures}")
+    print(
+        f"ensemble of {len(report['members'])} written to {report['model']} (weights stored as "
+        f"{report['stored_as']}); now fit its temperature, gate and decision rule on the members' split:\n"
+        f"  dermsight calibrate --model {args.out} --data RUN_FOLDER\n"
+        f"  dermsight tune-decision --model {args.out} --data RUN_FOLDER"
+    )
+    return EXIT_OK
+
+
 def cmd_model_card(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import default_model_path, read_meta
     from dermsight.models.card import render_model_card
@@ -405,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--uniform", action="store_true", help="average all models (default: greedy on val)")
     so.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     so.set_defaults(func=cmd_soup)
+
+    en = sub.add_parser("ensemble", help="serve runs of one recipe as one model that averages their logits")
+    en.add_argument("models", nargs="+", metavar="MODEL", help="model files of runs of the same recipe")
+    en.add_argument("--out", required=True, help="model file to write")
+    en.add_argument("--float32", action="store_true", help="store weights as float32 (default float16: half the size)")
+    en.set_defaults(func=cmd_ensemble)
 
     mc = sub.add_parser("model-card", help="render a model's card (Markdown) from the metadata inside the model")
     mc.add_argument("--model", help="model file (default: the bundled default model)")

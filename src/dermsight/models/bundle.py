@@ -22,10 +22,15 @@ from torch import nn
 
 from dermsight import __version__
 from dermsight.classes import CONDITIONS, TAXONOMIES
+from dermsight.models.ensemble import Ensemble
 from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo, create_model
 
-# Bumped when a change to ModelMeta means an older dermsight would misread the file.
-FORMAT_VERSION = 1
+# The newest file format this dermsight reads. A file records the oldest format that can read it: 1 for a single
+# network, 2 for an ensemble (`members` > 1), which a dermsight from before ensembles would misread.
+FORMAT_VERSION = 2
+# What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
+# one class list, one input preprocessing.
+RECIPE_FIELDS = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 class ModelLoadError(Exception):
@@ -81,9 +86,12 @@ class ModelMeta:
     # fitted. Empty until `dermsight calibrate` has run; its statistics are tensors stored beside the weights
     # (`read_extra`).
     ood: dict[str, Any] = field(default_factory=dict)
+    # Networks in the file: 1, or an ensemble of this many runs of the recipe whose logits are averaged
+    # (dermsight.models.ensemble).
+    members: int = 1
     created: str = ""  # ISO 8601, UTC
     dermsight_version: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHS:
@@ -96,6 +104,10 @@ class ModelMeta:
             raise ValueError(f"classes {self.classes} must be distinct codes of taxonomy {self.taxonomy}")
         if len(self.class_names) != len(self.classes):
             raise ValueError("class_names must give one name per class")
+        if self.members < 1:
+            raise ValueError("members must be at least 1")
+        if self.members > 1 and self.format_version < 2:
+            object.__setattr__(self, "format_version", 2)  # frozen dataclass: set once, while it is being built
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
         if self.logit_bias and len(self.logit_bias) != len(self.classes):
@@ -183,12 +195,26 @@ class ModelMeta:
         return cls(**data)
 
 
+def check_same_recipe(metas: list[ModelMeta], paths: list[Path], what: str) -> None:
+    """`ValueError` naming the first model that differs from the first in a `RECIPE_FIELDS` field."""
+    for p, m in zip(paths[1:], metas[1:], strict=True):
+        diff = [k for k in RECIPE_FIELDS if getattr(m, k) != getattr(metas[0], k)]
+        if diff:
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; only runs of one recipe can be {what}")
+
+
 def save_model(
-    path: str | os.PathLike, model: nn.Module, meta: ModelMeta, extra: dict[str, torch.Tensor] | None = None
+    path: str | os.PathLike,
+    model: nn.Module,
+    meta: ModelMeta,
+    extra: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` and ``meta`` to one ``.safetensors`` file; returns the path.
 
     ``extra``: named tensors that belong to the model but are not weights (read back with `read_extra`).
+    ``dtype``: store floating-point weights in this type (float16 halves the file; `load_model` casts back to
+    float32, so everything fitted after saving, such as calibration, sees exactly the stored values).
     """
     path = Path(path)
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -198,6 +224,8 @@ def save_model(
     seen: set[int] = set()
     for key, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         # safetensors refuses tensors that share storage (tied weights); each key gets its own copy, and loading
         # writes the same values into the tied parameter twice.
         ptr = t.untyped_storage().data_ptr()
@@ -263,7 +291,7 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild a saved model from its file alone; returned in eval mode on ``device``."""
     meta = read_meta(path)
-    model, _ = create_model(meta.architecture, meta.num_classes, weights="none")
+    model = build_network(meta)
     try:
         state = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:
@@ -276,6 +304,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): {str(e)[:300]}"
         ) from None
     return model.to(device).eval(), meta
+
+
+def build_network(meta: ModelMeta) -> nn.Module:
+    """The untrained network ``meta`` describes: one model from the factory, or an `Ensemble` of ``members``."""
+    nets = [create_model(meta.architecture, meta.num_classes, weights="none")[0] for _ in range(meta.members)]
+    return nets[0] if meta.members == 1 else Ensemble(nets)
 
 
 def read_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:

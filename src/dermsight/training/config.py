@@ -41,6 +41,10 @@ class TrainConfig:
     # one core, measured): 0 lets a few loader workers keep a GPU busy.
     hue: float = 0.02
     patience: int = 8  # early stopping on validation balanced accuracy
+    # Stochastic weight averaging after the main schedule: this many more epochs at the constant rate swa_lr, the
+    # weights averaged at the end of each; the average competes with the epoch checkpoints on val (0 = off).
+    swa_epochs: int = 0
+    swa_lr: float = 1e-4
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     # run
     seed: int = 0
@@ -59,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.swa_epochs < 0 or self.swa_lr <= 0:
+            raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
 

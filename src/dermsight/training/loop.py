@@ -352,6 +352,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     )
 
     start, best, best_epoch, stale = 0, -1.0, -1, 0
+    swa_state: dict | None = None
     last = run / "last.pt"
     if cfg.resume and last.is_file():
         ck = torch.load(last, map_location=device, weights_only=False)
@@ -359,7 +360,15 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+        swa_state = ck.get("swa")
         torch.set_rng_state(ck["rng"])
+        # A plain RandomSampler draws each epoch's order from one generator that advances every epoch: replay the
+        # finished epochs so a resumed run sees the orders an uninterrupted one would (the other samplers are
+        # seeded per epoch through set_epoch).
+        if not hasattr(sampler, "set_epoch"):
+            for _ in range(start):
+                for _ in sampler:
+                    pass
         if d.main:
             print(f"resumed from {last} at epoch {start}")
 
@@ -369,86 +378,169 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         with log_path.open("w", newline="") as f:
             csv.writer(f).writerow(fields)
 
-    best_path = run / "best.safetensors"
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
+    def train_epoch(epoch: int, sched: torch.optim.lr_scheduler.LRScheduler, label: str) -> float:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         (freeze_backbone if epoch < cfg.freeze_epochs else unfreeze)(model)
-        loss = train_one_epoch(
-            net,
-            train_dl,
-            criterion,
-            optimizer,
-            scheduler,
-            device,
-            cfg.amp,
-            cfg.max_steps_per_epoch,
-            f"epoch {epoch + 1}/{cfg.epochs}",
-            progress,
+        return train_one_epoch(
+            net, train_dl, criterion, optimizer, sched, device, cfg.amp, cfg.max_steps_per_epoch, label, progress
         )
+
+    def score_val(m: nn.Module) -> tuple[float, float, float]:
+        """(val loss, accuracy, balanced accuracy) under plain argmax."""
+        logits, y = predict(m, val_dl, device, cfg.amp, progress)
+        pred = logits.argmax(1)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+        return val_loss, float((pred == y).mean()), float(balanced_accuracy_score(y, pred))
+
+    def log_epoch(epoch, sched, loss, val, improved, t0, what=""):
+        row = [epoch + 1, f"{sched.get_last_lr()[0]:.3e}", f"{loss:.4f}"] + [f"{v:.4f}" for v in val]
+        with log_path.open("a", newline="") as f:
+            csv.writer(f).writerow([*row, f"{time.perf_counter() - t0:.1f}"])
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, "
+            f"val acc {val[1]:.3f}, val balanced acc {val[2]:.3f}{' (best)' if improved else ''} "
+            f"[{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
+
+    def save_last(epoch: int, extra: dict | None = None) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best": best,
+            "best_epoch": best_epoch,
+            "stale": stale,
+            "rng": torch.get_rng_state(),
+        }
+        torch.save(state | (extra or {}), last)
+
+    best_path = run / "best.safetensors"
+    epoch = start - 1
+    # A checkpoint taken in the averaging phase means the main schedule is over.
+    main_epochs = range(start, cfg.epochs) if swa_state is None else range(0)
+    for epoch in main_epochs:
+        t0 = time.perf_counter()
+        loss = train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
         # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
         # without having to communicate it.
-        logits, y = predict(model, val_dl, device, cfg.amp, progress)
-        probs = softmax(logits)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
-        acc = float((probs.argmax(1) == y).mean())
-        bacc = float(balanced_accuracy_score(y, probs.argmax(1)))
-        improved = bacc > best
+        val = score_val(model)
+        improved = val[2] > best
         if improved:
-            best, best_epoch, stale = bacc, epoch, 0
+            best, best_epoch, stale = val[2], epoch, 0
         else:
             stale += 1
         if d.main:
             if improved:
                 save_model(best_path, model, meta)
-            row = [
-                epoch + 1,
-                f"{scheduler.get_last_lr()[0]:.3e}",
-                f"{loss:.4f}",
-                f"{val_loss:.4f}",
-                f"{acc:.4f}",
-                f"{bacc:.4f}",
-                f"{time.perf_counter() - t0:.1f}",
-            ]
-            with log_path.open("a", newline="") as f:
-                csv.writer(f).writerow(row)
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.3f}, val loss {val_loss:.3f}, "
-                f"val acc {acc:.3f}, val balanced acc {bacc:.3f}{' (best)' if improved else ''} "
-                f"[{time.perf_counter() - t0:.0f} s]",
-                flush=True,
-            )
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "stale": stale,
-                    "rng": torch.get_rng_state(),
-                },
-                last,
-            )
+            log_epoch(epoch, scheduler, loss, val, improved, t0)
+            save_last(epoch)
         if stale >= cfg.patience:
             if d.main:
                 print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
             break
 
+    swa_chosen = False
+    if cfg.swa_epochs:
+        best, best_epoch, swa_chosen = _swa_phase(
+            cfg,
+            model,
+            optimizer,
+            steps_per_epoch,
+            epoch + 1,
+            swa_state,
+            best,
+            best_epoch,
+            train_epoch,
+            score_val,
+            log_epoch,
+            save_last,
+            eval_loader(_bn_rows(train_df, cfg.seed)),
+            best_path,
+            meta,
+            device,
+            d.main,
+        )
+
     if d.world > 1:
         dist.barrier()
     result = None
     if d.main:
-        result = _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress)
+        result = _finish(
+            cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen
+        )
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result  # type: ignore[return-value]  # None on non-zero ranks
 
 
-def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress) -> FitResult:
+def _bn_rows(train_df: pd.DataFrame, seed: int, n: int = 2000) -> pd.DataFrame:
+    """The training images whose statistics the averaged model's BatchNorm layers are re-estimated on."""
+    return train_df.sample(n=min(n, len(train_df)), random_state=seed)
+
+
+def _swa_phase(
+    cfg,
+    model,
+    optimizer,
+    steps_per_epoch,
+    first_epoch,
+    swa_state,
+    best,
+    best_epoch,
+    train_epoch,
+    score_val,
+    log_epoch,
+    save_last,
+    bn_loader,
+    best_path,
+    meta,
+    device,
+    main,
+):
+    """Stochastic weight averaging (Izmailov et al. 2018) after the main schedule: ``cfg.swa_epochs`` more epochs at
+    the constant rate ``cfg.swa_lr`` (reached by a one-epoch cosine ramp), averaging the weights at the end of each.
+
+    Averaged weights sit nearer the centre of a flat region of the loss than any one end-of-epoch checkpoint, which
+    tends to generalise better, for the price of a few epochs. After every epoch the running average gets
+    BatchNorm statistics of its own (re-estimated on training images, eval preprocessing) and is scored on val like
+    any checkpoint: it is kept only if its balanced accuracy beats the best so far. Returns (best, best_epoch,
+    whether the average was chosen)."""
+    from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+
+    averaged = AveragedModel(model)
+    swa_sched = SWALR(optimizer, swa_lr=cfg.swa_lr, anneal_epochs=max(steps_per_epoch, 1), anneal_strategy="cos")
+    done, chosen = 0, False
+    if swa_state is not None:
+        averaged.load_state_dict(swa_state["model"])
+        swa_sched.load_state_dict(swa_state["scheduler"])
+        done, chosen = swa_state["done"], swa_state["chosen"]
+    for k in range(done, cfg.swa_epochs):
+        epoch = first_epoch + k - done
+        t0 = time.perf_counter()
+        loss = train_epoch(epoch, swa_sched, f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs} (SWA)")
+        averaged.update_parameters(model)
+        update_bn(bn_loader, averaged, device=device)
+        averaged.eval()
+        val = score_val(averaged.module)
+        improved = val[2] > best
+        if improved:
+            best, best_epoch, chosen = val[2], epoch, True
+        if main:
+            if improved:
+                save_model(best_path, averaged.module, meta)
+            log_epoch(epoch, swa_sched, loss, val, improved, t0, f" (SWA, average of {k + 1})")
+            swa = {"model": averaged.state_dict(), "scheduler": swa_sched.state_dict(), "done": k + 1}
+            save_last(epoch, {"swa": swa | {"chosen": chosen}, "best": best, "best_epoch": best_epoch})
+    return best, best_epoch, chosen
+
+
+def _finish(
+    cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen=False
+) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
     from dermsight.models.bundle import load_model
 
@@ -471,6 +563,9 @@ def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader,
         for name, m in out.items()
     }
     summary["best_epoch"] = best_epoch + 1
+    if cfg.swa_epochs:
+        # Which candidate won on val: the averaged weights (SWA) or one epoch's checkpoint.
+        summary["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.swa_lr, "selected": swa_chosen}
     final = ModelMeta(**{**asdict(meta), "metrics": summary})
     model_path = save_model(run / "model.safetensors", model, final)
     if cfg.calibrate:
@@ -494,7 +589,8 @@ def _finish(cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader,
                 f"--model {model_path} --data {run}` once the problem is fixed."
             )
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"best epoch {best_epoch + 1}; model written to {model_path}")
+    chosen = "the weight average (SWA)" if swa_chosen else f"best epoch {best_epoch + 1}"
+    print(f"{chosen}; model written to {model_path}")
     for name, m in out.items():
         print(
             f"{name}: balanced accuracy {m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, "

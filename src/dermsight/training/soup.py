@@ -31,10 +31,7 @@ from dermsight.data.problems import DataError
 from dermsight.evaluation.run import model_input_batches, model_logits
 from dermsight.inference.calibration import read_labels, read_split_manifest
 from dermsight.inference.decision import choose, train_prior
-from dermsight.models.bundle import ModelMeta, load_model, read_meta, save_model
-
-# What must agree for weights to be averaged and served with one contract.
-_SAME = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
+from dermsight.models.bundle import ModelMeta, check_same_recipe, load_model, read_meta, save_model
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -100,12 +97,9 @@ def make_soup(
     if len(paths) < 2:
         raise ValueError("a soup needs at least two models")
     metas = [read_meta(p) for p in paths]
-    for p, m in zip(paths[1:], metas[1:], strict=True):
-        diff = [k for k in _SAME if getattr(m, k) != getattr(metas[0], k)]
-        if diff:
-            raise ValueError(
-                f"{p} differs from {paths[0]} in {', '.join(diff)}; only runs of one recipe can be averaged"
-            )
+    if any(m.members > 1 for m in metas):
+        raise ValueError("ensembles cannot be averaged into a soup: pass the runs' own model files")
+    check_same_recipe(metas, paths, "averaged")
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     val, train = df[df["split"] == "val"], df[df["split"] == "train"]
     if val.empty or train.empty:

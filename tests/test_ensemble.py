@@ -1,0 +1,116 @@
+"""Ensembles: logits are the members' mean through every path (eager, ONNX, Grad-CAM, the gate's features), files
+round-trip at half size, and mixed or malformed inputs are refused with a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dermsight.cli import main
+from dermsight.inference.backends import ServingModule, feature_layout
+from dermsight.inference.explain import gradcam
+from dermsight.inference.export import check_parity, export_onnx, model_inputs, synthetic_images
+from dermsight.inference.predictor import Predictor
+from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
+from dermsight.models.bundle import FORMAT_VERSION, ModelLoadError, read_meta
+from dermsight.models.ensemble import Ensemble, combine
+
+WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
+
+
+def member(path, seed: int, size: int = 64):
+    torch.manual_seed(seed)
+    model, _ = create_model("tf_efficientnet_lite0", 7, weights="none")
+    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=size, config={"seed": seed})
+    return save_model(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    return [member(root / f"m{s}.safetensors", s) for s in (0, 1, 2)]
+
+
+def test_ensemble_logits_are_the_members_mean_through_features_and_head(members):
+    paths = members
+    nets = [load_model(p)[0] for p in paths]
+    ens = Ensemble(nets).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.stack([n(x) for n in nets]).mean(0)
+        assert torch.allclose(ens(x), expected, atol=1e-5)
+        fmap = ens.forward_features(x)
+        assert fmap.shape[1] == 3 * nets[0].forward_features(x).shape[1]
+        assert torch.allclose(ens.forward_head(fmap), expected, atol=1e-5)
+        pre = ens.forward_head(fmap, pre_logits=True)
+        assert pre.shape[1] == 3 * nets[0].forward_head(nets[0].forward_features(x), pre_logits=True).shape[1]
+        # The gate's features: every member's pooled features and stage statistics, laid out block by block.
+        logits, feats = ServingModule(ens)(x)
+        assert torch.allclose(logits, expected, atol=1e-5)
+        layout = feature_layout(ens, feats.shape[1])
+        assert len(layout) == 1 + 3 * len(nets[0].feature_info) and layout[-1][2] == feats.shape[1]
+    with pytest.raises(ValueError, match="at least two"):
+        Ensemble(nets[:1])
+
+
+def test_combine_writes_a_half_size_file_that_loads_as_the_ensemble(members, tmp_path):
+    paths = members
+    half = combine(paths, tmp_path / "ens16.safetensors")
+    combine(paths, tmp_path / "ens32.safetensors", dtype=None)
+    size16, size32 = (tmp_path / "ens16.safetensors").stat().st_size, (tmp_path / "ens32.safetensors").stat().st_size
+    assert size16 < 0.55 * size32 and size32 > 2.9 * paths[0].stat().st_size
+    assert half["stored_as"] == "float16" and [m["seed"] for m in half["members"]] == [0, 1, 2]
+    model16, meta = load_model(tmp_path / "ens16.safetensors")
+    model32, _ = load_model(tmp_path / "ens32.safetensors")
+    assert isinstance(model16, Ensemble) and meta.members == 3 and meta.format_version == 2 <= FORMAT_VERSION
+    assert meta.temperature == 1.0 and not meta.logit_bias and not meta.ood and "ensemble" in meta.metrics
+    assert next(model16.parameters()).dtype == torch.float32  # stored as float16, computed in float32
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = torch.stack([load_model(p)[0](x) for p in paths]).mean(0)
+        assert torch.allclose(model32(x), exact, atol=1e-5)
+        assert torch.allclose(model16(x), exact, atol=2e-2)
+    # A dermsight from before ensembles (format 1 only) is told to upgrade instead of misreading the file.
+    newer = meta.to_json().replace('"format_version": 2', '"format_version": 99')
+    with pytest.raises(ValueError, match="upgrade"):
+        ModelMeta.from_json(newer)
+
+
+def test_ensemble_serves_onnx_with_parity_and_explains(members, tmp_path):
+    paths = members
+    path = combine(paths[:2], tmp_path / "ens.safetensors")["model"]
+    model, meta = load_model(path)
+    onnx = export_onnx(model, meta, tmp_path / "ens.onnx")
+    cmp = check_parity(model, meta, onnx, model_inputs(meta, list(synthetic_images())))
+    assert cmp.max_abs_diff < 1e-4
+    heat, target = gradcam(model, torch.randn(1, 3, 64, 64))
+    assert heat.shape == (64, 64) and 0 <= target < 7 and np.isfinite(heat).all()
+    image = tmp_path / "lesion.png"
+    Image.fromarray(synthetic_images(1, size=(200, 150))[0]).save(image)
+    result = Predictor.from_path(path, backend="onnx", threads=1).predict(image)
+    assert result.status == "ok" and len(result.predictions) == 7
+    assert abs(sum(p.probability for p in result.predictions) - 1) < 1e-3
+
+
+def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(members, tmp_path, capsys):
+    paths = members
+    other = member(tmp_path / "other.safetensors", 5, size=48)
+    with pytest.raises(ValueError, match="input_size"):
+        combine([paths[0], other], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="at least two"):
+        combine(paths[:1], tmp_path / "x.safetensors")
+    ens = combine(paths[:2], tmp_path / "ens.safetensors")["model"]
+    with pytest.raises(ValueError, match="single models"):
+        combine([ens, paths[2]], tmp_path / "x.safetensors")
+    with pytest.raises(ModelLoadError, match="not found"):
+        combine([paths[0], tmp_path / "missing.safetensors"], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    # The command line: exit 0 with a next-steps hint, or exit 2 with one line, never a traceback.
+    assert main(["ensemble", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert "dermsight calibrate" in capsys.readouterr().out
+    assert read_meta(tmp_path / "cli.safetensors").members == 2
+    assert main(["ensemble", str(paths[0]), str(other), "--out", str(tmp_path / "y.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "input_size" in err and "Traceback" not in err
