@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -16,6 +17,7 @@ from dermsight.inference.predictor import Predictor
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
 from dermsight.models.bundle import FORMAT_VERSION, ModelLoadError, read_meta
 from dermsight.models.ensemble import Ensemble, combine
+from dermsight.models.factory import EXTRA_PREFIX
 
 WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
 
@@ -114,3 +116,60 @@ def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(member
     assert main(["ensemble", str(paths[0]), str(other), "--out", str(tmp_path / "y.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "input_size" in err and "Traceback" not in err
+
+
+def test_model_card_names_the_ensemble_and_its_members(members, tmp_path):
+    from dermsight.models.card import render_model_card
+
+    path = combine(members, tmp_path / "ens.safetensors")["model"]
+    card = render_model_card(read_meta(path))
+    assert "ensemble of 3 x tf_efficientnet_lite0" in card and "seeds 0, 1, 2" in card and "float16" in card
+    assert all(f"m{s}.safetensors` | {s} |" in card for s in (0, 1, 2))
+    single = render_model_card(read_meta(members[0]))
+    assert "ensemble" not in single
+
+
+def lesion_dataset(root, n: int = 60):
+    """Lesion-like 200x150 JPEGs that pass the image-quality gate, with two separable classes."""
+    import pandas as pd
+
+    rows = []
+    for i, img in enumerate(synthetic_images(n, seed=3)):
+        label = "mel" if i % 2 else "nv"
+        if label == "mel":
+            img = (img * 0.5).astype(np.uint8)
+        path = root / "img" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, quality=85)
+        rows.append((f"img/{i}.jpg", label, f"L{i}"))
+    pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def test_train_with_members_builds_a_calibrated_ensemble_and_resumes_finished_members(tmp_path):
+    import json
+
+    from dermsight.training import train
+    from test_training import tiny_config
+
+    data = lesion_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, calibrate=True)
+    path = train(cfg, progress=False)
+    run = tmp_path / "run"
+    assert path == run / "model.safetensors"
+    for seed in (4, 5):
+        assert (run / f"seed{seed}" / "model.safetensors").is_file()
+        assert read_meta(run / f"seed{seed}" / "model.safetensors").config["seed"] == seed
+    model, meta = load_model(path)
+    assert isinstance(model, Ensemble) and meta.members == 2
+    # Fitted on the members' split: temperature, gate and decision rule, then val and test scored once.
+    assert meta.ood and "decision" in meta.metrics and "test" in meta.metrics
+    # Calibration rewrote the file without widening the weights: still float16, beside the gate's float32 tensors.
+    stored = safetensors.torch.load_file(str(path))
+    assert stored["members.0.conv_stem.weight"].dtype == torch.float16
+    assert any(k.startswith(EXTRA_PREFIX) and v.dtype == torch.float32 for k, v in stored.items())
+    assert json.loads((run / "metrics.json").read_text())["ensemble"]["members"][1]["seed"] == 5
+    # Resume: finished members are kept as they are, only the ensemble is rebuilt.
+    before = (run / "seed4" / "model.safetensors").stat().st_mtime_ns
+    train(tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, resume=True, calibrate=False))
+    assert (run / "seed4" / "model.safetensors").stat().st_mtime_ns == before

@@ -129,7 +129,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dermsight.training import TrainConfig, fit
+    from dermsight.training import TrainConfig, train
 
     overrides = {
         "out": args.out,
@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config
         else TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     )
-    fit(cfg)
+    train(cfg)
     return EXIT_OK
 
 

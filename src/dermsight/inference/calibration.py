@@ -38,7 +38,7 @@ from dermsight.inference.backends import feature_layout
 from dermsight.inference.negatives import everyday_images
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
-from dermsight.models.bundle import ModelMeta, load_model, save_model
+from dermsight.models.bundle import ModelMeta, load_model, update_meta
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -334,7 +334,8 @@ def calibrate_model(
     }
     metrics = _updated_metrics(meta.metrics, calib, rates)
     new_meta = ModelMeta(**{**asdict(meta), "temperature": temperature, "ood": ood, "metrics": metrics})
-    out = save_model(Path(out_path) if out_path else model_path, model, new_meta, extra=gate.to_tensors())
+    # The weights are rewritten exactly as stored (an ensemble keeps its float16); only meta and gate change.
+    out = update_meta(model_path, new_meta, out_path, extra=gate.to_tensors())
     return {
         "model": str(out),
         "temperature": temperature,

@@ -239,11 +239,20 @@ def save_model(
     return path
 
 
-def update_meta(path: str | os.PathLike, meta: ModelMeta, out: str | os.PathLike | None = None) -> Path:
-    """Rewrite a model file with new metadata, keeping every tensor (weights and extras such as the OOD gate's
-    statistics) as it is. Use this, not `save_model`, for steps that only change the contract."""
+def update_meta(
+    path: str | os.PathLike,
+    meta: ModelMeta,
+    out: str | os.PathLike | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Rewrite a model file with new metadata, keeping the weights exactly as stored (dtype included: an ensemble's
+    float16 stays float16). Use this, not `save_model`, for steps that only change the contract. ``extra``: replace
+    the non-weight tensors (e.g. the OOD gate's statistics) with these; None keeps the ones in the file."""
     read_meta(path)  # a clear ModelLoadError for a missing or foreign file
     tensors = safetensors.torch.load_file(str(path))
+    if extra is not None:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+        tensors |= {EXTRA_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()}
     target = Path(out) if out else Path(path)
     _write(target, tensors, meta)
     return target

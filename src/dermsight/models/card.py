@@ -42,8 +42,18 @@ def _fmt(v: Any, ci: Any = None) -> str:
 
 def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "", notes: tuple[str, ...] = ()) -> str:
     m = meta.metrics or {}
+    ens = m.get("ensemble", {}).get("members", [])
+    what = meta.architecture if meta.members == 1 else f"ensemble of {meta.members} x {meta.architecture}"
+    ensemble_line = []
+    if meta.members > 1:
+        seeds = f" (seeds {', '.join(str(e['seed']) for e in ens)})" if ens else ""
+        stored = f"; weights stored as {m['ensemble']['stored_as']}" if ens else ""
+        ensemble_line.append(
+            f"- An ensemble of {meta.members} runs of one training recipe{seeds}: the networks' logits are averaged, "
+            f"then the decision rule and temperature below apply{stored}."
+        )
     lines = [
-        f"# Model card: {meta.architecture} ({meta.taxonomy}, {meta.num_classes} classes)",
+        f"# Model card: {what} ({meta.taxonomy}, {meta.num_classes} classes)",
         "",
         f"File: `{model_file}`" if model_file else "",
         "",
@@ -53,6 +63,7 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         f"- Architecture: `{meta.architecture}` (timm), input {meta.input_size}x{meta.input_size} px, "
         f"eval preprocessing: shorter side to {meta.resize_size} px, centre crop, mean {list(meta.mean)}, "
         f"std {list(meta.std)}, {meta.interpolation} interpolation.",
+        *ensemble_line,
         f"- Started from: {meta.weights.get('description', meta.weights.get('source'))} "
         f"(source `{meta.weights.get('source')}`).",
         "- Classes (logit order): "
@@ -84,6 +95,22 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
             "the class-weighted loss's shift towards rare classes (tau 0 = balanced rule, 1 = frequency rule).",
             f"- Both chosen on the {d['chosen_on']}; the temperature was refitted for this rule. The test split "
             "below was scored once, after the choice.",
+        ]
+    if ens:
+        lines += [
+            "",
+            "## Ensemble members",
+            "",
+            "Each run alone on the validation split, as recorded in its own file (under its own tuned decision rule "
+            "where it had one, else plain argmax):",
+            "",
+            "| ensemble member | seed | val balanced accuracy | val accuracy | member's own rule |",
+            "|---|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| `{e['model']}` | {e['seed']} | {_fmt(e['val'].get('balanced_accuracy'))} | "
+            f"{_fmt(e['val'].get('accuracy'))} | {e.get('rule', 'n/a')} |"
+            for e in ens
         ]
     cfg = meta.config or {}
     if cfg:

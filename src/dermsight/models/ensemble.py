@@ -21,11 +21,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dermsight import __version__
 
 
 class Ensemble(nn.Module):
@@ -82,14 +85,28 @@ def combine(
     names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
     report = {
         "members": [
-            {"model": n, "seed": m.config.get("seed"), "val": m.metrics.get("val", {})}
+            {
+                "model": n,
+                "seed": m.config.get("seed"),
+                # As recorded in the member's file: under its own tuned decision rule if it had one, else argmax.
+                "val": m.metrics.get("val", {}),
+                "rule": f"tau {m.metrics['decision']['tau']}" if "decision" in m.metrics else "argmax",
+            }
             for n, m in zip(names, metas, strict=True)
         ],
         "combined": "mean of the members' logits",
         "stored_as": str(dtype).removeprefix("torch.") if dtype is not None else "as trained",
     }
     meta = replace(
-        metas[0], members=len(paths), metrics={"ensemble": report}, temperature=1.0, logit_bias=(), tta=False, ood={}
+        metas[0],
+        members=len(paths),
+        metrics={"ensemble": report},
+        temperature=1.0,
+        logit_bias=(),
+        tta=False,
+        ood={},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        dermsight_version=__version__,
     )
     save_model(out, Ensemble(nets), meta, dtype=dtype)
     report["model"] = str(out)

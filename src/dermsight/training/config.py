@@ -48,6 +48,9 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     # run
     seed: int = 0
+    # Train this many models, seeds seed, seed+1, ..., each in OUT/seed<N>, and serve their ensemble (mean of
+    # logits, dermsight.models.ensemble) from OUT/model.safetensors. 1: one model, in OUT.
+    members: int = 1
     out: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.members < 1:
+            raise ValueError("members must be at least 1")
         if self.swa_epochs < 0 or self.swa_lr <= 0:
             raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
         if self.freeze_epochs >= self.epochs:

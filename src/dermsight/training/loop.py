@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -597,3 +597,45 @@ def _finish(
             f"macro AUC {m['macro_auc']:.3f}, ECE {m['ece']:.3f} (n={m['n']})"
         )
     return FitResult(model_path, best_epoch + 1, out.get("val", {}), out.get("test"), run)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
+    """What `dermsight train` runs; returns the model file (None on DDP ranks other than 0).
+
+    ``cfg.members`` == 1: `fit`. Otherwise one `fit` per seed (``cfg.seed``, ``cfg.seed + 1``, ...) in OUT/seed<N>,
+    all on the same split, then their ensemble in OUT/model.safetensors, whose temperature, not-a-lesion gate and
+    decision rule are fitted on that split's train/val parts (the members' own are skipped: they would be replaced).
+    With ``resume``, members that finished earlier are kept and an interrupted one continues from its checkpoint.
+    """
+    if cfg.members == 1:
+        res = fit(cfg, progress)
+        return res.model_path if res is not None else None
+    run = Path(cfg.out)
+    paths = []
+    for seed in range(cfg.seed, cfg.seed + cfg.members):
+        member = replace(cfg, seed=seed, out=str(run / f"seed{seed}"), members=1, calibrate=False, tune_decision=False)
+        done = Path(member.out) / "model.safetensors"
+        if cfg.resume and done.is_file():
+            print(f"member with seed {seed} finished earlier: {done}")
+        else:
+            fit(member, progress)
+        paths.append(done)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+
+    from dermsight.inference import decision
+    from dermsight.inference.calibration import calibrate_model, read_split_manifest, report_lines
+    from dermsight.models.bundle import read_meta
+    from dermsight.models.ensemble import combine
+
+    cfg.to_yaml(run / "config.yaml")
+    model_path = Path(combine(paths, run / "model.safetensors")["model"])
+    print(f"ensemble of {len(paths)} written to {model_path}")
+    if cfg.calibrate:
+        manifest = read_split_manifest(run / f"seed{cfg.seed}" / "split.csv")
+        print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
+        if cfg.tune_decision:
+            tuned = decision.tune_decision(model_path, manifest, None, run / "decision", progress)
+            print("\n".join(decision.report_lines(tuned)))
+    (run / "metrics.json").write_text(json.dumps(read_meta(model_path).metrics, indent=2))
+    return model_path
