@@ -173,3 +173,17 @@ def test_train_with_members_builds_a_calibrated_ensemble_and_resumes_finished_me
     before = (run / "seed4" / "model.safetensors").stat().st_mtime_ns
     train(tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, resume=True, calibrate=False))
     assert (run / "seed4" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bundled_default_model_fits_the_size_cap_and_carries_its_fitted_contract():
+    from dermsight.classes import TAXONOMIES
+    from dermsight.models.bundle import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL.stat().st_size <= 30 * 2**20  # the cap for a model shipped in the repository
+    meta = read_meta(DEFAULT_MODEL)
+    assert meta.classes == TAXONOMIES["ham7"].codes and meta.input_size >= 160
+    # Calibrated, gated and with a decision rule, all fitted after the weights were final (see MODEL_CARD.md).
+    assert meta.temperature != 1.0 and meta.ood.get("threshold") and "decision" in meta.metrics
+    assert meta.metrics["test"]["n"] > 1000 and meta.metrics["val"]["n"] > 1000
+    if meta.members > 1:
+        assert len(meta.metrics["ensemble"]["members"]) == meta.members
