@@ -351,118 +351,33 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     )
 
-    start, best, best_epoch, stale = 0, -1.0, -1, 0
-    swa_state: dict | None = None
-    last = run / "last.pt"
-    if cfg.resume and last.is_file():
-        ck = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-        swa_state = ck.get("swa")
-        torch.set_rng_state(ck["rng"])
-        # A plain RandomSampler draws each epoch's order from one generator that advances every epoch: replay the
-        # finished epochs so a resumed run sees the orders an uninterrupted one would (the other samplers are
-        # seeded per epoch through set_epoch).
-        if not hasattr(sampler, "set_epoch"):
-            for _ in range(start):
-                for _ in sampler:
-                    pass
-        if d.main:
-            print(f"resumed from {last} at epoch {start}")
+    loop = _Epochs(
+        cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main, progress
+    )
+    start, swa_state = loop.begin(cfg.resume)
 
-    log_path = run / "log.csv"
-    fields = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "seconds"]
-    if d.main and (start == 0 or not log_path.exists()):
-        with log_path.open("w", newline="") as f:
-            csv.writer(f).writerow(fields)
-
-    def train_epoch(epoch: int, sched: torch.optim.lr_scheduler.LRScheduler, label: str) -> float:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        (freeze_backbone if epoch < cfg.freeze_epochs else unfreeze)(model)
-        return train_one_epoch(
-            net, train_dl, criterion, optimizer, sched, device, cfg.amp, cfg.max_steps_per_epoch, label, progress
-        )
-
-    def score_val(m: nn.Module) -> tuple[float, float, float]:
-        """(val loss, accuracy, balanced accuracy) under plain argmax."""
-        logits, y = predict(m, val_dl, device, cfg.amp, progress)
-        pred = logits.argmax(1)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
-        return val_loss, float((pred == y).mean()), float(balanced_accuracy_score(y, pred))
-
-    def log_epoch(epoch, sched, loss, val, improved, t0, what=""):
-        row = [epoch + 1, f"{sched.get_last_lr()[0]:.3e}", f"{loss:.4f}"] + [f"{v:.4f}" for v in val]
-        with log_path.open("a", newline="") as f:
-            csv.writer(f).writerow([*row, f"{time.perf_counter() - t0:.1f}"])
-        print(
-            f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, "
-            f"val acc {val[1]:.3f}, val balanced acc {val[2]:.3f}{' (best)' if improved else ''} "
-            f"[{time.perf_counter() - t0:.0f} s]",
-            flush=True,
-        )
-
-    def save_last(epoch: int, extra: dict | None = None) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "best_epoch": best_epoch,
-            "stale": stale,
-            "rng": torch.get_rng_state(),
-        }
-        torch.save(state | (extra or {}), last)
-
-    best_path = run / "best.safetensors"
     epoch = start - 1
     # A checkpoint taken in the averaging phase means the main schedule is over.
-    main_epochs = range(start, cfg.epochs) if swa_state is None else range(0)
-    for epoch in main_epochs:
+    for epoch in range(start, cfg.epochs) if swa_state is None else ():
         t0 = time.perf_counter()
-        loss = train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
+        loss = loop.train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
         # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
         # without having to communicate it.
-        val = score_val(model)
-        improved = val[2] > best
-        if improved:
-            best, best_epoch, stale = val[2], epoch, 0
-        else:
-            stale += 1
-        if d.main:
-            if improved:
-                save_model(best_path, model, meta)
-            log_epoch(epoch, scheduler, loss, val, improved, t0)
-            save_last(epoch)
-        if stale >= cfg.patience:
+        val = loop.score_val(model)
+        improved = loop.consider(model, val, epoch)
+        loop.stale = 0 if improved else loop.stale + 1
+        loop.log(epoch, scheduler, loss, val, improved, t0)
+        loop.save_last(epoch)
+        if loop.stale >= cfg.patience:
             if d.main:
                 print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
             break
 
     swa_chosen = False
     if cfg.swa_epochs:
-        best, best_epoch, swa_chosen = _swa_phase(
-            cfg,
-            model,
-            optimizer,
-            steps_per_epoch,
-            epoch + 1,
-            swa_state,
-            best,
-            best_epoch,
-            train_epoch,
-            score_val,
-            log_epoch,
-            save_last,
-            eval_loader(_bn_rows(train_df, cfg.seed)),
-            best_path,
-            meta,
-            device,
-            d.main,
-        )
+        bn_loader = eval_loader(train_df.sample(n=min(2000, len(train_df)), random_state=cfg.seed))
+        swa_chosen = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
+    best_path, best_epoch = loop.best_path, loop.best_epoch
 
     if d.world > 1:
         dist.barrier()
@@ -477,65 +392,155 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     return result  # type: ignore[return-value]  # None on non-zero ranks
 
 
-def _bn_rows(train_df: pd.DataFrame, seed: int, n: int = 2000) -> pd.DataFrame:
-    """The training images whose statistics the averaged model's BatchNorm layers are re-estimated on."""
-    return train_df.sample(n=min(n, len(train_df)), random_state=seed)
+@dataclass
+class _Epochs:
+    """What every epoch of `fit` shares, for the main schedule and the SWA phase alike: training, scoring on val,
+    keeping the best checkpoint (on val balanced accuracy), the CSV log and the resumable ``last.pt``."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    net: nn.Module  # `model`, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # the main schedule's
+    sampler: Sampler[int]
+    train_dl: DataLoader
+    val_dl: DataLoader
+    criterion: nn.Module
+    device: torch.device
+    meta: ModelMeta
+    run: Path
+    main: bool  # rank 0: the one that writes files
+    progress: bool = True
+    best: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+
+    @property
+    def last(self) -> Path:
+        return self.run / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run / "best.safetensors"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run / "log.csv"
+
+    def begin(self, resume: bool) -> tuple[int, dict | None]:
+        """Restore ``last.pt`` when resuming and there is one, and start the log unless it continues; returns (the
+        first epoch to run, the SWA phase's state or None)."""
+        start, swa_state = 0, None
+        if resume and self.last.is_file():
+            ck = torch.load(self.last, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            start, self.best, self.best_epoch, self.stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+            swa_state = ck.get("swa")
+            torch.set_rng_state(ck["rng"])
+            # A plain RandomSampler draws each epoch's order from one generator that advances every epoch: replay
+            # the finished epochs so a resumed run sees the orders an uninterrupted one would (the other samplers
+            # are seeded per epoch through set_epoch).
+            if not hasattr(self.sampler, "set_epoch"):
+                for _ in range(start):
+                    for _ in self.sampler:
+                        pass
+            if self.main:
+                print(f"resumed from {self.last} at epoch {start}")
+        if self.main and (start == 0 or not self.log_path.exists()):
+            fields = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "seconds"]
+            with self.log_path.open("w", newline="") as f:
+                csv.writer(f).writerow(fields)
+        return start, swa_state
+
+    def train_epoch(self, epoch: int, sched: torch.optim.lr_scheduler.LRScheduler, label: str) -> float:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        (freeze_backbone if epoch < self.cfg.freeze_epochs else unfreeze)(self.model)
+        cfg = self.cfg
+        return train_one_epoch(
+            self.net, self.train_dl, self.criterion, self.optimizer, sched, self.device, cfg.amp,
+            cfg.max_steps_per_epoch, label, self.progress,
+        )  # fmt: skip
+
+    def score_val(self, m: nn.Module) -> tuple[float, float, float]:
+        """(val loss, accuracy, balanced accuracy) of ``m`` under plain argmax."""
+        logits, y = predict(m, self.val_dl, self.device, self.cfg.amp, self.progress)
+        pred = logits.argmax(1)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+        return val_loss, float((pred == y).mean()), float(balanced_accuracy_score(y, pred))
+
+    def consider(self, m: nn.Module, val: tuple[float, float, float], epoch: int) -> bool:
+        """Keep ``m`` as the best checkpoint if its val balanced accuracy is the highest so far."""
+        if val[2] <= self.best:
+            return False
+        self.best, self.best_epoch = val[2], epoch
+        if self.main:
+            save_model(self.best_path, m, self.meta)
+        return True
+
+    def log(self, epoch, sched, loss, val, improved, t0, what: str = "") -> None:
+        if not self.main:
+            return
+        total = self.cfg.epochs + self.cfg.swa_epochs
+        row = [epoch + 1, f"{sched.get_last_lr()[0]:.3e}", f"{loss:.4f}", *(f"{v:.4f}" for v in val)]
+        with self.log_path.open("a", newline="") as f:
+            csv.writer(f).writerow([*row, f"{time.perf_counter() - t0:.1f}"])
+        print(
+            f"epoch {epoch + 1}/{total}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, val acc {val[1]:.3f}, "
+            f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''} [{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
+
+    def save_last(self, epoch: int, swa: dict | None = None) -> None:
+        if not self.main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "stale": self.stale,
+            "rng": torch.get_rng_state(),
+        }
+        torch.save(state | ({"swa": swa} if swa is not None else {}), self.last)
 
 
-def _swa_phase(
-    cfg,
-    model,
-    optimizer,
-    steps_per_epoch,
-    first_epoch,
-    swa_state,
-    best,
-    best_epoch,
-    train_epoch,
-    score_val,
-    log_epoch,
-    save_last,
-    bn_loader,
-    best_path,
-    meta,
-    device,
-    main,
-):
+def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dict | None, bn_loader) -> bool:
     """Stochastic weight averaging (Izmailov et al. 2018) after the main schedule: ``cfg.swa_epochs`` more epochs at
     the constant rate ``cfg.swa_lr`` (reached by a one-epoch cosine ramp), averaging the weights at the end of each.
 
     Averaged weights sit nearer the centre of a flat region of the loss than any one end-of-epoch checkpoint, which
-    tends to generalise better, for the price of a few epochs. After every epoch the running average gets
-    BatchNorm statistics of its own (re-estimated on training images, eval preprocessing) and is scored on val like
-    any checkpoint: it is kept only if its balanced accuracy beats the best so far. Returns (best, best_epoch,
-    whether the average was chosen)."""
+    tends to generalise better, for the price of a few epochs. After every epoch the running average gets BatchNorm
+    statistics of its own (re-estimated on ``bn_loader``: training images, eval preprocessing) and is scored on val
+    like any checkpoint: it is kept only if its balanced accuracy beats the best so far. Returns whether it was."""
     from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
-    averaged = AveragedModel(model)
-    swa_sched = SWALR(optimizer, swa_lr=cfg.swa_lr, anneal_epochs=max(steps_per_epoch, 1), anneal_strategy="cos")
+    cfg = loop.cfg
+    averaged = AveragedModel(loop.model)
+    sched = SWALR(loop.optimizer, swa_lr=cfg.swa_lr, anneal_epochs=max(steps_per_epoch, 1), anneal_strategy="cos")
     done, chosen = 0, False
-    if swa_state is not None:
-        averaged.load_state_dict(swa_state["model"])
-        swa_sched.load_state_dict(swa_state["scheduler"])
-        done, chosen = swa_state["done"], swa_state["chosen"]
+    if state is not None:
+        averaged.load_state_dict(state["model"])
+        sched.load_state_dict(state["scheduler"])
+        done, chosen = state["done"], state["chosen"]
     for k in range(done, cfg.swa_epochs):
         epoch = first_epoch + k - done
         t0 = time.perf_counter()
-        loss = train_epoch(epoch, swa_sched, f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs} (SWA)")
-        averaged.update_parameters(model)
-        update_bn(bn_loader, averaged, device=device)
+        loss = loop.train_epoch(epoch, sched, f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs} (SWA)")
+        averaged.update_parameters(loop.model)
+        update_bn(bn_loader, averaged, device=loop.device)
         averaged.eval()
-        val = score_val(averaged.module)
-        improved = val[2] > best
-        if improved:
-            best, best_epoch, chosen = val[2], epoch, True
-        if main:
-            if improved:
-                save_model(best_path, averaged.module, meta)
-            log_epoch(epoch, swa_sched, loss, val, improved, t0, f" (SWA, average of {k + 1})")
-            swa = {"model": averaged.state_dict(), "scheduler": swa_sched.state_dict(), "done": k + 1}
-            save_last(epoch, {"swa": swa | {"chosen": chosen}, "best": best, "best_epoch": best_epoch})
-    return best, best_epoch, chosen
+        val = loop.score_val(averaged.module)
+        improved = loop.consider(averaged.module, val, epoch)
+        chosen = chosen or improved
+        loop.log(epoch, sched, loss, val, improved, t0, f" (SWA, average of {k + 1})")
+        swa = {"model": averaged.state_dict(), "scheduler": sched.state_dict(), "done": k + 1, "chosen": chosen}
+        loop.save_last(epoch, swa)
+    return chosen
 
 
 def _finish(
