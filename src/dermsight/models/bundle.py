@@ -195,12 +195,22 @@ class ModelMeta:
         return cls(**data)
 
 
-def check_same_recipe(metas: list[ModelMeta], paths: list[Path], what: str) -> None:
-    """`ValueError` naming the first model that differs from the first in a `RECIPE_FIELDS` field."""
-    for p, m in zip(paths[1:], metas[1:], strict=True):
+def read_runs(model_paths: list[str | os.PathLike], what: str) -> tuple[list[Path], list[str], list[ModelMeta]]:
+    """Paths, short names and contracts of the runs to be combined into ``what`` ("a soup", "an ensemble"): at least
+    two single models (not ensembles) of one recipe (`RECIPE_FIELDS`), else a `ValueError` or `ModelLoadError` that
+    says which file is the problem."""
+    paths = [Path(p) for p in model_paths]
+    if len(paths) < 2:
+        raise ValueError(f"{what} needs at least two models")
+    names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
+    metas = [read_meta(p) for p in paths]
+    for p, m in zip(paths, metas, strict=True):
+        if m.members > 1:
+            raise ValueError(f"{p} is an ensemble; {what} is made of single models: pass the runs' own model files")
         diff = [k for k in RECIPE_FIELDS if getattr(m, k) != getattr(metas[0], k)]
         if diff:
-            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; only runs of one recipe can be {what}")
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; {what} needs runs of one recipe")
+    return paths, names, metas
 
 
 def save_model(

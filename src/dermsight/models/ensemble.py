@@ -22,7 +22,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,17 +71,10 @@ def combine(
     logits move by about 1e-3. The temperature, decision rule and not-a-lesion gate of a member describe that member,
     not the ensemble, so they are reset: fit them afterwards (`dermsight calibrate`, `dermsight tune-decision`).
     """
-    from dermsight.models.bundle import check_same_recipe, load_model, read_meta, save_model
+    from dermsight.models.bundle import load_model, read_runs, save_model
 
-    paths = [Path(p) for p in model_paths]
-    if len(paths) < 2:
-        raise ValueError("an ensemble needs at least two models")
-    metas = [read_meta(p) for p in paths]
-    if any(m.members > 1 for m in metas):
-        raise ValueError("members must be single models: pass the runs' own model files, not an ensemble")
-    check_same_recipe(metas, paths, "combined")
+    paths, names, metas = read_runs(list(model_paths), "an ensemble")
     nets = [load_model(p)[0] for p in paths]
-    names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
     report = {
         "members": [
             {

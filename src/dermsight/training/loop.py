@@ -616,6 +616,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
         res = fit(cfg, progress)
         return res.model_path if res is not None else None
     run = Path(cfg.out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        cfg.to_yaml(run / "config.yaml")
     paths = []
     for seed in range(cfg.seed, cfg.seed + cfg.members):
         member = replace(cfg, seed=seed, out=str(run / f"seed{seed}"), members=1, calibrate=False, tune_decision=False)
@@ -625,7 +628,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
         else:
             fit(member, progress)
         paths.append(done)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main:
         return None
 
     from dermsight.inference import decision
@@ -633,7 +636,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     from dermsight.models.bundle import read_meta
     from dermsight.models.ensemble import combine
 
-    cfg.to_yaml(run / "config.yaml")
     model_path = Path(combine(paths, run / "model.safetensors")["model"])
     print(f"ensemble of {len(paths)} written to {model_path}")
     if cfg.calibrate:

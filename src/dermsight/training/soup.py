@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from dermsight.data.problems import DataError
 from dermsight.evaluation.run import model_input_batches, model_logits
 from dermsight.inference.calibration import read_labels, read_split_manifest
 from dermsight.inference.decision import choose, train_prior
-from dermsight.models.bundle import ModelMeta, check_same_recipe, load_model, read_meta, save_model
+from dermsight.models.bundle import ModelMeta, load_model, read_runs, save_model
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -92,14 +91,7 @@ def make_soup(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Average ``model_paths`` (greedily on the val score, unless ``greedy`` is false) into ``out``."""
-    paths = [Path(p) for p in model_paths]
-    names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
-    if len(paths) < 2:
-        raise ValueError("a soup needs at least two models")
-    metas = [read_meta(p) for p in paths]
-    if any(m.members > 1 for m in metas):
-        raise ValueError("ensembles cannot be averaged into a soup: pass the runs' own model files")
-    check_same_recipe(metas, paths, "averaged")
+    paths, names, metas = read_runs(list(model_paths), "a soup")
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     val, train = df[df["split"] == "val"], df[df["split"] == "train"]
     if val.empty or train.empty:
