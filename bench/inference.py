@@ -92,7 +92,7 @@ def main() -> int:
     e2e = timings(lambda: predictor.predict(sources[0]), max(10, args.repeats // 2), warmup=3)
 
     print(
-        f"\nmodel: {model_path.name} ({meta.architecture}{f' x {meta.members}' if meta.members > 1 else ''}, "
+        f"\nmodel: {model_path.name} ({meta.network}, "
         f"input {meta.input_size} px); {threads} thread(s), "
         f"{os.cpu_count()} CPU(s) visible, load average {load:.1f} at the start (other work on the machine slows "
         f"every row, eager PyTorch with more than one thread most); torch {torch.__version__}; timed on {what}"

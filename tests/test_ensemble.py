@@ -91,8 +91,10 @@ def test_ensemble_serves_onnx_with_parity_and_explains(members, tmp_path):
     assert heat.shape == (64, 64) and 0 <= target < 7 and np.isfinite(heat).all()
     image = tmp_path / "lesion.png"
     Image.fromarray(synthetic_images(1, size=(200, 150))[0]).save(image)
-    result = Predictor.from_path(path, backend="onnx", threads=1).predict(image)
+    predictor = Predictor.from_path(path, backend="onnx", threads=1)
+    result = predictor.predict(image)
     assert result.status == "ok" and len(result.predictions) == 7
+    assert result.model == "2 x tf_efficientnet_lite0 (ensemble) (ens.safetensors)" and predictor.info()["members"] == 2
     assert abs(sum(p.probability for p in result.predictions) - 1) < 1e-3
 
 
@@ -123,7 +125,7 @@ def test_model_card_names_the_ensemble_and_its_members(members, tmp_path):
 
     path = combine(members, tmp_path / "ens.safetensors")["model"]
     card = render_model_card(read_meta(path))
-    assert "ensemble of 3 x tf_efficientnet_lite0" in card and "seeds 0, 1, 2" in card and "float16" in card
+    assert "3 x tf_efficientnet_lite0 (ensemble)" in card and "seeds 0, 1, 2" in card and "float16" in card
     assert all(f"m{s}.safetensors` | {s} |" in card for s in (0, 1, 2))
     single = render_model_card(read_meta(members[0]))
     assert "ensemble" not in single

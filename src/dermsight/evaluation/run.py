@@ -168,6 +168,7 @@ def evaluate(
     extra = {
         "model": str(model_path),
         "architecture": meta.architecture,
+        "members": meta.members,
         "model_taxonomy": meta.taxonomy,
         "scored_taxonomy": taxonomy,
         "data": str(data),
@@ -178,7 +179,7 @@ def evaluate(
         "ece_before_temperature": expected_calibration_error(probs_raw, y),
         "images_failed": len(failed),
     }
-    title = f"{meta.architecture} on {Path(data).name}" + (f" ({split} split)" if split else "")
+    title = f"{meta.network} on {Path(data).name}" + (f" ({split} split)" if split else "")
     files = write_report(metrics, probs, y, Path(out_dir), title=title, extra=extra)
     metrics["extra"] = extra
     return Evaluation(metrics, files, problems)

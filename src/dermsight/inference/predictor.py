@@ -268,6 +268,7 @@ class Predictor:
         return {
             "model": self.model_path.name,
             "architecture": m.architecture,
+            "members": m.members,  # networks whose logits are averaged (1: a single model)
             "taxonomy": m.taxonomy,
             "classes": [
                 {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
@@ -388,7 +389,7 @@ class Predictor:
         return [r for r in out if r is not None]
 
     def _model_label(self) -> str:
-        return f"{self._meta.architecture} ({self.model_path.name})"
+        return f"{self._meta.network} ({self.model_path.name})"
 
     def _rejected(self, reason: str | None, image: str | None, scores: dict[str, float]) -> PredictionResult:
         return PredictionResult(status="rejected", reason=reason, model=self._model_label(), image=image, scores=scores)

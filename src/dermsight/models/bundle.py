@@ -163,6 +163,12 @@ class ModelMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def network(self) -> str:
+        """The architecture as people should read it: "tf_efficientnet_lite0", or "3 x tf_efficientnet_lite0
+        (ensemble)"."""
+        return self.architecture if self.members == 1 else f"{self.members} x {self.architecture} (ensemble)"
+
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Logits with the model's decision bias added (before the temperature); unchanged without one."""
         return logits + np.asarray(self.logit_bias, dtype=logits.dtype) if self.logit_bias else logits

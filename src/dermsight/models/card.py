@@ -43,7 +43,6 @@ def _fmt(v: Any, ci: Any = None) -> str:
 def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "", notes: tuple[str, ...] = ()) -> str:
     m = meta.metrics or {}
     ens = m.get("ensemble", {}).get("members", [])
-    what = meta.architecture if meta.members == 1 else f"ensemble of {meta.members} x {meta.architecture}"
     ensemble_line = []
     if meta.members > 1:
         seeds = f" (seeds {', '.join(str(e['seed']) for e in ens)})" if ens else ""
@@ -53,7 +52,7 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
             f"then the decision rule and temperature below apply{stored}."
         )
     lines = [
-        f"# Model card: {what} ({meta.taxonomy}, {meta.num_classes} classes)",
+        f"# Model card: {meta.network}, {meta.taxonomy}, {meta.num_classes} classes",
         "",
         f"File: `{model_file}`" if model_file else "",
         "",

@@ -244,6 +244,11 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "model": {"type": "string", "description": "model file name"},
                         "backend": {"type": "string", "enum": ["onnx", "torch"]},
                         "architecture": {"type": "string"},
+                        "members": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "networks of this architecture whose logits are averaged (1: one model)",
+                        },
                         "taxonomy": {"type": "string"},
                         "classes": {
                             "type": "array",

@@ -54,7 +54,7 @@ class ModelService:
                     from dermsight.inference.predictor import Predictor
 
                     self._predictor = Predictor.from_path(self.path, backend=self.backend, threads=self.threads)
-                    log.info("model loaded: %s", getattr(self._predictor.meta, "architecture", "?"))
+                    log.info("model loaded: %s", getattr(self._predictor.meta, "network", "?"))
         return self._predictor
 
     def warm_up_in_background(self) -> threading.Thread:
