@@ -67,8 +67,9 @@ def combine(
 ) -> dict[str, Any]:
     """Write the ensemble of ``model_paths`` (single models of one recipe) to ``out``; returns a short report.
 
-    Weights are stored as float16 by default: three EfficientNet-Lite0 runs take 21 MB instead of 41 MB, and the
-    logits move by about 1e-3. The temperature, decision rule and not-a-lesion gate of a member describe that member,
+    Weights are stored as float16 by default: three EfficientNet-Lite0 runs take 21 MB instead of 41 MB. Measured on
+    48 real 600x450 images with the bundled model: logits move by at most 0.015, probabilities by 0.004, and no top
+    class changes. The temperature, decision rule and not-a-lesion gate of a member describe that member,
     not the ensemble, so they are reset: fit them afterwards (`dermsight calibrate`, `dermsight tune-decision`).
     """
     from dermsight.models.bundle import load_model, read_runs, save_model
