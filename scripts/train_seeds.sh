@@ -28,7 +28,7 @@ import os, sys
 from dermsight.training import TrainConfig
 config, out, seed, dest = sys.argv[1:]
 extra = {k.lower(): int(os.environ[k]) for k in ("EPOCHS", "MAX_STEPS_PER_EPOCH") if os.environ.get(k)}
-cfg = TrainConfig.from_yaml(config, out=out, seed=int(seed), device=os.environ.get("DEVICE", "cuda"),
+cfg = TrainConfig.from_yaml(config, out=out, seed=int(seed), members=1, device=os.environ.get("DEVICE", "cuda"),
                             calibrate=False, tune_decision=False, **extra)
 cfg.to_yaml(__import__("pathlib").Path(dest))
 PYEOF

@@ -110,7 +110,8 @@ def test_train_seeds_script_trains_each_seed_and_soups_them(tmp_path):
     if bash is None:
         pytest.skip("bash not found")
     data = synthetic_dataset(tmp_path / "data")
-    config = tiny_config(tmp_path, data).to_yaml(tmp_path / "tiny.yaml")
+    # members: 2 in the shared config: the script still trains one model per seed (an ensemble config's recipe).
+    config = tiny_config(tmp_path, data, members=2).to_yaml(tmp_path / "tiny.yaml")
     runs = tmp_path / "runs"
     env = os.environ | {
         "CONFIG": str(config),
@@ -126,7 +127,7 @@ def test_train_seeds_script_trains_each_seed_and_soups_them(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_seeds.sh"
     proc = subprocess.run([bash, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (runs / "seed0" / "model.safetensors").is_file() and (runs / "seed1" / "model.safetensors").is_file()
+    assert all(read_meta(runs / f"seed{s}" / "model.safetensors").members == 1 for s in (0, 1))
     assert "greedy soup" in proc.stdout
     _, meta = load_model(runs / "soup.safetensors")
     assert meta.metrics["soup"]["ingredients"][0]["model"].startswith("seed")
