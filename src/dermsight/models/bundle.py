@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,11 @@ class ModelMeta:
         (ensemble)"."""
         return self.architecture if self.members == 1 else f"{self.members} x {self.architecture} (ensemble)"
 
+    def unfitted(self, **changes: Any) -> ModelMeta:
+        """A copy with ``changes`` and without what is fitted to one network's outputs (temperature, decision rule,
+        not-a-lesion gate): for models made from other models (soups, ensembles), which must be refitted."""
+        return replace(self, temperature=1.0, logit_bias=(), tta=False, ood={}, **changes)
+
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Logits with the model's decision bias added (before the temperature); unchanged without one."""
         return logits + np.asarray(self.logit_bias, dtype=logits.dtype) if self.logit_bias else logits
@@ -249,8 +254,7 @@ def save_model(
             t = t.clone()
         seen.add(ptr)
         tensors[key] = t
-    for key, tensor in (extra or {}).items():
-        tensors[EXTRA_PREFIX + key] = tensor.detach().to("cpu").contiguous().clone()
+    tensors |= _extra_tensors(extra or {})
     _write(path, tensors, meta)
     return path
 
@@ -268,10 +272,15 @@ def update_meta(
     tensors = safetensors.torch.load_file(str(path))
     if extra is not None:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-        tensors |= {EXTRA_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()}
+        tensors |= _extra_tensors(extra)
     target = Path(out) if out else Path(path)
     _write(target, tensors, meta)
     return target
+
+
+def _extra_tensors(extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``extra`` under the keys and in the form the file stores them (own CPU copies, prefixed)."""
+    return {EXTRA_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()}
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: ModelMeta) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,14 +89,9 @@ def combine(
         "combined": "mean of the members' logits",
         "stored_as": str(dtype).removeprefix("torch.") if dtype is not None else "as trained",
     }
-    meta = replace(
-        metas[0],
+    meta = metas[0].unfitted(
         members=len(paths),
         metrics={"ensemble": report},
-        temperature=1.0,
-        logit_bias=(),
-        tta=False,
-        ood={},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         dermsight_version=__version__,
     )

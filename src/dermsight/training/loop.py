@@ -376,7 +376,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     swa_chosen = False
     if cfg.swa_epochs:
         bn_loader = eval_loader(train_df.sample(n=min(2000, len(train_df)), random_state=cfg.seed))
-        swa_chosen = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
+        swa_start = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
+        swa_chosen = loop.best_epoch >= swa_start  # the best checkpoint is one of the averages
     best_path, best_epoch = loop.best_path, loop.best_epoch
 
     if d.world > 1:
@@ -516,17 +517,18 @@ def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dic
     Averaged weights sit nearer the centre of a flat region of the loss than any one end-of-epoch checkpoint, which
     tends to generalise better, for the price of a few epochs. After every epoch the running average gets BatchNorm
     statistics of its own (re-estimated on ``bn_loader``: training images, eval preprocessing) and is scored on val
-    like any checkpoint: it is kept only if its balanced accuracy beats the best so far. Returns whether it was."""
+    like any checkpoint: it is kept only if its balanced accuracy beats the best so far. Returns the phase's first
+    epoch (best epochs from there on are averages)."""
     from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
     cfg = loop.cfg
     averaged = AveragedModel(loop.model)
     sched = SWALR(loop.optimizer, swa_lr=cfg.swa_lr, anneal_epochs=max(steps_per_epoch, 1), anneal_strategy="cos")
-    done, chosen = 0, False
+    done = 0
     if state is not None:
         averaged.load_state_dict(state["model"])
         sched.load_state_dict(state["scheduler"])
-        done, chosen = state["done"], state["chosen"]
+        done = state["done"]
     for k in range(done, cfg.swa_epochs):
         epoch = first_epoch + k - done
         t0 = time.perf_counter()
@@ -536,11 +538,31 @@ def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dic
         averaged.eval()
         val = loop.score_val(averaged.module)
         improved = loop.consider(averaged.module, val, epoch)
-        chosen = chosen or improved
         loop.log(epoch, sched, loss, val, improved, t0, f" (SWA, average of {k + 1})")
-        swa = {"model": averaged.state_dict(), "scheduler": sched.state_dict(), "done": k + 1, "chosen": chosen}
-        loop.save_last(epoch, swa)
-    return chosen
+        loop.save_last(epoch, {"model": averaged.state_dict(), "scheduler": sched.state_dict(), "done": k + 1})
+    return first_epoch - done
+
+
+def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split_at: Path, progress: bool) -> dict:
+    """Fit the temperature and the not-a-lesion gate, then (``cfg.tune_decision``) the decision rule, on the train and
+    val parts of ``manifest`` (test is measured, never used to fit); returns the model's metrics afterwards.
+    ``split_at``: the run folder that holds the split, for the retry hint."""
+    from dermsight.inference import decision
+    from dermsight.inference.calibration import calibrate_model, report_lines
+    from dermsight.models.bundle import read_meta
+
+    try:
+        print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
+        if cfg.tune_decision:
+            tuned = decision.tune_decision(model_path, manifest, None, model_path.parent / "decision", progress)
+            print("\n".join(decision.report_lines(tuned)))
+    except ValueError as e:
+        # Hours of training must not be lost to a calibration problem: keep the uncalibrated model and say so.
+        print(
+            f"warning: calibration failed ({e}); the model is saved uncalibrated. Run `dermsight calibrate "
+            f"--model {model_path} --data {split_at}` once the problem is fixed."
+        )
+    return read_meta(model_path).metrics
 
 
 def _finish(
@@ -574,25 +596,7 @@ def _finish(
     final = ModelMeta(**{**asdict(meta), "metrics": summary})
     model_path = save_model(run / "model.safetensors", model, final)
     if cfg.calibrate:
-        from dermsight.inference.calibration import calibrate_model, report_lines
-        from dermsight.models.bundle import read_meta
-
-        # Temperature and the OOD gate are fitted on train/val only; test is measured, never used to fit.
-        try:
-            report = calibrate_model(model_path, data.manifest, None, progress=progress)
-            print("\n".join(report_lines(report)))
-            if cfg.tune_decision:
-                from dermsight.inference import decision
-
-                tuned = decision.tune_decision(model_path, data.manifest, None, run / "decision", progress)
-                print("\n".join(decision.report_lines(tuned)))
-            summary = read_meta(model_path).metrics
-        except ValueError as e:
-            # Hours of training must not be lost to a calibration problem: keep the uncalibrated model and say so.
-            print(
-                f"warning: calibration failed ({e}); the model is saved uncalibrated. Run `dermsight calibrate "
-                f"--model {model_path} --data {run}` once the problem is fixed."
-            )
+        summary = _calibrate(cfg, model_path, data.manifest, run, progress)
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
     chosen = "the weight average (SWA)" if swa_chosen else f"best epoch {best_epoch + 1}"
     print(f"{chosen}; model written to {model_path}")
@@ -631,18 +635,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     if not main:
         return None
 
-    from dermsight.inference import decision
-    from dermsight.inference.calibration import calibrate_model, read_split_manifest, report_lines
+    from dermsight.inference.calibration import read_split_manifest
     from dermsight.models.bundle import read_meta
     from dermsight.models.ensemble import combine
 
     model_path = Path(combine(paths, run / "model.safetensors")["model"])
     print(f"ensemble of {len(paths)} written to {model_path}")
+    metrics = read_meta(model_path).metrics
     if cfg.calibrate:
-        manifest = read_split_manifest(run / f"seed{cfg.seed}" / "split.csv")
-        print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
-        if cfg.tune_decision:
-            tuned = decision.tune_decision(model_path, manifest, None, run / "decision", progress)
-            print("\n".join(decision.report_lines(tuned)))
-    (run / "metrics.json").write_text(json.dumps(read_meta(model_path).metrics, indent=2))
+        split_at = run / f"seed{cfg.seed}"
+        metrics = _calibrate(cfg, model_path, read_split_manifest(split_at), split_at, progress)
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return model_path

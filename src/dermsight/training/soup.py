@@ -17,7 +17,6 @@ Averaged BatchNorm statistics do not describe the averaged network, so they are 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -150,7 +149,7 @@ def make_soup(
     base = metas[chosen[0]]
     # The decision rule, temperature and OOD gate of a run describe that run, not the soup: refit them afterwards
     # (`dermsight calibrate`, `dermsight tune-decision`).
-    meta = replace(base, metrics={"soup": report}, temperature=1.0, logit_bias=(), tta=False, ood={})
+    meta = base.unfitted(metrics={"soup": report})
     save_model(out, work.cpu(), meta)
     report["model"] = str(out)
     return report
