@@ -104,8 +104,9 @@ def test_reset_batchnorm_replaces_running_statistics(two_runs):
     assert float(bn.running_mean.abs().max()) < 50
 
 
-def test_train_seeds_script_trains_each_seed_and_soups_them(tmp_path):
-    """scripts/train_seeds.sh end to end on a tiny CPU recipe: one run per seed, then the soup."""
+@pytest.mark.parametrize("combine", ["soup", "ensemble"])
+def test_train_seeds_script_trains_each_seed_and_combines_them(tmp_path, combine):
+    """scripts/train_seeds.sh end to end on a tiny CPU recipe: one run per seed, then the soup or the ensemble."""
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash not found")
@@ -121,6 +122,8 @@ def test_train_seeds_script_trains_each_seed_and_soups_them(tmp_path):
         "PARALLEL": "0",
         "CALIBRATE": "0",  # the quality gate rejects 48x36 toys; calibration has its own tests
         "EPOCHS": "1",
+        "WORKERS": "0",
+        "COMBINE": combine,
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
@@ -128,6 +131,11 @@ def test_train_seeds_script_trains_each_seed_and_soups_them(tmp_path):
     proc = subprocess.run([bash, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(read_meta(runs / f"seed{s}" / "model.safetensors").members == 1 for s in (0, 1))
-    assert "greedy soup" in proc.stdout
-    _, meta = load_model(runs / "soup.safetensors")
-    assert meta.metrics["soup"]["ingredients"][0]["model"].startswith("seed")
+    assert all(read_meta(runs / f"seed{s}" / "model.safetensors").config["seed"] == s for s in (0, 1))
+    assert "images ready in the cache" in proc.stdout
+    _, meta = load_model(runs / f"{combine}.safetensors")
+    if combine == "soup":
+        assert "greedy soup" in proc.stdout
+        assert meta.metrics["soup"]["ingredients"][0]["model"].startswith("seed")
+    else:
+        assert meta.members == 2

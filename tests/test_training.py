@@ -234,3 +234,42 @@ def test_train_with_missing_weights_is_a_clear_user_error(tmp_path, capsys):
     assert main(["train", "--config", str(cfg.to_yaml(tmp_path / "c.yaml"))]) == 2
     err = capsys.readouterr().err
     assert "weights file not found" in err and "Traceback" not in err and "internal error" not in err
+
+
+def test_set_overrides_are_typed_by_the_option():
+    """`dermsight train --set KEY=VALUE` values take the option's type, not YAML's guess (YAML 1.1 reads 1e-3 as a
+    string, and a folder called 2024 must stay a string)."""
+    parse = TrainConfig.parse_override
+    assert parse("lr=1e-3") == ("lr", 0.001)
+    assert parse("epochs=24") == ("epochs", 24)
+    assert parse("calibrate=false") == ("calibrate", False) and parse("amp=Yes") == ("amp", True)
+    assert parse("out=2024") == ("out", "2024")
+    assert parse("cache_dir=none") == ("cache_dir", None) and parse("cache_dir=/tmp/c") == ("cache_dir", "/tmp/c")
+    assert parse("notes={why: test}") == ("notes", {"why": "test"})
+    for bad, says in [
+        ("epochs", "KEY=VALUE"),
+        ("=3", "KEY=VALUE"),
+        ("epoch=3", "unknown option"),
+        ("epochs=many", "not a valid int"),
+        ("calibrate=maybe", "not a valid bool"),
+        ("notes=[1, 2]", "not a valid dict"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            parse(bad)
+
+
+def test_cli_train_set_and_prepare_only(tmp_path, capsys):
+    """--prepare-only builds the split and the cache the runs will share, and trains nothing; --set reaches the
+    config (a bad value is a usage error, exit 2, before any work)."""
+    from dermsight.cli import main
+
+    data = synthetic_dataset(tmp_path / "data")
+    config = tiny_config(tmp_path, data, members=3).to_yaml(tmp_path / "c.yaml")
+    args = ["train", "--config", str(config), "--set", "members=1", "--set", "cache_size=40"]
+    assert main([*args, "--prepare-only"]) == 0
+    out = capsys.readouterr().out
+    assert "48 images ready in the cache" in out and "train " in out
+    assert any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "--config", str(config), "--set", "epochs=soon", "--prepare-only"]) == 2
+    assert "not a valid int" in capsys.readouterr().err

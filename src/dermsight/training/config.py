@@ -89,6 +89,39 @@ class TrainConfig:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**(raw | {k: v for k, v in overrides.items() if v is not None}))
 
+    @classmethod
+    def parse_override(cls, pair: str) -> tuple[str, Any]:
+        """``KEY=VALUE`` from the command line (`dermsight train --set`) -> (key, value typed as the option).
+
+        Typed by the option's declared type, not by YAML's guess: YAML 1.1 reads ``1e-3`` as a string, and
+        ``out=2024`` must stay a folder name."""
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        types = {f.name: str(f.type) for f in fields(cls)}
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        if key not in types:
+            raise ValueError(f"--set {key}: unknown option; known: {', '.join(sorted(types))}")
+        kind = types[key]
+        try:
+            if kind == "bool":
+                flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+                return key, flags[text.lower()]
+            if kind == "int":
+                return key, int(text)
+            if kind == "float":
+                return key, float(text)
+            if kind == "str | None":
+                return key, None if text.lower() in ("", "none", "null") else text
+            if kind.startswith("dict"):
+                value = yaml.safe_load(text) if text else {}
+                if not isinstance(value, dict):
+                    raise ValueError
+                return key, value
+        except (KeyError, ValueError, yaml.YAMLError):
+            raise ValueError(f"--set {key}: {text!r} is not a valid {kind}") from None
+        return key, text
+
     def to_yaml(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
