@@ -273,3 +273,10 @@ def test_cli_train_set_and_prepare_only(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main(["train", "--config", str(config), "--set", "epochs=soon", "--prepare-only"]) == 2
     assert "not a valid int" in capsys.readouterr().err
+
+
+def test_from_yaml_applies_none_overrides(tmp_path):
+    """An explicit None (`--set cache_dir=none`) replaces the file's value instead of being dropped."""
+    path = TrainConfig(cache_dir="/somewhere").to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(path).cache_dir == "/somewhere"
+    assert TrainConfig.from_yaml(path, cache_dir=None).cache_dir is None

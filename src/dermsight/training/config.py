@@ -87,7 +87,8 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**(raw | {k: v for k, v in overrides.items() if v is not None}))
+        # Overrides are applied as given, None included (`--set cache_dir=none` means the default cache root).
+        return cls(**(raw | overrides))
 
     @classmethod
     def parse_override(cls, pair: str) -> tuple[str, Any]:
