@@ -280,3 +280,62 @@ def test_from_yaml_applies_none_overrides(tmp_path):
     path = TrainConfig(cache_dir="/somewhere").to_yaml(tmp_path / "c.yaml")
     assert TrainConfig.from_yaml(path).cache_dir == "/somewhere"
     assert TrainConfig.from_yaml(path, cache_dir=None).cache_dir is None
+
+
+def test_distillation_loss_matches_the_teacher_distribution():
+    from dermsight.training.loop import DistillationLoss
+
+    base = WeightedCrossEntropy()
+    z = torch.randn(6, 4)
+    y = torch.randint(0, 4, (6,))
+    pure = DistillationLoss(base, weight=1.0, temperature=2.0)
+    assert float(pure(z, y, z)) == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher has nothing to learn
+    # KL(p_t || p_s) = cross-entropy to the soft targets minus the teacher's entropy, times T^2.
+    t = torch.randn(6, 4)
+    p_t = torch.softmax(t / 2, 1)
+    ce = -(p_t * torch.log_softmax(z / 2, 1)).sum(1).mean()
+    ent = -(p_t * torch.log(p_t)).sum(1).mean()
+    assert float(pure(z, y, t)) == pytest.approx(float((ce - ent) * 4), rel=1e-5)
+    assert float(DistillationLoss(base, weight=0.0)(z, y, t)) == pytest.approx(float(base(z, y)))
+    mixed = DistillationLoss(base, weight=0.25, temperature=2.0)
+    assert float(mixed(z, y, t)) == pytest.approx(0.25 * float(pure(z, y, t)) + 0.75 * float(base(z, y)), rel=1e-5)
+
+
+def test_a_distilled_student_follows_its_teacher_not_the_labels(tmp_path):
+    """distil_weight 1: the labels play no part. A student trained on the same images with every label swapped
+    (mel <-> nv) learns to predict what the teacher does, so by its last epoch it scores near 0 against the swapped
+    labels. (Checkpoint selection still uses the labels, so the log's last epoch is what is checked.)"""
+    data = synthetic_dataset(tmp_path / "data", n=80)
+    teacher = fit(tiny_config(tmp_path, data, epochs=8, imbalance="sampler", out=str(tmp_path / "t")), progress=False)
+    assert teacher.val_metrics["accuracy"] > 0.8
+    labels = pd.read_csv(data / "labels.csv")
+    labels["label"] = labels["label"].map({"mel": "nv", "nv": "mel"})
+    labels.to_csv(data / "swapped.csv", index=False)
+    cfg = tiny_config(
+        tmp_path, data / "swapped.csv", epochs=8, imbalance="sampler", out=str(tmp_path / "s"), patience=20,
+        teacher=str(teacher.model_path), distil_weight=1.0,
+    )  # fmt: skip
+    student = fit(cfg, progress=False)
+    log = pd.read_csv(tmp_path / "s" / "log.csv")
+    assert log["val_accuracy"].iloc[-1] < 0.2, log
+    _, meta = load_model(student.model_path)
+    assert meta.config["teacher"] == str(teacher.model_path)
+
+
+def test_a_teacher_of_other_classes_is_refused(tmp_path):
+    from dermsight.training.loop import load_teacher
+
+    data = synthetic_dataset(tmp_path / "data")
+    t = fit(tiny_config(tmp_path, data, epochs=1, out=str(tmp_path / "t")), progress=False)
+    _, meta = load_model(t.model_path)
+    with pytest.raises(ValueError, match="not this run's"):
+        load_teacher(str(t.model_path), meta, ("a", "b"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml", "distil.yaml"])
+def test_shipped_configs_load(name):
+    """The configs the README tells people to run are valid TrainConfigs."""
+    cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.arch and cfg.epochs >= 1
+    if name == "distil.yaml":
+        assert cfg.teacher and cfg.members == 1 and 0 < cfg.distil_weight <= 1

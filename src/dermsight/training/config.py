@@ -45,6 +45,11 @@ class TrainConfig:
     # weights averaged at the end of each; the average competes with the epoch checkpoints on val (0 = off).
     swa_epochs: int = 0
     swa_lr: float = 1e-4
+    # Knowledge distillation: a dermsight model file whose (raw) logits the model learns to match on the same
+    # augmented images (e.g. the ensemble, to serve one network at its quality); none: plain supervised training.
+    teacher: str | None = None
+    distil_weight: float = 1.0  # share of the loss that is the distillation term; the rest is the labels' loss
+    distil_temperature: float = 1.0  # softening of both distributions (Hinton et al. 2015); the term is scaled by T^2
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     # run
     seed: int = 0
@@ -70,6 +75,8 @@ class TrainConfig:
             raise ValueError("members must be at least 1")
         if self.swa_epochs < 0 or self.swa_lr <= 0:
             raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
+        if not 0 <= self.distil_weight <= 1 or self.distil_temperature <= 0:
+            raise ValueError("distil_weight must be in [0, 1] and distil_temperature positive")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
 

@@ -36,7 +36,7 @@ from dermsight.data.manifest import (
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
-from dermsight.models.bundle import ModelMeta, save_model
+from dermsight.models.bundle import ModelMeta, load_model, save_model
 from dermsight.models.factory import create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
 from dermsight.transforms import EvalPreset, TrainPreset
@@ -138,8 +138,10 @@ def train_one_epoch(
     max_steps: int = 0,
     desc: str = "train",
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss."""
+    """One pass over ``loader``; returns the mean training loss. With a ``teacher``, ``criterion`` is a
+    `DistillationLoss` and also gets the teacher's logits for the same batch."""
     model.train()
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress or None)
@@ -149,7 +151,12 @@ def train_one_epoch(
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with _autocast(device, amp):
-            loss = criterion(model(x), y)
+            if teacher is None:
+                loss = criterion(model(x), y)
+            else:
+                with torch.no_grad():
+                    target_logits = teacher(x)
+                loss = criterion(model(x), y, target_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -224,6 +231,43 @@ class WeightedCrossEntropy(nn.Module):
             return loss.mean()
         w = self.weight.to(loss.dtype)[target]
         return (loss * w).sum() / w.sum().clamp_min(1e-12)
+
+
+class DistillationLoss(nn.Module):
+    """Knowledge distillation (Hinton et al., 2015): KL divergence from the teacher's class distribution to the
+    student's, both softened by ``temperature`` and scaled by its square so the gradients keep their size, on the same
+    augmented batch the student sees (Beyer et al., 2022: "a good teacher is patient and consistent"). ``weight`` is
+    the share of this term; the rest is ``base`` (the class-weighted cross-entropy) on the labels.
+
+    The teacher's raw logits are matched, without its served prior correction or temperature: the student then
+    learns the same balanced-loss network function, and gets its own decision rule and temperature fitted on val.
+    """
+
+    def __init__(self, base: nn.Module, weight: float = 1.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.base, self.weight, self.temperature = base, weight, temperature
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        student = nn.functional.log_softmax(logits.float() / t, dim=1)
+        teacher = nn.functional.log_softmax(teacher_logits.float() / t, dim=1)
+        kd = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+        if self.weight >= 1:
+            return kd
+        return self.weight * kd + (1 - self.weight) * self.base(logits, target)
+
+
+def load_teacher(path: str, meta: ModelMeta, classes: tuple[str, ...], device: torch.device) -> nn.Module:
+    """The frozen teacher network; it must score the same classes from the same normalised input."""
+    teacher, tmeta = load_model(path, device=device)
+    if tuple(tmeta.classes) != tuple(classes):
+        raise ValueError(f"teacher {path} scores {', '.join(tmeta.classes)}, not this run's {', '.join(classes)}")
+    if tuple(tmeta.mean) != tuple(meta.mean) or tuple(tmeta.std) != tuple(meta.std):
+        raise ValueError(
+            f"teacher {path} expects inputs normalised with mean {tmeta.mean} / std {tmeta.std}, this run's "
+            f"weights {meta.mean} / {meta.std}: distil between networks that share a normalisation"
+        )
+    return teacher.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------------------ fit
@@ -340,7 +384,11 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
 
     val_dl = eval_loader(val_df)
     weight = torch.tensor(cw, dtype=torch.float32, device=device) if cfg.imbalance == "loss" else None
-    criterion = WeightedCrossEntropy(weight, cfg.label_smoothing).to(device)
+    criterion: nn.Module = WeightedCrossEntropy(weight, cfg.label_smoothing).to(device)
+    teacher = None
+    if cfg.teacher:
+        teacher = load_teacher(cfg.teacher, meta, tuple(data.classes), device)
+        criterion = DistillationLoss(criterion, cfg.distil_weight, cfg.distil_temperature)
 
     net: nn.Module = model
     if d.world > 1:
@@ -352,8 +400,9 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     )
 
     loop = _Epochs(
-        cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main, progress
-    )
+        cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main,
+        progress, teacher,
+    )  # fmt: skip
     start, swa_state = loop.begin(cfg.resume)
 
     epoch = start - 1
@@ -412,6 +461,7 @@ class _Epochs:
     run: Path
     main: bool  # rank 0: the one that writes files
     progress: bool = True
+    teacher: nn.Module | None = None  # knowledge distillation (cfg.teacher)
     best: float = -1.0
     best_epoch: int = -1
     stale: int = 0
@@ -462,7 +512,7 @@ class _Epochs:
         cfg = self.cfg
         return train_one_epoch(
             self.net, self.train_dl, self.criterion, self.optimizer, sched, self.device, cfg.amp,
-            cfg.max_steps_per_epoch, label, self.progress,
+            cfg.max_steps_per_epoch, label, self.progress, self.teacher,
         )  # fmt: skip
 
     def score_val(self, m: nn.Module) -> tuple[float, float, float]:
@@ -569,7 +619,6 @@ def _finish(
     cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen=False
 ) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
-    from dermsight.models.bundle import load_model
 
     model, meta = load_model(best_path, device=device)
     model = model.to(memory_format=torch.channels_last)
