@@ -3,6 +3,7 @@ resume, and DDP runs two CPU processes on gloo through torchrun."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -256,6 +257,10 @@ def test_set_overrides_are_typed_by_the_option():
     ]:
         with pytest.raises(ValueError, match=says):
             parse(bad)
+    # Every option the config has can be set (none falls through to an untyped string).
+    samples = {"bool": "true", "int": "1", "float": "0.5", "str": "x", "str | None": "x", "dict[str, Any]": "{}"}
+    for f in dataclasses.fields(TrainConfig):
+        assert parse(f"{f.name}={samples[str(f.type)]}")[0] == f.name
 
 
 def test_cli_train_set_and_prepare_only(tmp_path, capsys):

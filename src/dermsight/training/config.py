@@ -126,9 +126,12 @@ class TrainConfig:
                 if not isinstance(value, dict):
                     raise ValueError
                 return key, value
+            if kind == "str":
+                return key, text
         except (KeyError, ValueError, yaml.YAMLError):
             raise ValueError(f"--set {key}: {text!r} is not a valid {kind}") from None
-        return key, text
+        # An option added with a type this parser does not know must not silently arrive as a string.
+        raise ValueError(f"--set {key}: options of type {kind} cannot be set from the command line; use the YAML file")
 
     def to_yaml(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

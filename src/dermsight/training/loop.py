@@ -619,7 +619,6 @@ def _finish(
     cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen=False
 ) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
-
     model, meta = load_model(best_path, device=device)
     model = model.to(memory_format=torch.channels_last)
     labels = list(data.classes)
