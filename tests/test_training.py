@@ -21,7 +21,15 @@ from conftest import make_image
 from dermsight.models.bundle import load_model
 from dermsight.models.factory import create_model
 from dermsight.training import TrainConfig, fit, train_one_epoch
-from dermsight.training.loop import WeightedCrossEntropy, WeightedSampler, class_weights, warmup_cosine
+from dermsight.training.loop import (
+    DeviceBatches,
+    WeightedCrossEntropy,
+    WeightedSampler,
+    _Epochs,
+    class_weights,
+    warmup_cosine,
+)
+from dermsight.transforms import BatchTrainAugment
 
 
 def synthetic_dataset(root: Path, n: int = 48) -> Path:
@@ -344,3 +352,49 @@ def test_shipped_configs_load(name):
     assert cfg.arch and cfg.epochs >= 1
     if name == "distil.yaml":
         assert cfg.teacher and cfg.members == 1 and 0 < cfg.distil_weight <= 1
+
+
+def test_device_batches_pad_by_repeating_edges_and_follow_the_sampler():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((6, 8), (8, 4), (5, 5))]
+    sampler = [2, 0, 1, 2, 1]  # any iterable of indices with a length, as the samplers are
+    aug = BatchTrainAugment(input_size=4, mean=(0, 0, 0), std=(1, 1, 1))
+    dev = torch.device("cpu")
+    batches = DeviceBatches(images, np.arange(3), np.array([3, 4, 5]), sampler, 2, aug, dev, drop_last=False)
+    assert batches.images.shape == (3, 3, 8, 8) and batches.sizes.tolist() == [[6, 8], [8, 4], [5, 5]]
+    first = batches.images[0]
+    assert torch.equal(first[:, 6:, :], first[:, 5:6, :].expand(3, 2, 8))  # rows below repeat the last row
+    third = batches.images[2]
+    assert torch.equal(third[:, :, 5:], third[:, :, 4:5].expand(3, 8, 3))  # columns right repeat the last column
+    out = list(batches)
+    assert len(batches) == len(out) == 3 and [len(y) for _, y in out] == [2, 2, 1]
+    assert torch.cat([y for _, y in out]).tolist() == [5, 3, 4, 5, 4]  # targets in the sampler's order
+    assert out[0][0].shape == (2, 3, 4, 4)
+    assert len(DeviceBatches(images, np.arange(3), np.zeros(3), sampler, 2, aug, dev, drop_last=True)) == 2
+
+
+def test_fit_with_device_augmentation_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    data = synthetic_dataset(tmp_path / "data", n=80)
+    whole = tiny_config(tmp_path, data, epochs=6, augment="device", out=str(tmp_path / "whole"))
+    res = fit(whole, progress=False)
+    assert res.val_metrics["accuracy"] > 0.8
+    # Interrupted after 3 epochs and resumed: the same weights as the uninterrupted run (the augmentation's
+    # parameters come from the restored CPU generator, the batch order from the replayed sampler).
+    save_last = _Epochs.save_last
+
+    def stop_after_third(self, epoch, swa=None):
+        save_last(self, epoch, swa)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    part = tiny_config(tmp_path, data, epochs=6, augment="device", out=str(tmp_path / "part"))
+    with monkeypatch.context() as m:
+        m.setattr(_Epochs, "save_last", stop_after_third)
+        with pytest.raises(KeyboardInterrupt):
+            fit(part, progress=False)
+    fit(dataclasses.replace(part, resume=True), progress=False)
+    assert list(pd.read_csv(tmp_path / "part" / "log.csv")["epoch"]) == [1, 2, 3, 4, 5, 6]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k

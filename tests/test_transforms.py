@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 from dermsight.models import create_model
 from dermsight.models.bundle import ModelMeta
-from dermsight.transforms import EvalPreset, RandomRot90, TrainPreset, to_tensor
+from dermsight.transforms import BatchTrainAugment, EvalPreset, RandomRot90, TrainPreset, to_tensor
 
 MEAN = (0.5, 0.25, 0.0)
 STD = (0.5, 0.25, 1.0)
@@ -106,3 +106,111 @@ def test_train_preset_reaches_every_flip_and_rotation():
         assert len(matches) == 1
         seen.add(matches[0])
     assert seen == set(range(8))
+
+
+def _still(**kw) -> BatchTrainAugment:
+    """A batch augmentation with every random step off unless switched on by ``kw``."""
+    base = dict(
+        input_size=16, mean=(0, 0, 0), std=(1, 1, 1), scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0, vflip=0,
+        rot90=False, brightness=0, contrast=0, saturation=0, hue=0,
+    )  # fmt: skip
+    return BatchTrainAugment(**(base | kw))
+
+
+def _pattern(h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_batch_augment_full_crop_is_the_image_and_matches_the_per_image_resize():
+    img = _pattern()
+    out = _still()(img[None], torch.tensor([[16, 16]]))
+    assert out.shape == (1, 3, 16, 16) and out.dtype == torch.float32
+    assert torch.allclose(out[0], img.float() / 255, atol=1e-5)  # same size: an exact copy
+    # Shrinking a smooth image averages like torchvision's antialiased resize.
+    smooth = (torch.linspace(0, 255, 64).view(1, 1, 64) + torch.linspace(0, 255, 64).view(1, 64, 1)) / 2
+    smooth = smooth.expand(3, 64, 64).round().to(torch.uint8)
+    ours = _still()(smooth[None], torch.tensor([[64, 64]]))[0]
+    ref = v2.functional.resize(smooth, [16, 16], antialias=True).float() / 255
+    assert (ours - ref).abs().mean() < 0.01
+
+
+def test_batch_augment_crops_follow_torchvisions_rule_and_stay_inside_each_image():
+    torch.manual_seed(0)
+    aug = _still(scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3))
+    sizes = torch.tensor([[150, 200], [60, 60], [200, 100]]).repeat(400, 1)
+    boxes = aug.crop_boxes(sizes)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= sizes[:, 1]).all() and (boxes[:, 3] <= sizes[:, 0]).all()
+    frac = w * h / (sizes[:, 0] * sizes[:, 1])
+    assert frac.min() > 0.28 and frac.max() <= 1.0 and frac.std() > 0.1  # spread over the scale range
+    aspect = w / h
+    assert aspect.min() > 0.7 and aspect.max() < 1.4
+    # No try can fit a ratio range far from the image's: torchvision's fallback, the centre crop, clamped.
+    wide = _still(scale=(1.0, 1.0), ratio=(1.0, 1.0)).crop_boxes(torch.tensor([[100, 200]]))
+    assert wide.tolist() == [[50.0, 0.0, 150.0, 100.0]]
+
+
+def test_batch_augment_reads_no_further_than_one_pixel_past_an_image():
+    # Bilinear sampling near a crop's far edge reaches up to one pixel beyond it, as torchvision's resize does by
+    # repeating the edge: a batch slot padded by one repeated edge pixel and black beyond must give only white.
+    torch.manual_seed(1)
+    batch = torch.zeros(8, 3, 40, 40, dtype=torch.uint8)
+    batch[:, :, :11, :11] = 255
+    aug = _still(scale=(0.2, 1.0), ratio=(0.5, 2.0), hflip=0.5, vflip=0.5, rot90=True)
+    out = aug(batch, torch.tensor([[10, 10]] * 8))
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+def test_batch_augment_draws_per_image_and_reaches_every_symmetry():
+    torch.manual_seed(0)
+    img = _pattern()
+    base = img.float() / 255
+    symmetries = [torch.rot90(t, k, dims=(-2, -1)) for t in (base, base.flip(-1)) for k in range(4)]
+    out = _still(hflip=0.5, vflip=0.5, rot90=True)(img[None].expand(200, -1, -1, -1), torch.tensor([[16, 16]] * 200))
+    seen = []
+    for o in out:
+        matches = [i for i, s in enumerate(symmetries) if torch.allclose(o, s, atol=1e-5)]
+        assert len(matches) == 1
+        seen.append(matches[0])
+    assert set(seen) == set(range(8))  # one batch holds every symmetry: parameters are drawn per image
+    counts = np.bincount(seen, minlength=8)
+    assert counts.min() > 10  # and about uniformly (25 each expected)
+
+
+def test_batch_augment_colour_jitter_matches_torchvision_per_image():
+    torch.manual_seed(0)
+    img = _pattern(seed=3)
+    n = 64
+    for name in ("brightness", "contrast", "saturation"):
+        aug = _still(**{name: 0.4})
+        out = aug(img[None].expand(n, -1, -1, -1), torch.tensor([[16, 16]] * n))
+        assert len({round(float((o * o).mean()), 5) for o in out}) > n // 2  # a factor per image
+        # Each output equals torchvision's adjustment at some factor in the range: find it by a fine search.
+        adjust = getattr(v2.functional, f"adjust_{name}")
+        grid = torch.linspace(0.6, 1.4, 801)
+        refs = torch.stack([adjust(img.float() / 255, float(f)) for f in grid])
+        for o in out[:8]:
+            assert (refs - o).abs().amax((1, 2, 3)).min() < 2e-3
+    # Hue: a small turn of the chroma plane keeps brightness (Y) and changes colour, within the bound.
+    aug = _still(hue=0.05)
+    out = aug(img[None].expand(n, -1, -1, -1), torch.tensor([[16, 16]] * n))
+    gray = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y_in, y_out = (img.float()[None] / 255 * gray).sum(1), (out * gray).sum(1)
+    assert (y_out - y_in).abs().mean() < 0.02
+    assert (out - img.float() / 255).abs().mean() > 0.005
+
+
+def test_batch_augment_is_seeded_and_normalises():
+    img = _pattern()[None].expand(4, -1, -1, -1)
+    sizes = torch.tensor([[16, 16]] * 4)
+    aug = BatchTrainAugment(input_size=12, mean=MEAN, std=STD)
+    torch.manual_seed(5)
+    a = aug(img, sizes)
+    torch.manual_seed(5)
+    b = aug(img, sizes)
+    assert a.shape == (4, 3, 12, 12) and torch.equal(a, b)
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert (a >= lo.view(1, 3, 1, 1) - 1e-5).all() and (a <= hi.view(1, 3, 1, 1) + 1e-5).all()
+    with pytest.raises(ValueError, match="uint8"):
+        aug(img.float(), sizes)

@@ -7,16 +7,21 @@ expect); conversion to float and normalisation come last.
 Both presets also accept a batch (B, 3, H, W). torchvision draws one set of random parameters per call, so a batch
 shares its crop, flips and jitter: fine for eval, weaker augmentation for training, where the per-sample path (in the
 data loader workers) is the main one.
+
+`BatchTrainAugment` is the same training augmentation for a whole batch at once, with parameters drawn per image, so
+it can run on the GPU next to the model (`TrainConfig.augment: device`): loader workers then only index a tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -138,3 +143,140 @@ class EvalPreset:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
+
+
+class BatchTrainAugment:
+    """`TrainPreset`'s augmentation for a batch, every image with its own random parameters, on the batch's device.
+
+    torchvision.transforms.v2 draws one parameter set per call (a batch would share its crop), and kornia would be a
+    further dependency that, like v2, needs equally sized images; this stays inside torch and torchvision:
+
+    - random resized crop: torchvision's parameter rule (scale, log-uniform aspect ratio, 10 tries, then a centre
+      crop), vectorised, and cut and resized by `torchvision.ops.roi_align`, which averages the source pixels of each
+      output pixel (``sampling_ratio=-1``), so shrinking is antialiased as in `v2.RandomResizedCrop(antialias=True)`;
+    - flips both ways and 90-degree rotations, chosen per image;
+    - colour jitter (brightness, contrast, saturation in torchvision's definitions; hue as a rotation of the
+      chroma plane in YIQ space, a linear stand-in for HSV's hue shift that agrees with it for the small shifts
+      used here), in that fixed order rather than v2's random order per call.
+
+    Images come as one uint8 batch ``(B, 3, H, W)`` padded to a common size, with ``sizes`` ``(B, 2)`` giving each
+    image's own height and width: crops stay inside the image. Bilinear sampling at a crop's far edge reaches up to
+    one pixel past it, so the padding must repeat each image's last row and column (as `loop.DeviceBatches` does),
+    which is what torchvision's resize does at an image's border. Random parameters are drawn
+    from torch's global CPU generator (a few numbers per image), so a seed fixes them on every device and a resumed
+    run's restored RNG state carries on where it left off.
+    """
+
+    _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.35, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.5,
+        rot90: bool = True,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        hue: float = 0.02,
+    ) -> None:
+        if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"scale and ratio must be increasing positive ranges, got {scale}, {ratio}")
+        self.input_size, self.scale, self.ratio = input_size, scale, ratio
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_meta(cls, meta: ModelMeta, **overrides: Any) -> BatchTrainAugment:
+        kwargs: dict[str, Any] = dict(input_size=meta.input_size, mean=meta.mean, std=meta.std)
+        return cls(**(kwargs | overrides))
+
+    def crop_boxes(self, sizes: torch.Tensor, tries: int = 10) -> torch.Tensor:
+        """(B, 2) heights and widths -> (B, 4) crop boxes x1, y1, x2, y2 in pixels (CPU, float32)."""
+        h, w = sizes[:, 0:1].float(), sizes[:, 1:2].float()
+        n = len(sizes)
+        area = h * w
+        target = area * torch.empty(n, tries).uniform_(*self.scale)
+        log_r = torch.empty(n, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_r)
+        cw = torch.sqrt(target * aspect).round()
+        ch = torch.sqrt(target / aspect).round()
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+        pick = first.clamp(min=0).unsqueeze(1)
+        cw, ch = cw.gather(1, pick), ch.gather(1, pick)
+        y0 = (torch.rand(n, 1) * (h - ch + 1)).floor()
+        x0 = (torch.rand(n, 1) * (w - cw + 1)).floor()
+        # No try fitted: torchvision's fallback, the largest centre crop with the ratio clamped into range.
+        in_ratio = w / h
+        fw = torch.where(
+            in_ratio < self.ratio[0], w, torch.where(in_ratio > self.ratio[1], (h * self.ratio[1]).round(), w)
+        )
+        fh = torch.where(in_ratio < self.ratio[0], (w / self.ratio[0]).round(), h)
+        fall = (first < 0).unsqueeze(1)
+        cw, ch = torch.where(fall, fw, cw), torch.where(fall, fh, ch)
+        y0 = torch.where(fall, ((h - ch) / 2).round(), y0)
+        x0 = torch.where(fall, ((w - cw) / 2).round(), x0)
+        return torch.cat([x0, y0, x0 + cw, y0 + ch], 1)
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on any device + (B, 2) sizes -> normalised float32 (B, 3, S, S) on that device."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) uint8 batch, got {tuple(images.shape)} of {images.dtype}")
+        dev, n, s = images.device, len(images), self.input_size
+        boxes = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), self.crop_boxes(sizes.cpu())], 1)
+        # Draw everything on the CPU first (see the class docstring), then one small copy to the device.
+        draws = torch.rand(n, 8)
+        params = torch.cat([boxes, draws], 1).to(dev, non_blocking=True)
+        boxes, draws = params[:, :5], params[:, 5:]
+        x = roi_align(images.float(), boxes, output_size=s, spatial_scale=1.0, sampling_ratio=-1, aligned=True) / 255
+        x = x.clamp_(0, 1)
+
+        def where(flag: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(flag.view(-1, 1, 1, 1), a, b)
+
+        x = where(draws[:, 0] < self.hflip, x.flip(-1), x)
+        x = where(draws[:, 1] < self.vflip, x.flip(-2), x)
+        if self.rot90:  # k = 0..3 quarter turns: an odd k turns once, k >= 2 adds a half turn
+            k = (draws[:, 2] * 4).floor()
+            x = where(k % 2 == 1, x.rot90(1, (-2, -1)), x)
+            x = where(k >= 2, x.flip(-1).flip(-2), x)
+
+        def factor(u: torch.Tensor, amount: float) -> torch.Tensor:  # uniform in [1 - amount, 1 + amount]
+            return (1 - amount + 2 * amount * u).view(-1, 1, 1, 1)
+
+        gray_w = torch.tensor([0.2989, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+        if self.brightness:
+            x = (x * factor(draws[:, 3], self.brightness)).clamp_(0, 1)
+        if self.contrast:
+            m = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            c = factor(draws[:, 4], self.contrast)
+            x = (c * x + (1 - c) * m).clamp_(0, 1)
+        if self.saturation:
+            g = (x * gray_w).sum(1, keepdim=True)
+            c = factor(draws[:, 5], self.saturation)
+            x = (c * x + (1 - c) * g).clamp_(0, 1)
+        if self.hue:
+            theta = (draws[:, 6] * 2 - 1) * self.hue * 2 * math.pi
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            rot = torch.zeros(n, 3, 3, device=dev)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+            yiq = self._YIQ.to(dev)
+            mat = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3): RGB -> YIQ, turn the chroma plane, back
+            x = torch.einsum("bij,bjhw->bihw", mat, x).clamp_(0, 1)
+        return (x - self.mean.to(dev)) / self.std.to(dev)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.input_size}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip={self.hflip}, vflip={self.vflip}, rot90={self.rot90}, brightness={self.brightness}, "
+            f"contrast={self.contrast}, saturation={self.saturation}, hue={self.hue})"
+        )

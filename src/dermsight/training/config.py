@@ -40,6 +40,10 @@ class TrainConfig:
     # ColorJitter hue shift. Hue is by far the costliest augmentation step (about 2.6 of 3.3 ms per 256 px image on
     # one core, measured): 0 lets a few loader workers keep a GPU busy.
     hue: float = 0.02
+    # Where training images are augmented: "loader" (per image, in DataLoader workers; the CPU path) or "device"
+    # (per batch, on the training device, from a copy of the split's images held there: `loop.DeviceBatches`; the
+    # fast path on a GPU, where loader workers cannot keep up).
+    augment: str = "loader"
     patience: int = 8  # early stopping on validation balanced accuracy
     # Stochastic weight averaging after the main schedule: this many more epochs at the constant rate swa_lr, the
     # weights averaged at the end of each; the average competes with the epoch checkpoints on val (0 = off).
@@ -69,6 +73,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
+        if self.augment not in ("loader", "device"):
+            raise ValueError(f"augment must be loader or device, got {self.augment!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.members < 1:
