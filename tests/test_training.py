@@ -345,7 +345,9 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
         load_teacher(str(t.model_path), meta, ("a", "b"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml", "distil.yaml"])
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+)
 def test_shipped_configs_load(name):
     """The configs the README tells people to run are valid TrainConfigs."""
     cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / name)

@@ -89,13 +89,13 @@ class DeviceBatches:
         store = torch.zeros((len(views), 3, h, w), dtype=torch.uint8)
         for i, v in enumerate(views):
             ih, iw = v.shape[:2]
-            store[i, :, :ih, :iw] = torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1)
+            store[i, :, :ih, :iw] = torch.from_numpy(np.array(v)).permute(2, 0, 1)  # a writable copy
             # Pad by repeating the last row and column (see BatchTrainAugment: sampling reaches one pixel past).
             store[i, :, ih:, :iw] = store[i, :, ih - 1 : ih, :iw]
             store[i, :, :, iw:] = store[i, :, :, iw - 1 : iw]
         self.images = store.to(device)
         self.sizes = torch.from_numpy(sizes)
-        self.targets = torch.as_tensor(targets, dtype=torch.long, device=device)
+        self.targets = torch.as_tensor(np.array(targets), dtype=torch.long, device=device)
         self.sampler, self.batch_size, self.augment, self.drop_last = sampler, batch_size, augment, drop_last
 
     def __len__(self) -> int:
