@@ -149,6 +149,55 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
     }
 
 
+def val_rows(root: Path) -> list[dict]:
+    """Rows from every run's per-epoch log under ``root``, finished or not: the best validation balanced accuracy so
+    far (the checkpoint `fit` would keep), the accuracy at that epoch, epochs done, seconds an epoch. For runs a
+    deadline cut short, which never reached the test split: a validation-only view, never a test result."""
+    import pandas as pd
+    import yaml
+
+    rows = []
+    for log_path in sorted(root.glob("*/log.csv")):
+        log = pd.read_csv(log_path)
+        if log.empty:
+            continue
+        cfg = yaml.safe_load((log_path.parent / "config.yaml").read_text())
+        best = log.loc[log["val_balanced_accuracy"].idxmax()]
+        rows.append(
+            {
+                "arch": log_path.parent.name,
+                "val_bacc": float(best["val_balanced_accuracy"]),
+                "val_acc": float(best["val_accuracy"]),
+                "best_epoch": int(best["epoch"]),
+                "epochs_done": int(log["epoch"].max()),
+                "epochs": int(cfg["epochs"]),
+                "finished": (log_path.parent / "test" / "metrics.json").is_file(),
+                "sec_epoch": float(log["seconds"].iloc[1:].median() if len(log) > 1 else log["seconds"].iloc[0]),
+                "weights": cfg["weights"],
+            }
+        )
+    return rows
+
+
+def val_markdown(rows: list[dict], note: str) -> str:
+    out = [
+        "# Backbone comparison, validation only",
+        "",
+        note,
+        "",
+        "| backbone | best val balanced acc. (epoch) | val accuracy there | epochs done | s / epoch "
+        "| starting weights |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["val_bacc"]):
+        done = f"{r['epochs_done']} of {r['epochs']}" + ("" if r["finished"] else ", cut")
+        out.append(
+            f"| {r['arch']} | {r['val_bacc']:.3f} ({r['best_epoch']}) | {r['val_acc']:.3f} | {done} | "
+            f"{r['sec_epoch']:.0f} | {r['weights']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict], note: str) -> str:
     out = [
         "# Backbone comparison",
@@ -206,6 +255,11 @@ def main() -> None:
         "machine shared with other work, more threads mostly wait for each other)",
     )
     ap.add_argument("--collect", type=Path, help="build the table from finished runs under this folder")
+    ap.add_argument(
+        "--collect-val",
+        type=Path,
+        help="a validation-only table from the per-epoch logs of every run under this folder, finished or cut short",
+    )
     ap.add_argument("--weights-dir", type=Path, help="start each backbone from DIR/<arch>.safetensors where it exists")
     ap.add_argument("--strip", action="store_true", help="after training, keep only meta.json of each run's weights")
     ap.add_argument("--note", default="", help="a sentence added to the table's note (e.g. where it was trained)")
@@ -219,6 +273,10 @@ def main() -> None:
         device=args.device or base.device,
     )
     size = base.input_size
+    if args.collect_val:
+        args.out.write_text(val_markdown(val_rows(args.collect_val), args.note))
+        print(args.out.read_text())
+        return
     if args.measure_only:
         rows = [
             {

@@ -9,7 +9,8 @@
 #   CONFIG=configs/default.yaml SEEDS="4 5 6 7" EPOCHS=24 WORKERS=4 COMBINE=ensemble bash scripts/train_seeds.sh
 #
 # Knobs (environment): SEEDS, CONFIG, RUNS (output folder, default runs), DEVICE (cuda|cpu), PARALLEL (1: the runs
-# share the device; 0: one after another), EPOCHS, WORKERS (data loader processes per run), COMBINE (soup|ensemble),
+# share the device; 0: one after another), EPOCHS, WORKERS (data loader processes per run), AUGMENT (loader|device:
+# where training images are augmented; device frees the CPU cores for more runs side by side), COMBINE (soup|ensemble),
 # DEADLINE_S (stop each run after this many seconds, keeping its best checkpoint so far), CALIBRATE (0: stop after
 # combining), MAX_STEPS_PER_EPOCH (dry runs), PYTHON.
 set -uo pipefail
@@ -31,6 +32,7 @@ mkdir -p "$RUNS"
 opts=(--set members=1 --set calibrate=false --set tune_decision=false --device "$DEVICE")
 [ -n "${EPOCHS:-}" ] && opts+=(--epochs "$EPOCHS")
 [ -n "${WORKERS:-}" ] && opts+=(--set "num_workers=$WORKERS")
+[ -n "${AUGMENT:-}" ] && opts+=(--set "augment=$AUGMENT")
 [ -n "${MAX_STEPS_PER_EPOCH:-}" ] && opts+=(--set "max_steps_per_epoch=$MAX_STEPS_PER_EPOCH")
 
 # Manifest, split and decode-once cache built once, before the runs start (they then all reuse it).

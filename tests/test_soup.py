@@ -123,6 +123,7 @@ def test_train_seeds_script_trains_each_seed_and_combines_them(tmp_path, combine
         "CALIBRATE": "0",  # the quality gate rejects 48x36 toys; calibration has its own tests
         "EPOCHS": "1",
         "WORKERS": "0",
+        "AUGMENT": "device" if combine == "ensemble" else "loader",  # both augmentation paths, through the knob
         "COMBINE": combine,
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
@@ -132,6 +133,7 @@ def test_train_seeds_script_trains_each_seed_and_combines_them(tmp_path, combine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(read_meta(runs / f"seed{s}" / "model.safetensors").members == 1 for s in (0, 1))
     assert all(read_meta(runs / f"seed{s}" / "model.safetensors").config["seed"] == s for s in (0, 1))
+    assert read_meta(runs / "seed0" / "model.safetensors").config["augment"] == env["AUGMENT"]
     assert "images ready in the cache" in proc.stdout
     _, meta = load_model(runs / f"{combine}.safetensors")
     if combine == "soup":

@@ -86,13 +86,16 @@ class DeviceBatches:
         views = [cache[int(r)] for r in rows]
         sizes = np.array([v.shape[:2] for v in views], dtype=np.int64).reshape(-1, 2)
         h, w = (int(sizes[:, 0].max()), int(sizes[:, 1].max())) if len(views) else (1, 1)
-        store = torch.zeros((len(views), 3, h, w), dtype=torch.uint8)
+        # Assembled in numpy: thousands of small torch copies are slow where several training processes share the
+        # CPU cores (each torch op wakes its thread pool).
+        store = np.empty((len(views), h, w, 3), dtype=np.uint8)
         for i, v in enumerate(views):
             ih, iw = v.shape[:2]
-            store[i, :, :ih, :iw] = torch.from_numpy(np.array(v)).permute(2, 0, 1)  # a writable copy
+            store[i, :ih, :iw] = v
             # Pad by repeating the last row and column (see BatchTrainAugment: sampling reaches one pixel past).
-            store[i, :, ih:, :iw] = store[i, :, ih - 1 : ih, :iw]
-            store[i, :, :, iw:] = store[i, :, :, iw - 1 : iw]
+            store[i, ih:, :iw] = v[ih - 1 : ih]
+            store[i, :, iw:] = store[i, :, iw - 1 : iw]
+        store = torch.from_numpy(store).permute(0, 3, 1, 2)
         self.images = store.to(device)
         self.sizes = torch.from_numpy(sizes)
         self.targets = torch.as_tensor(np.array(targets), dtype=torch.long, device=device)
