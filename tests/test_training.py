@@ -211,7 +211,9 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun not found next to the Python interpreter")
     data = synthetic_dataset(tmp_path / "data")
-    cfg = tiny_config(tmp_path, data, epochs=1, device="cpu")
+    # Also under DDP: augmentation on the device (each rank its DistributedSampler shard), and a time limit that
+    # rank 0 decides for both (were they to disagree, one rank would wait forever for the other).
+    cfg = tiny_config(tmp_path, data, epochs=2, device="cpu", augment="device", time_limit_s=0.001)
     cfg.to_yaml(tmp_path / "ddp.yaml")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -231,7 +233,8 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch 1/1" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
+    assert "epoch 1/2" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
+    assert "epoch 2/2" not in proc.stdout and "time limit" in proc.stdout
     assert proc.stdout.count("model written to") == 1  # only rank 0 writes
 
 
@@ -400,3 +403,22 @@ def test_fit_with_device_augmentation_learns_and_resumes_exactly(tmp_path, monke
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_time_limit_stops_between_epochs_and_still_scores_the_best_checkpoint(tmp_path, capsys):
+    data = synthetic_dataset(tmp_path / "data")
+    # Any epoch takes longer than a millisecond: the limit stops training after the first epoch of each invocation.
+    cfg = tiny_config(tmp_path, data, epochs=3, time_limit_s=0.001)
+    res = fit(cfg, progress=False)
+    assert "time limit" in capsys.readouterr().out
+    run = Path(cfg.out)
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1]
+    assert res.test_metrics is not None and (run / "test" / "metrics.json").is_file()
+    summary = pd.read_json(run / "metrics.json", typ="series")
+    assert summary["time_limit"]["stopped_after_epoch"] == 1
+    # Resuming with no limit carries on to the end of the schedule.
+    fit(dataclasses.replace(cfg, time_limit_s=0, resume=True), progress=False)
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
+    assert "time_limit" not in pd.read_json(run / "metrics.json", typ="series")
+    with pytest.raises(ValueError, match="time_limit_s"):
+        tiny_config(tmp_path, data, time_limit_s=-1)

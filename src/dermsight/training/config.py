@@ -66,6 +66,10 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU (0: all cores)
     max_steps_per_epoch: int = 0  # 0: full epochs; tests use a few steps
     resume: bool = False  # continue from out/last.pt when it exists
+    # Wall-clock budget for the epochs, in seconds (0: none). Before each epoch, training stops if the last epoch's
+    # duration would take it past the budget; the best checkpoint so far is then scored and saved as usual (a run
+    # killed at a deadline instead loses its final scoring). `--resume` with a larger budget carries on.
+    time_limit_s: float = 0.0
     calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
     tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.inference.decision)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
         if not 0 <= self.distil_weight <= 1 or self.distil_temperature <= 0:
             raise ValueError("distil_weight must be in [0, 1] and distil_temperature positive")
+        if self.time_limit_s < 0:
+            raise ValueError("time_limit_s must be >= 0 (0: no limit)")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
 

@@ -466,8 +466,17 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     start, swa_state = loop.begin(cfg.resume)
 
     epoch = start - 1
+    t_begin, last_epoch_s, out_of_time = time.perf_counter(), 0.0, False
     # A checkpoint taken in the averaging phase means the main schedule is over.
     for epoch in range(start, cfg.epochs) if swa_state is None else ():
+        if cfg.time_limit_s and epoch > start and _past_limit(cfg.time_limit_s, t_begin, last_epoch_s, d):
+            out_of_time, epoch = True, epoch - 1
+            if d.main:
+                print(
+                    f"time limit: another epoch would pass {cfg.time_limit_s:.0f} s, so training stops after epoch "
+                    f"{epoch + 1} and the best checkpoint so far is scored"
+                )
+            break
         t0 = time.perf_counter()
         loss = loop.train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
         # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
@@ -477,13 +486,14 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         loop.stale = 0 if improved else loop.stale + 1
         loop.log(epoch, scheduler, loss, val, improved, t0)
         loop.save_last(epoch)
+        last_epoch_s = time.perf_counter() - t0
         if loop.stale >= cfg.patience:
             if d.main:
                 print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
             break
 
     swa_chosen = False
-    if cfg.swa_epochs:
+    if cfg.swa_epochs and not out_of_time:
         bn_loader = eval_loader(train_df.sample(n=min(2000, len(train_df)), random_state=cfg.seed))
         swa_start = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
         swa_chosen = loop.best_epoch >= swa_start  # the best checkpoint is one of the averages
@@ -494,8 +504,9 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     result = None
     if d.main:
         result = _finish(
-            cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen
-        )
+            cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen,
+            stopped_after=epoch + 1 if out_of_time else None,
+        )  # fmt: skip
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -675,8 +686,30 @@ def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split
     return read_meta(model_path).metrics
 
 
+def _past_limit(limit_s: float, t_begin: float, last_epoch_s: float, d: Dist) -> bool:
+    """Would one more epoch (as long as the last) end past the time limit? Under DDP rank 0 decides for all, so
+    every rank stops at the same epoch."""
+    late = time.perf_counter() - t_begin + last_epoch_s > limit_s
+    if d.world > 1:
+        flag = torch.tensor([float(late)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
+
+
 def _finish(
-    cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen=False
+    cfg,
+    run,
+    best_path,
+    best_epoch,
+    data,
+    val_df,
+    test_df,
+    eval_loader,
+    device,
+    progress,
+    swa_chosen=False,
+    stopped_after: int | None = None,
 ) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
     model, meta = load_model(best_path, device=device)
@@ -698,6 +731,8 @@ def _finish(
         for name, m in out.items()
     }
     summary["best_epoch"] = best_epoch + 1
+    if stopped_after is not None:
+        summary["time_limit"] = {"seconds": cfg.time_limit_s, "stopped_after_epoch": stopped_after}
     if cfg.swa_epochs:
         # Which candidate won on val: the averaged weights (SWA) or one epoch's checkpoint.
         summary["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.swa_lr, "selected": swa_chosen}
