@@ -214,3 +214,14 @@ def test_batch_augment_is_seeded_and_normalises():
     assert (a >= lo.view(1, 3, 1, 1) - 1e-5).all() and (a <= hi.view(1, 3, 1, 1) + 1e-5).all()
     with pytest.raises(ValueError, match="uint8"):
         aug(img.float(), sizes)
+
+
+def test_batch_augment_and_train_preset_share_their_defaults():
+    # Two implementations of one augmentation: a default changed in one must be changed in the other.
+    import inspect
+
+    def defaults(cls):
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
+
+    batch, per_image = defaults(BatchTrainAugment), defaults(TrainPreset)
+    assert batch == {k: v for k, v in per_image.items() if k != "interpolation"}

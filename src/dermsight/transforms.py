@@ -154,6 +154,7 @@ class BatchTrainAugment:
     - random resized crop: torchvision's parameter rule (scale, log-uniform aspect ratio, 10 tries, then a centre
       crop), vectorised, and cut and resized by `torchvision.ops.roi_align`, which averages the source pixels of each
       output pixel (``sampling_ratio=-1``), so shrinking is antialiased as in `v2.RandomResizedCrop(antialias=True)`;
+      enlarging is bilinear, where `TrainPreset` uses the model's interpolation (bicubic for EfficientNet-Lite);
     - flips both ways and 90-degree rotations, chosen per image;
     - colour jitter (brightness, contrast, saturation in torchvision's definitions; hue as a rotation of the
       chroma plane in YIQ space, a linear stand-in for HSV's hue shift that agrees with it for the small shifts
