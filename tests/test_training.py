@@ -422,3 +422,35 @@ def test_time_limit_stops_between_epochs_and_still_scores_the_best_checkpoint(tm
     assert "time_limit" not in pd.read_json(run / "metrics.json", typ="series")
     with pytest.raises(ValueError, match="time_limit_s"):
         tiny_config(tmp_path, data, time_limit_s=-1)
+
+
+def test_tensorboard_scalars_match_the_csv_log(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the dev install (make test)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=2, tensorboard=True)
+    fit(cfg, progress=False)
+    log = pd.read_csv(Path(cfg.out) / "log.csv")
+    events = EventAccumulator(str(Path(cfg.out) / "tensorboard"))
+    events.Reload()
+    for name in ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy"):
+        points = events.Scalars(name)
+        assert [p.step for p in points] == [1, 2]
+        assert np.allclose([p.value for p in points], log[name], atol=1e-4), name
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    data = synthetic_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"dermsight\[tensorboard\]"):
+        fit(tiny_config(tmp_path, data, tensorboard=True), progress=False)

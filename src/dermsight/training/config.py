@@ -66,6 +66,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU (0: all cores)
     max_steps_per_epoch: int = 0  # 0: full epochs; tests use a few steps
     resume: bool = False  # continue from out/last.pt when it exists
+    # Also write the per-epoch figures of log.csv as TensorBoard scalars to out/tensorboard (`tensorboard --logdir
+    # runs`); needs the optional tensorboard package (pip install 'dermsight[tensorboard]').
+    tensorboard: bool = False
     # Wall-clock budget for the epochs, in seconds (0: none). Before each epoch, training stops if the last epoch's
     # duration would take it past the budget; the best checkpoint so far is then scored and saved as usual (a run
     # killed at a deadline instead loses its final scoring). `--resume` with a larger budget carries on.

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -382,6 +383,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     _seed_everything(cfg.seed + d.rank)
     if d.main:
         cfg.to_yaml(run / "config.yaml")
+    writer = _tensorboard(cfg, run) if d.main else None  # before the data work: a missing package fails fast
 
     # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
     if d.main:
@@ -461,7 +463,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
 
     loop = _Epochs(
         cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main,
-        progress, teacher,
+        progress, teacher, writer,
     )  # fmt: skip
     start, swa_state = loop.begin(cfg.resume)
 
@@ -498,6 +500,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         swa_start = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
         swa_chosen = loop.best_epoch >= swa_start  # the best checkpoint is one of the averages
     best_path, best_epoch = loop.best_path, loop.best_epoch
+    if writer is not None:
+        writer.close()
 
     if d.world > 1:
         dist.barrier()
@@ -533,6 +537,7 @@ class _Epochs:
     main: bool  # rank 0: the one that writes files
     progress: bool = True
     teacher: nn.Module | None = None  # knowledge distillation (cfg.teacher)
+    writer: Any = None  # a TensorBoard SummaryWriter (cfg.tensorboard), rank 0 only
     best: float = -1.0
     best_epoch: int = -1
     stale: int = 0
@@ -609,6 +614,11 @@ class _Epochs:
         row = [epoch + 1, f"{sched.get_last_lr()[0]:.3e}", f"{loss:.4f}", *(f"{v:.4f}" for v in val)]
         with self.log_path.open("a", newline="") as f:
             csv.writer(f).writerow([*row, f"{time.perf_counter() - t0:.1f}"])
+        if self.writer is not None:
+            scalars = {"lr": sched.get_last_lr()[0], "train_loss": loss, "val_loss": val[0], "val_accuracy": val[1]}
+            for name, value in (scalars | {"val_balanced_accuracy": val[2]}).items():
+                self.writer.add_scalar(name, value, epoch + 1)
+            self.writer.flush()
         print(
             f"epoch {epoch + 1}/{total}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, val acc {val[1]:.3f}, "
             f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''} [{time.perf_counter() - t0:.0f} s]",
@@ -684,6 +694,20 @@ def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split
             f"--model {model_path} --data {split_at}` once the problem is fixed."
         )
     return read_meta(model_path).metrics
+
+
+def _tensorboard(cfg: TrainConfig, run: Path) -> Any:
+    """A SummaryWriter into ``run/tensorboard`` when the config asks for one."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "tensorboard: true needs the tensorboard package: pip install 'dermsight[tensorboard]' (or set it false; "
+            "log.csv has the same figures)"
+        ) from None
+    return SummaryWriter(log_dir=str(run / "tensorboard"))
 
 
 def _past_limit(limit_s: float, t_begin: float, last_epoch_s: float, d: Dist) -> bool:
