@@ -157,7 +157,7 @@ def val_rows(root: Path) -> list[dict]:
     import yaml
 
     rows = []
-    for log_path in sorted(root.glob("*/log.csv")):
+    for log_path in sorted(root.rglob("log.csv")):  # members of an ensemble run sit in seed<N>/ below it
         log = pd.read_csv(log_path)
         if log.empty:
             continue
@@ -165,7 +165,7 @@ def val_rows(root: Path) -> list[dict]:
         best = log.loc[log["val_balanced_accuracy"].idxmax()]
         rows.append(
             {
-                "arch": log_path.parent.name,
+                "arch": str(log_path.parent.relative_to(root)),
                 "val_bacc": float(best["val_balanced_accuracy"]),
                 "val_acc": float(best["val_accuracy"]),
                 "best_epoch": int(best["epoch"]),
@@ -297,10 +297,9 @@ def main() -> None:
         jobs = [(args.archs[0], base.imbalance)]
         jobs += [(args.archs[0], i) for i in args.imbalance if i != base.imbalance]
         jobs += [(a, base.imbalance) for a in args.archs[1:]]
-        if args.variants_only:
-            jobs = [(a, i) for a, i in jobs if i != base.imbalance]
+        train_jobs = [(a, i) for a, i in jobs if i != base.imbalance] if args.variants_only else jobs
         if args.collect is None:
-            for arch, imbalance in jobs:
+            for arch, imbalance in train_jobs:
                 name = run_name(arch, imbalance, base)
                 if (args.root / name / "train_seconds.txt").exists():
                     print(f"{name}: finished run found, not retrained")

@@ -52,15 +52,15 @@ def timed_steps(batches, steps: int, device: torch.device, step_fn=None) -> floa
     done, t0 = 0, 0.0
     while True:
         for x, y in batches:
-            if done == warm:
-                sync(device)
-                t0 = time.perf_counter()
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if step_fn is not None:
                 step_fn(x, y)
             done += 1
-            if done == steps + warm:
+            if done == warm:  # the timer covers the next `steps` batches: each fetched and stepped
+                sync(device)
+                t0 = time.perf_counter()
+            elif done == warm + steps:
                 sync(device)
                 return time.perf_counter() - t0
 

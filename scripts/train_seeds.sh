@@ -11,7 +11,8 @@
 # Knobs (environment): SEEDS, CONFIG, RUNS (output folder, default runs), DEVICE (cuda|cpu), PARALLEL (1: the runs
 # share the device; 0: one after another), EPOCHS, WORKERS (data loader processes per run), AUGMENT (loader|device:
 # where training images are augmented; device frees the CPU cores for more runs side by side), COMBINE (soup|ensemble),
-# DEADLINE_S (stop each run after this many seconds, keeping its best checkpoint so far), CALIBRATE (0: stop after
+# DEADLINE_S (each run's time budget ends 90 s before it, so the run stops between epochs and scores its best
+# checkpoint so far; a run still going at the deadline is stopped, keeping its best checkpoint), CALIBRATE (0: stop after
 # combining), MAX_STEPS_PER_EPOCH (dry runs), PYTHON.
 set -uo pipefail
 SEEDS=${SEEDS:-"0 1 2"}
@@ -33,6 +34,9 @@ opts=(--set members=1 --set calibrate=false --set tune_decision=false --device "
 [ -n "${EPOCHS:-}" ] && opts+=(--epochs "$EPOCHS")
 [ -n "${WORKERS:-}" ] && opts+=(--set "num_workers=$WORKERS")
 [ -n "${AUGMENT:-}" ] && opts+=(--set "augment=$AUGMENT")
+# A deadline also becomes each run's time budget, a margin before it (start-up, the final scoring), so a run stops
+# in time and still scores its best checkpoint; `timeout` below only backs it up.
+[ "$DEADLINE_S" -gt 0 ] && opts+=(--set "time_limit_s=$(( DEADLINE_S > 180 ? DEADLINE_S - 90 : DEADLINE_S / 2 ))")
 [ -n "${MAX_STEPS_PER_EPOCH:-}" ] && opts+=(--set "max_steps_per_epoch=$MAX_STEPS_PER_EPOCH")
 
 # Manifest, split and decode-once cache built once, before the runs start (they then all reuse it).

@@ -366,11 +366,14 @@ def test_device_batches_pad_by_repeating_edges_and_follow_the_sampler():
     aug = BatchTrainAugment(input_size=4, mean=(0, 0, 0), std=(1, 1, 1))
     dev = torch.device("cpu")
     batches = DeviceBatches(images, np.arange(3), np.array([3, 4, 5]), sampler, 2, aug, dev, drop_last=False)
-    assert batches.images.shape == (3, 3, 8, 8) and batches.sizes.tolist() == [[6, 8], [8, 4], [5, 5]]
-    first = batches.images[0]
-    assert torch.equal(first[:, 6:, :], first[:, 5:6, :].expand(3, 2, 8))  # rows below repeat the last row
+    # The portrait image is stored turned to landscape, so the slots are 6 x 8, not 8 x 8.
+    assert batches.images.shape == (3, 3, 6, 8) and batches.sizes.tolist() == [[6, 8], [4, 8], [5, 5]]
+    second = batches.images[1]
+    assert torch.equal(second[:, :4, :], torch.from_numpy(images[1].transpose(1, 0, 2)).permute(2, 0, 1))
+    assert torch.equal(second[:, 4:, :], second[:, 3:4, :].expand(3, 2, 8))  # rows below repeat the last row
     third = batches.images[2]
-    assert torch.equal(third[:, :, 5:], third[:, :, 4:5].expand(3, 8, 3))  # columns right repeat the last column
+    assert torch.equal(third[:, :5, 5:], third[:, :5, 4:5].expand(3, 5, 3))  # columns right repeat the last column
+    assert torch.equal(third[:, 5:, :], third[:, 4:5, :])  # and below, the last row (corner included)
     out = list(batches)
     assert len(batches) == len(out) == 3 and [len(y) for _, y in out] == [2, 2, 1]
     assert torch.cat([y for _, y in out]).tolist() == [5, 3, 4, 5, 4]  # targets in the sampler's order
@@ -422,6 +425,12 @@ def test_time_limit_stops_between_epochs_and_still_scores_the_best_checkpoint(tm
     assert "time_limit" not in pd.read_json(run / "metrics.json", typ="series")
     with pytest.raises(ValueError, match="time_limit_s"):
         tiny_config(tmp_path, data, time_limit_s=-1)
+    # The SWA phase keeps to the budget too: its epochs stop as the main schedule's do, and the summary says so.
+    swa = tiny_config(tmp_path, data, epochs=1, swa_epochs=2, time_limit_s=0.001, out=str(tmp_path / "swa"))
+    fit(swa, progress=False)
+    assert list(pd.read_csv(tmp_path / "swa" / "log.csv")["epoch"]) == [1]
+    summary = pd.read_json(tmp_path / "swa" / "metrics.json", typ="series")
+    assert summary["time_limit"]["stopped_after_epoch"] == 1 and summary["swa"]["selected"] is False
 
 
 def test_tensorboard_scalars_match_the_csv_log(tmp_path):

@@ -154,7 +154,9 @@ class BatchTrainAugment:
     - random resized crop: torchvision's parameter rule (scale, log-uniform aspect ratio, 10 tries, then a centre
       crop), vectorised, and cut and resized by `torchvision.ops.roi_align`, which averages the source pixels of each
       output pixel (``sampling_ratio=-1``), so shrinking is antialiased as in `v2.RandomResizedCrop(antialias=True)`;
-      enlarging is bilinear, where `TrainPreset` uses the model's interpolation (bicubic for EfficientNet-Lite);
+      enlarging is bilinear, where `TrainPreset` uses the model's interpolation (bicubic for EfficientNet-Lite), and
+      at a crop's border it blends in the pixel just outside the crop where torchvision repeats the crop's edge;
+      shrinking is a box average rather than torchvision's triangle filter: close, not identical;
     - flips both ways and 90-degree rotations, chosen per image;
     - colour jitter (brightness, contrast, saturation in torchvision's definitions; hue as a rotation of the
       chroma plane in YIQ space, a linear stand-in for HSV's hue shift that agrees with it for the small shifts
@@ -193,6 +195,16 @@ class BatchTrainAugment:
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """Constants on ``dev``, copied there once (a copy or an inverse per batch would make the CPU wait for the
+        GPU every step)."""
+        if dev not in self._consts:
+            gray = torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)
+            consts = (self._YIQ, torch.linalg.inv(self._YIQ), gray, self.mean, self.std)
+            self._consts[dev] = tuple(c.to(dev) for c in consts)
+        return self._consts[dev]
 
     @classmethod
     def from_meta(cls, meta: ModelMeta, **overrides: Any) -> BatchTrainAugment:
@@ -223,8 +235,8 @@ class BatchTrainAugment:
         fh = torch.where(in_ratio < self.ratio[0], (w / self.ratio[0]).round(), h)
         fall = (first < 0).unsqueeze(1)
         cw, ch = torch.where(fall, fw, cw), torch.where(fall, fh, ch)
-        y0 = torch.where(fall, ((h - ch) / 2).round(), y0)
-        x0 = torch.where(fall, ((w - cw) / 2).round(), x0)
+        y0 = torch.where(fall, ((h - ch) / 2).floor(), y0)
+        x0 = torch.where(fall, ((w - cw) / 2).floor(), x0)
         return torch.cat([x0, y0, x0 + cw, y0 + ch], 1)
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -250,10 +262,11 @@ class BatchTrainAugment:
             x = where(k % 2 == 1, x.rot90(1, (-2, -1)), x)
             x = where(k >= 2, x.flip(-1).flip(-2), x)
 
-        def factor(u: torch.Tensor, amount: float) -> torch.Tensor:  # uniform in [1 - amount, 1 + amount]
-            return (1 - amount + 2 * amount * u).view(-1, 1, 1, 1)
+        def factor(u: torch.Tensor, amount: float) -> torch.Tensor:  # uniform in [max(0, 1 - amount), 1 + amount]
+            low = max(0.0, 1 - amount)
+            return (low + (1 + amount - low) * u).view(-1, 1, 1, 1)
 
-        gray_w = torch.tensor([0.2989, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+        yiq, yiq_inv, gray_w, mean, std = self._on(dev)
         if self.brightness:
             x = (x * factor(draws[:, 3], self.brightness)).clamp_(0, 1)
         if self.contrast:
@@ -270,10 +283,9 @@ class BatchTrainAugment:
             rot = torch.zeros(n, 3, 3, device=dev)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-            yiq = self._YIQ.to(dev)
-            mat = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3): RGB -> YIQ, turn the chroma plane, back
+            mat = yiq_inv @ rot @ yiq  # (B, 3, 3): RGB -> YIQ, turn the chroma plane, back
             x = torch.einsum("bij,bjhw->bihw", mat, x).clamp_(0, 1)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        return (x - mean) / std
 
     def __repr__(self) -> str:
         return (

@@ -69,9 +69,10 @@ class TrainConfig:
     # Also write the per-epoch figures of log.csv as TensorBoard scalars to out/tensorboard (`tensorboard --logdir
     # runs`); needs the optional tensorboard package (pip install 'dermsight[tensorboard]').
     tensorboard: bool = False
-    # Wall-clock budget for the epochs, in seconds (0: none). Before each epoch, training stops if the last epoch's
-    # duration would take it past the budget; the best checkpoint so far is then scored and saved as usual (a run
-    # killed at a deadline instead loses its final scoring). `--resume` with a larger budget carries on.
+    # Wall-clock budget for the epochs (SWA's included) of one invocation, in seconds (0: none). Before each epoch,
+    # training stops if one more, as long as the longest so far, would pass the budget; the best checkpoint so far
+    # is then scored and saved as usual (a run killed at a deadline instead loses its final scoring). `--resume`
+    # carries on, with the budget counted afresh.
     time_limit_s: float = 0.0
     calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
     tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.inference.decision)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ class DeviceBatches:
 
     The batch order comes from the same sampler as the loader path's (plain shuffle, class-balanced, or DDP's
     shard), iterated once per epoch, so seeds, resumption and DDP behave the same. Images of different sizes are
-    padded to the largest (repeating their edges); `BatchTrainAugment` crops each within its own size. Memory:
+    turned to landscape and padded to the largest (repeating their edges); `BatchTrainAugment` crops each within its
+    own size. Memory:
     3 * H * W bytes per image (HAM10000's 7,010 training images at 150 x 200: 0.6 GB).
     """
 
@@ -84,7 +85,10 @@ class DeviceBatches:
         device: torch.device,
         drop_last: bool,
     ) -> None:
-        views = [cache[int(r)] for r in rows]
+        # Portrait images are stored turned to landscape (transposed), so one tall image does not pad every slot to
+        # its height. The augmentation is unchanged in distribution: its aspect-ratio range is symmetric and its
+        # flips and quarter turns are uniform, so a transposed source is as likely as the original.
+        views = [v if v.shape[0] <= v.shape[1] else v.transpose(1, 0, 2) for v in (cache[int(r)] for r in rows)]
         sizes = np.array([v.shape[:2] for v in views], dtype=np.int64).reshape(-1, 2)
         h, w = (int(sizes[:, 0].max()), int(sizes[:, 1].max())) if len(views) else (1, 1)
         # Assembled in numpy: thousands of small torch copies are slow where several training processes share the
@@ -383,7 +387,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     _seed_everything(cfg.seed + d.rank)
     if d.main:
         cfg.to_yaml(run / "config.yaml")
-    writer = _tensorboard(cfg, run) if d.main else None  # before the data work: a missing package fails fast
+    writer_class = _tensorboard(cfg)  # before the data work, on every rank: a missing package fails fast
 
     # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
     if d.main:
@@ -463,21 +467,18 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
 
     loop = _Epochs(
         cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main,
-        progress, teacher, writer,
+        progress, teacher, world=d.world,
     )  # fmt: skip
     start, swa_state = loop.begin(cfg.resume)
+    if writer_class is not None and d.main:
+        # A resumed run drops what a crash left logged after its last checkpoint (purge_step), as log.csv does.
+        loop.writer = writer_class(log_dir=str(run / "tensorboard"), purge_step=start + 1 if start else None)
 
     epoch = start - 1
-    t_begin, last_epoch_s, out_of_time = time.perf_counter(), 0.0, False
     # A checkpoint taken in the averaging phase means the main schedule is over.
     for epoch in range(start, cfg.epochs) if swa_state is None else ():
-        if cfg.time_limit_s and epoch > start and _past_limit(cfg.time_limit_s, t_begin, last_epoch_s, d):
-            out_of_time, epoch = True, epoch - 1
-            if d.main:
-                print(
-                    f"time limit: another epoch would pass {cfg.time_limit_s:.0f} s, so training stops after epoch "
-                    f"{epoch + 1} and the best checkpoint so far is scored"
-                )
+        if loop.time_up(epoch):
+            epoch -= 1
             break
         t0 = time.perf_counter()
         loss = loop.train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
@@ -488,20 +489,19 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         loop.stale = 0 if improved else loop.stale + 1
         loop.log(epoch, scheduler, loss, val, improved, t0)
         loop.save_last(epoch)
-        last_epoch_s = time.perf_counter() - t0
         if loop.stale >= cfg.patience:
             if d.main:
                 print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
             break
 
-    swa_chosen = False
-    if cfg.swa_epochs and not out_of_time:
+    swa_chosen, swa_ran = False, bool(cfg.swa_epochs) and loop.stopped_after is None
+    if swa_ran:
         bn_loader = eval_loader(train_df.sample(n=min(2000, len(train_df)), random_state=cfg.seed))
         swa_start = _swa_phase(loop, steps_per_epoch, epoch + 1, swa_state, bn_loader)
         swa_chosen = loop.best_epoch >= swa_start  # the best checkpoint is one of the averages
     best_path, best_epoch = loop.best_path, loop.best_epoch
-    if writer is not None:
-        writer.close()
+    if loop.writer is not None:
+        loop.writer.close()
 
     if d.world > 1:
         dist.barrier()
@@ -509,7 +509,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     if d.main:
         result = _finish(
             cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen,
-            stopped_after=epoch + 1 if out_of_time else None,
+            swa_ran, loop.stopped_after,
         )  # fmt: skip
     if d.world > 1:
         dist.barrier()
@@ -538,9 +538,34 @@ class _Epochs:
     progress: bool = True
     teacher: nn.Module | None = None  # knowledge distillation (cfg.teacher)
     writer: Any = None  # a TensorBoard SummaryWriter (cfg.tensorboard), rank 0 only
+    world: int = 1  # DDP processes; rank 0 takes the time-limit decision for all
     best: float = -1.0
     best_epoch: int = -1
     stale: int = 0
+    t_begin: float = field(default_factory=time.perf_counter)
+    longest: float = 0.0  # the longest epoch of this invocation, in seconds
+    stopped_after: int | None = None  # the last epoch (1-based) when cfg.time_limit_s stopped training
+
+    def time_up(self, epoch: int) -> bool:
+        """Would one more epoch, as long as the longest so far in this invocation, end past ``cfg.time_limit_s``
+        (counted from the start of this invocation: a resumed run gets the budget afresh)? At least one epoch runs.
+        Under DDP rank 0 decides for all, so every rank stops at the same epoch."""
+        limit = self.cfg.time_limit_s
+        if not limit or not self.longest:
+            return False
+        late = time.perf_counter() - self.t_begin + self.longest > limit
+        if self.world > 1:
+            flag = torch.tensor([float(late)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(flag, src=0)
+            late = bool(flag.item())
+        if late:
+            self.stopped_after = epoch  # the epochs before this one (0-based) are done
+            if self.main:
+                print(
+                    f"time limit: another epoch would pass {limit:.0f} s, so training stops after epoch {epoch} and "
+                    "the best checkpoint so far is scored"
+                )
+        return late
 
     @property
     def last(self) -> Path:
@@ -608,6 +633,7 @@ class _Epochs:
         return True
 
     def log(self, epoch, sched, loss, val, improved, t0, what: str = "") -> None:
+        self.longest = max(self.longest, time.perf_counter() - t0)  # every rank: see time_up
         if not self.main:
             return
         total = self.cfg.epochs + self.cfg.swa_epochs
@@ -662,6 +688,8 @@ def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dic
         done = state["done"]
     for k in range(done, cfg.swa_epochs):
         epoch = first_epoch + k - done
+        if loop.time_up(epoch):
+            break
         t0 = time.perf_counter()
         loss = loop.train_epoch(epoch, sched, f"epoch {epoch + 1}/{cfg.epochs + cfg.swa_epochs} (SWA)")
         averaged.update_parameters(loop.model)
@@ -696,8 +724,8 @@ def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split
     return read_meta(model_path).metrics
 
 
-def _tensorboard(cfg: TrainConfig, run: Path) -> Any:
-    """A SummaryWriter into ``run/tensorboard`` when the config asks for one."""
+def _tensorboard(cfg: TrainConfig) -> Any:
+    """TensorBoard's SummaryWriter class when the config asks for TensorBoard scalars, else None."""
     if not cfg.tensorboard:
         return None
     try:
@@ -707,18 +735,7 @@ def _tensorboard(cfg: TrainConfig, run: Path) -> Any:
             "tensorboard: true needs the tensorboard package: pip install 'dermsight[tensorboard]' (or set it false; "
             "log.csv has the same figures)"
         ) from None
-    return SummaryWriter(log_dir=str(run / "tensorboard"))
-
-
-def _past_limit(limit_s: float, t_begin: float, last_epoch_s: float, d: Dist) -> bool:
-    """Would one more epoch (as long as the last) end past the time limit? Under DDP rank 0 decides for all, so
-    every rank stops at the same epoch."""
-    late = time.perf_counter() - t_begin + last_epoch_s > limit_s
-    if d.world > 1:
-        flag = torch.tensor([float(late)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.broadcast(flag, src=0)
-        late = bool(flag.item())
-    return late
+    return SummaryWriter
 
 
 def _finish(
@@ -733,6 +750,7 @@ def _finish(
     device,
     progress,
     swa_chosen=False,
+    swa_ran: bool = False,
     stopped_after: int | None = None,
 ) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
@@ -757,7 +775,7 @@ def _finish(
     summary["best_epoch"] = best_epoch + 1
     if stopped_after is not None:
         summary["time_limit"] = {"seconds": cfg.time_limit_s, "stopped_after_epoch": stopped_after}
-    if cfg.swa_epochs:
+    if swa_ran:
         # Which candidate won on val: the averaged weights (SWA) or one epoch's checkpoint.
         summary["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.swa_lr, "selected": swa_chosen}
     final = ModelMeta(**{**asdict(meta), "metrics": summary})
