@@ -32,8 +32,8 @@ from dermsight.training.loop import (
     _autocast,
     _subset,
     prepare_data,
+    train_augmentation,
 )
-from dermsight.transforms import BatchTrainAugment, TrainPreset
 
 
 def sync(device: torch.device) -> None:
@@ -98,7 +98,7 @@ def main() -> None:
 
     sampler = RandomSampler(range(len(rows)), generator=torch.Generator().manual_seed(0))
     paths: list[tuple[str, object]] = []
-    preset = TrainPreset.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+    preset = train_augmentation(cfg, meta)
     for w in args.workers:
         ds = CachedImages(data.cache, rows, targets, preset)
         dl = DataLoader(
@@ -106,7 +106,7 @@ def main() -> None:
             pin_memory=device.type == "cuda",
         )  # fmt: skip
         paths.append((f"loader, {w} worker(s)", dl))
-    aug = BatchTrainAugment.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+    aug = train_augmentation(cfg, meta, batched=True)
     paths.append(("device (augment: device)", DeviceBatches(data.cache, rows, targets, sampler, bs, aug, device, True)))
 
     table = []

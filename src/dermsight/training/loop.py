@@ -377,6 +377,13 @@ class FitResult:
     run_dir: Path
 
 
+def train_augmentation(cfg: TrainConfig, meta: ModelMeta, batched: bool = False) -> TrainPreset | BatchTrainAugment:
+    """The config's training augmentation: per image (`TrainPreset`, the loader path) or per batch on the device
+    (`BatchTrainAugment`, ``augment: device``), from one set of settings."""
+    kind = BatchTrainAugment if batched else TrainPreset
+    return kind.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+
+
 def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/."""
     d, device = _init_distributed(cfg.device)
@@ -419,7 +426,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         config=asdict(cfg),
     )
     model = model.to(device).to(memory_format=torch.channels_last)
-    train_tf = TrainPreset.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+    train_tf = train_augmentation(cfg, meta)
     eval_tf = EvalPreset.from_meta(meta)
 
     y_train = train_df["target"].to_numpy()
@@ -437,7 +444,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     drop_last = len(train_ds) > cfg.batch_size
     train_dl: DataLoader | DeviceBatches
     if cfg.augment == "device":
-        batch_aug = BatchTrainAugment.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+        batch_aug = train_augmentation(cfg, meta, batched=True)
         train_dl = DeviceBatches(
             data.cache, train_ds.rows, y_train, sampler, cfg.batch_size, batch_aug, device, drop_last
         )
@@ -633,21 +640,23 @@ class _Epochs:
         return True
 
     def log(self, epoch, sched, loss, val, improved, t0, what: str = "") -> None:
-        self.longest = max(self.longest, time.perf_counter() - t0)  # every rank: see time_up
+        seconds = time.perf_counter() - t0
+        self.longest = max(self.longest, seconds)  # every rank: see time_up
         if not self.main:
             return
         total = self.cfg.epochs + self.cfg.swa_epochs
-        row = [epoch + 1, f"{sched.get_last_lr()[0]:.3e}", f"{loss:.4f}", *(f"{v:.4f}" for v in val)]
+        lr = sched.get_last_lr()[0]
+        row = [epoch + 1, f"{lr:.3e}", f"{loss:.4f}", *(f"{v:.4f}" for v in val)]
         with self.log_path.open("a", newline="") as f:
-            csv.writer(f).writerow([*row, f"{time.perf_counter() - t0:.1f}"])
+            csv.writer(f).writerow([*row, f"{seconds:.1f}"])
         if self.writer is not None:
-            scalars = {"lr": sched.get_last_lr()[0], "train_loss": loss, "val_loss": val[0], "val_accuracy": val[1]}
-            for name, value in (scalars | {"val_balanced_accuracy": val[2]}).items():
+            names = ("lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy")  # log.csv's columns
+            for name, value in zip(names, (lr, loss, *val), strict=True):
                 self.writer.add_scalar(name, value, epoch + 1)
             self.writer.flush()
         print(
             f"epoch {epoch + 1}/{total}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, val acc {val[1]:.3f}, "
-            f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''} [{time.perf_counter() - t0:.0f} s]",
+            f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''} [{seconds:.0f} s]",
             flush=True,
         )
 
