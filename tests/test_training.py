@@ -27,6 +27,7 @@ from dermsight.training.loop import (
     WeightedSampler,
     _Epochs,
     class_weights,
+    next_epoch_estimate,
     warmup_cosine,
 )
 from dermsight.transforms import BatchTrainAugment
@@ -406,6 +407,14 @@ def test_fit_with_device_augmentation_learns_and_resumes_exactly(tmp_path, monke
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_time_limit_estimates_the_next_epoch_without_the_first_once_others_ran():
+    # The first epoch carries one-time warm-up (76 s against 21 s on a shared GPU): alone it is all there is to go
+    # by; once later epochs exist it would stop a run several epochs early.
+    assert next_epoch_estimate([76.0]) == 76.0
+    assert next_epoch_estimate([76.0, 21.0, 23.0, 20.0]) == 23.0
+    assert next_epoch_estimate([10.0, 30.0]) == 30.0
 
 
 def test_time_limit_stops_between_epochs_and_still_scores_the_best_checkpoint(tmp_path, capsys):
