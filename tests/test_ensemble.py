@@ -18,15 +18,20 @@ from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, s
 from dermsight.models.bundle import FORMAT_VERSION, ModelLoadError, read_meta
 from dermsight.models.ensemble import Ensemble, combine
 from dermsight.models.factory import EXTRA_PREFIX
+from dermsight.training import TrainConfig
 
 WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
 
 
-def member(path, seed: int, size: int = 64):
+def member(path, seed: int, size: int = 64, arch: str = "tf_efficientnet_lite0", weights: WeightsInfo = WEIGHTS):
     torch.manual_seed(seed)
-    model, _ = create_model("tf_efficientnet_lite0", 7, weights="none")
-    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=size, config={"seed": seed})
+    model, _ = create_model(arch, 7, weights="none")
+    meta = ModelMeta.new(arch, "ham7", weights, input_size=size, config={"seed": seed})
     return save_model(path, model, meta)
+
+
+# MobileNetV2 as torchvision/timm train it: ImageNet's mean and std, unlike EfficientNet-Lite's 0.5/0.5.
+IMAGENET = WeightsInfo("none", "random", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 64)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +194,100 @@ def test_bundled_default_model_fits_the_size_cap_and_carries_its_fitted_contract
     assert meta.metrics["test"]["n"] > 1000 and meta.metrics["val"]["n"] > 1000
     if meta.members > 1:
         assert len(meta.metrics["ensemble"]["members"]) == meta.members
+
+
+def test_mixed_ensemble_feeds_each_backbone_its_own_normalisation_and_round_trips(members, tmp_path):
+    mnv2 = member(tmp_path / "mnv2.safetensors", 7, arch="mobilenetv2_100", weights=IMAGENET)
+    path = combine([members[0], mnv2], tmp_path / "mixed.safetensors", dtype=None)["model"]
+    model, meta = load_model(path)
+    assert meta.member_specs[1] == {
+        "architecture": "mobilenetv2_100",
+        "mean": list(IMAGENET.mean),
+        "std": list(IMAGENET.std),
+    }
+    assert meta.format_version == 3 == FORMAT_VERSION and meta.mean == WEIGHTS.mean  # served as the first member
+    assert meta.network == "tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)"
+    assert [m["architecture"] for m in meta.metrics["ensemble"]["members"]] == [
+        "tf_efficientnet_lite0",
+        "mobilenetv2_100",
+    ]
+    # The same pixels, normalised as each member was trained, give the members' own logits; the ensemble averages
+    # them from the first member's normalisation alone.
+    pixels = torch.rand(2, 3, 64, 64)
+    norm = lambda w: (pixels - torch.tensor(w.mean).view(1, 3, 1, 1)) / torch.tensor(w.std).view(1, 3, 1, 1)  # noqa: E731
+    with torch.no_grad():
+        expected = (load_model(members[0])[0](norm(WEIGHTS)) + load_model(mnv2)[0](norm(IMAGENET))) / 2
+        assert torch.allclose(model(norm(WEIGHTS)), expected, atol=1e-5)
+        # The input maps come from the metadata, not the weights: the file holds no extra tensors for them.
+        assert not any("in_scale" in k for k in safetensors.torch.load_file(str(path)))
+    # Every downstream path: ONNX parity, Grad-CAM, the predictor and the model card.
+    onnx = export_onnx(model, meta, tmp_path / "mixed.onnx")
+    assert check_parity(model, meta, onnx, model_inputs(meta, list(synthetic_images()))).max_abs_diff < 1e-4
+    heat, _ = gradcam(model, norm(WEIGHTS)[:1])
+    assert heat.shape == (64, 64) and np.isfinite(heat).all()
+    image = tmp_path / "lesion.png"
+    Image.fromarray(synthetic_images(1, size=(200, 150))[0]).save(image)
+    result = Predictor.from_path(path, backend="torch", threads=1).predict(image)
+    assert result.status == "ok" and "mobilenetv2_100" in result.model
+    from dermsight.models.card import render_model_card
+
+    card = render_model_card(meta)
+    assert "tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)" in card and "| mobilenetv2_100 |" in card
+
+
+def test_mixed_ensemble_refuses_feature_maps_of_different_sizes_and_soups_refuse_mixing(members, tmp_path):
+    import pandas as pd
+
+    from dermsight.training.soup import make_soup
+
+    # At 96 px InceptionV3's valid-padded stem leaves a 1x1 map where EfficientNet-Lite0's is 3x3.
+    small = [
+        member(tmp_path / f"{a}.safetensors", 1, size=96, arch=a) for a in ("tf_efficientnet_lite0", "inception_v3")
+    ]
+    with pytest.raises(ValueError, match="feature maps differ in size"):
+        combine(small, tmp_path / "x.safetensors")
+    mnv2 = member(tmp_path / "mnv2.safetensors", 7, arch="mobilenetv2_100", weights=IMAGENET)
+    with pytest.raises(ValueError, match="architecture"):
+        make_soup([members[0], mnv2], pd.DataFrame(), tmp_path / "soup.safetensors")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "soup.safetensors").exists()
+
+
+def test_train_with_member_overrides_builds_an_ensemble_of_backbones(tmp_path):
+    from dermsight.training import train
+    from test_training import tiny_config
+
+    data = lesion_dataset(tmp_path / "data")
+    members = [{"seed": 1}, {"seed": 1, "arch": "mobilenetv2_100", "augment": "device"}]
+    cfg = tiny_config(tmp_path, data, member_overrides=members, epochs=1, cache_size=150, calibrate=True)
+    assert cfg.members == 2 and cfg.member_config(1).augment == "device" and cfg.member_config(0).augment == "loader"
+    path = train(cfg, progress=False)
+    run = tmp_path / "run"
+    for name, arch in (
+        ("tf_efficientnet_lite0_seed1", "tf_efficientnet_lite0"),
+        ("mobilenetv2_100_seed1", "mobilenetv2_100"),
+    ):
+        meta = read_meta(run / name / "model.safetensors")
+        assert meta.architecture == arch and meta.config["seed"] == 1
+    model, meta = load_model(path)
+    assert isinstance(model, Ensemble) and meta.network == "tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)"
+    # Calibrated on the members' split like any ensemble; the saved config lists the members to retrain them.
+    assert meta.ood and "decision" in meta.metrics and "test" in meta.metrics
+    assert TrainConfig.from_yaml(run / "config.yaml").member_overrides == members
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([{"seed": 1}], "at least two"),
+        ([{"seed": 1}, {"input_size": 48}], "input_size cannot differ"),
+        ([{"seed": 1}, {"colour": 1}], "unknown option"),
+        ([{"seed": 1}, {"seed": 1}], "share a folder"),
+        ([{"seed": 1}, {"arch": "nope"}], "arch"),
+        ([{"seed": 1}, "seed: 2"], "mapping"),
+    ],
+)
+def test_member_overrides_are_checked_when_the_config_is_read(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out=str(tmp_path), member_overrides=overrides)
+    with pytest.raises(ValueError, match="members is 3"):
+        TrainConfig(members=3, member_overrides=[{"seed": 1}, {"seed": 2}])

@@ -266,11 +266,20 @@ def test_set_overrides_are_typed_by_the_option():
         ("epochs=many", "not a valid int"),
         ("calibrate=maybe", "not a valid bool"),
         ("notes=[1, 2]", "not a valid dict"),
+        ("member_overrides={seed: 1}", "not a valid list"),
     ]:
         with pytest.raises(ValueError, match=says):
             parse(bad)
     # Every option the config has can be set (none falls through to an untyped string).
-    samples = {"bool": "true", "int": "1", "float": "0.5", "str": "x", "str | None": "x", "dict[str, Any]": "{}"}
+    samples = {
+        "bool": "true",
+        "int": "1",
+        "float": "0.5",
+        "str": "x",
+        "str | None": "x",
+        "dict[str, Any]": "{}",
+        "list[dict[str, Any]]": "[]",
+    }
     for f in dataclasses.fields(TrainConfig):
         assert parse(f"{f.name}={samples[str(f.type)]}")[0] == f.name
 

@@ -22,15 +22,17 @@ from torch import nn
 
 from dermsight import __version__
 from dermsight.classes import CONDITIONS, TAXONOMIES
-from dermsight.models.ensemble import Ensemble
+from dermsight.models.ensemble import Ensemble, input_map
 from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo, create_model
 
 # The newest file format this dermsight reads. A file records the oldest format that can read it: 1 for a single
-# network, 2 for an ensemble (`members` > 1), which a dermsight from before ensembles would misread.
-FORMAT_VERSION = 2
+# network, 2 for an ensemble (`members` > 1), which a dermsight from before ensembles would misread, 3 for an
+# ensemble of several backbones (`member_specs`), which one from before those would build wrongly.
+FORMAT_VERSION = 3
 # What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
 # one class list, one input preprocessing.
 RECIPE_FIELDS = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
+BACKBONE_FIELDS = ("architecture", "mean", "std")  # may differ between an ensemble's members
 
 
 class ModelLoadError(Exception):
@@ -89,6 +91,9 @@ class ModelMeta:
     # Networks in the file: 1, or an ensemble of this many runs of the recipe whose logits are averaged
     # (dermsight.models.ensemble).
     members: int = 1
+    # An ensemble of several backbones: per member, {"architecture", "mean", "std"} (the normalisation it was trained
+    # with; the file's own mean/std is the first member's). Empty when every member is `architecture`.
+    member_specs: list[dict[str, Any]] = field(default_factory=list)
     created: str = ""  # ISO 8601, UTC
     dermsight_version: str = ""
     format_version: int = 1
@@ -106,8 +111,16 @@ class ModelMeta:
             raise ValueError("class_names must give one name per class")
         if self.members < 1:
             raise ValueError("members must be at least 1")
-        if self.members > 1 and self.format_version < 2:
-            object.__setattr__(self, "format_version", 2)  # frozen dataclass: set once, while it is being built
+        if self.member_specs:
+            if len(self.member_specs) != self.members:
+                raise ValueError(f"member_specs must describe each of the {self.members} members")
+            for spec in self.member_specs:
+                arch, mean, std = spec.get("architecture"), spec.get("mean", ()), spec.get("std", ())
+                if arch not in ARCHS or len(mean) != 3 or len(std) != 3:
+                    raise ValueError(f"member_specs entry {spec} needs a known architecture and 3-value mean and std")
+        version = 3 if self.member_specs else 2 if self.members > 1 else 1
+        if self.format_version < version:
+            object.__setattr__(self, "format_version", version)  # frozen dataclass: set once, while it is being built
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
             raise ValueError("input_size and temperature must be positive and crop_pct in (0, 1]")
         if self.logit_bias and len(self.logit_bias) != len(self.classes):
@@ -116,7 +129,7 @@ class ModelMeta:
             raise ValueError("source_short_side must be >= 0 and source_jpeg_quality in 0..100")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
         # the end of a training run, and a loaded meta compares equal to the one that was saved (tuples -> lists).
-        for name in ("weights", "config", "metrics", "ood"):
+        for name in ("weights", "config", "metrics", "ood", "member_specs"):
             try:
                 value = json.loads(json.dumps(getattr(self, name), default=_plain))
             except (TypeError, ValueError) as e:
@@ -165,8 +178,10 @@ class ModelMeta:
 
     @property
     def network(self) -> str:
-        """The architecture as people should read it: "tf_efficientnet_lite0", or "3 x tf_efficientnet_lite0
-        (ensemble)"."""
+        """The architecture as people should read it: "tf_efficientnet_lite0", "3 x tf_efficientnet_lite0
+        (ensemble)", or "tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)"."""
+        if self.member_specs:
+            return f"{' + '.join(s['architecture'] for s in self.member_specs)} (ensemble)"
         return self.architecture if self.members == 1 else f"{self.members} x {self.architecture} (ensemble)"
 
     def unfitted(self, **changes: Any) -> ModelMeta:
@@ -206,10 +221,13 @@ class ModelMeta:
         return cls(**data)
 
 
-def read_runs(model_paths: list[str | os.PathLike], what: str) -> tuple[list[Path], list[str], list[ModelMeta]]:
+def read_runs(
+    model_paths: list[str | os.PathLike], what: str, same_architecture: bool = True
+) -> tuple[list[Path], list[str], list[ModelMeta]]:
     """Paths, short names and contracts of the runs to be combined into ``what`` ("a soup", "an ensemble"): at least
     two single models (not ensembles) of one recipe (`RECIPE_FIELDS`), else a `ValueError` or `ModelLoadError` that
-    says which file is the problem."""
+    says which file is the problem. ``same_architecture`` False (ensembles) lets the backbone and its input
+    normalisation differ; classes, input size, crop and interpolation must still agree."""
     paths = [Path(p) for p in model_paths]
     if len(paths) < 2:
         raise ValueError(f"{what} needs at least two models")
@@ -218,7 +236,8 @@ def read_runs(model_paths: list[str | os.PathLike], what: str) -> tuple[list[Pat
     for p, m in zip(paths, metas, strict=True):
         if m.members > 1:
             raise ValueError(f"{p} is an ensemble; {what} is made of single models: pass the runs' own model files")
-        diff = [k for k in RECIPE_FIELDS if getattr(m, k) != getattr(metas[0], k)]
+        fields_ = RECIPE_FIELDS if same_architecture else [k for k in RECIPE_FIELDS if k not in BACKBONE_FIELDS]
+        diff = [k for k in fields_ if getattr(m, k) != getattr(metas[0], k)]
         if diff:
             raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; {what} needs runs of one recipe")
     return paths, names, metas
@@ -342,8 +361,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def build_network(meta: ModelMeta) -> nn.Module:
     """The untrained network ``meta`` describes: one model from the factory, or an `Ensemble` of ``members``."""
-    nets = [create_model(meta.architecture, meta.num_classes, weights="none")[0] for _ in range(meta.members)]
-    return nets[0] if meta.members == 1 else Ensemble(nets)
+    same = {"architecture": meta.architecture, "mean": meta.mean, "std": meta.std}
+    specs = meta.member_specs or [same] * meta.members
+    nets = [create_model(s["architecture"], meta.num_classes, weights="none")[0] for s in specs]
+    if meta.members == 1:
+        return nets[0]
+    return Ensemble(nets, [input_map((meta.mean, meta.std), (s["mean"], s["std"])) for s in specs])
 
 
 def read_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -44,13 +44,22 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
     m = meta.metrics or {}
     ens = m.get("ensemble", {}).get("members", [])
     ensemble_line = []
+    mixed = bool(meta.member_specs)
     if meta.members > 1:
         seeds = f" (seeds {', '.join(str(e['seed']) for e in ens)})" if ens else ""
         stored = f"; weights stored as {m['ensemble']['stored_as']}" if ens else ""
+        what = "one training recipe on different backbones" if mixed else "one training recipe"
         ensemble_line.append(
-            f"- An ensemble of {meta.members} runs of one training recipe{seeds}: the networks' logits are averaged, "
+            f"- An ensemble of {meta.members} runs of {what}{seeds}: the networks' logits are averaged, "
             f"then the decision rule and temperature below apply{stored}."
         )
+        if mixed:
+            ensemble_line.append(
+                "- One input serves every member: members trained with another normalisation than the first one's "
+                "get a fixed per-channel map to their own (stored in the file's metadata)."
+            )
+    archs = [x["architecture"] for x in meta.member_specs] if mixed else [meta.architecture]
+    arch_text = " + ".join(f"`{a}`" for a in archs)
     lines = [
         f"# Model card: {meta.network}, {meta.taxonomy}, {meta.num_classes} classes",
         "",
@@ -59,12 +68,13 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         INTENDED_USE,
         "## Model",
         "",
-        f"- Architecture: `{meta.architecture}` (timm), input {meta.input_size}x{meta.input_size} px, "
+        f"- Architecture: {arch_text} (timm), input {meta.input_size}x{meta.input_size} px, "
         f"eval preprocessing: shorter side to {meta.resize_size} px, centre crop, mean {list(meta.mean)}, "
         f"std {list(meta.std)}, {meta.interpolation} interpolation.",
         *ensemble_line,
         f"- Started from: {meta.weights.get('description', meta.weights.get('source'))} "
-        f"(source `{meta.weights.get('source')}`).",
+        f"(source `{meta.weights.get('source')}`)"
+        + (" (the first member; the others: table below)." if mixed else "."),
         "- Classes (logit order): "
         + ", ".join(f"{c} ({n})" for c, n in zip(meta.classes, meta.class_names, strict=True))
         + ".",
@@ -103,11 +113,15 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
             "Each run alone on the validation split, as recorded in its own file (under its own tuned decision rule "
             "where it had one, else plain argmax):",
             "",
-            "| ensemble member | seed | val balanced accuracy | val accuracy | member's own rule |",
-            "|---|---:|---:|---:|---|",
+            "| ensemble member | "
+            + ("architecture | started from | " if mixed else "")
+            + "seed | val balanced accuracy | val accuracy | member's own rule |",
+            "|---|" + ("---|---|" if mixed else "") + "---:|---:|---:|---|",
         ]
         lines += [
-            f"| `{e['model']}` | {e['seed']} | {_fmt(e['val'].get('balanced_accuracy'))} | "
+            f"| `{e['model']}` | "
+            + (f"{e.get('architecture')} | `{e.get('weights')}` | " if mixed else "")
+            + f"{e['seed']} | {_fmt(e['val'].get('balanced_accuracy'))} | "
             f"{_fmt(e['val'].get('accuracy'))} | {e.get('rule', 'n/a')} |"
             for e in ens
         ]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 IMBALANCE = ("loss", "sampler", "none")
+
+
+# Options every ensemble member shares (the split and the input contract) or that belong to the ensemble's run.
+SHARED_BY_MEMBERS = frozenset(
+    {"data", "taxonomy", "val", "test", "split_seed", "input_size", "crop_pct", "cache_size", "cache_dir"}
+    | {"out", "members", "member_overrides", "calibrate", "tune_decision", "resume"}
+)
 
 
 @dataclass
@@ -60,6 +67,12 @@ class TrainConfig:
     # Train this many models, seeds seed, seed+1, ..., each in OUT/seed<N>, and serve their ensemble (mean of
     # logits, dermsight.models.ensemble) from OUT/model.safetensors. 1: one model, in OUT.
     members: int = 1
+    # An ensemble of unlike runs: per member, the options it changes from the rest of this config, e.g.
+    # [{seed: 1}, {seed: 1, arch: tf_efficientnet_lite2, augment: device}] (backbones of one recipe; see
+    # dermsight.models.ensemble). Members go to OUT/<arch>_seed<N>; `members` follows the list's length. Options that
+    # fix the split or the shared input (data, taxonomy, val, test, split_seed, input_size, crop_pct) and the run's
+    # own bookkeeping (out, members, calibrate, tune_decision, resume) cannot differ.
+    member_overrides: list[dict[str, Any]] = field(default_factory=list)
     out: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
@@ -87,6 +100,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.members < 1:
             raise ValueError("members must be at least 1")
+        if self.member_overrides:
+            self._check_member_overrides()
         if self.swa_epochs < 0 or self.swa_lr <= 0:
             raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
         if not 0 <= self.distil_weight <= 1 or self.distil_temperature <= 0:
@@ -95,6 +110,47 @@ class TrainConfig:
             raise ValueError("time_limit_s must be >= 0 (0: no limit)")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
+
+    def _check_member_overrides(self) -> None:
+        n = len(self.member_overrides)
+        if n < 2:
+            raise ValueError("member_overrides describes an ensemble: give at least two members")
+        if self.members not in (1, n):
+            raise ValueError(f"members is {self.members} but member_overrides lists {n}: drop one of them")
+        known = {f.name for f in fields(self)}
+        for i, o in enumerate(self.member_overrides):
+            if not isinstance(o, dict):
+                raise ValueError(f"member_overrides[{i}] must be a mapping of option: value, got {o!r}")
+            bad = sorted(set(o) & SHARED_BY_MEMBERS)
+            unknown = sorted(set(o) - known)
+            if bad or unknown:
+                raise ValueError(
+                    f"member_overrides[{i}]: "
+                    + (f"unknown option(s) {', '.join(unknown)}" if unknown else f"{', '.join(bad)} cannot differ")
+                )
+            member = replace(self, **o, member_overrides=[])  # each member's config must be valid on its own
+            # A bad backbone would otherwise surface only when its turn comes, after the members before it trained.
+            from dermsight.models.factory import ARCHS
+
+            if member.arch not in ARCHS:
+                raise ValueError(f"member_overrides[{i}]: unknown arch {member.arch!r}; known: {', '.join(ARCHS)}")
+        names = [self.member_name(i) for i in range(n)]
+        if len(set(names)) < n:
+            raise ValueError(f"member_overrides: two members would share a folder ({', '.join(names)})")
+        self.members = n
+
+    def member_name(self, i: int) -> str:
+        """Folder of member ``i`` under OUT: seed<N> for seeds of one config, <arch>_seed<N> for member_overrides."""
+        if not self.member_overrides:
+            return f"seed{self.seed + i}"
+        o = self.member_overrides[i]
+        return f"{o.get('arch', self.arch)}_seed{o.get('seed', self.seed)}"
+
+    def member_config(self, i: int) -> TrainConfig:
+        """Member ``i``'s own single-model config (calibration and the decision rule are the ensemble's)."""
+        changes = self.member_overrides[i] if self.member_overrides else {"seed": self.seed + i}
+        out = str(Path(self.out) / self.member_name(i))
+        return replace(self, **changes, out=out, members=1, member_overrides=[], calibrate=False, tune_decision=False)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
@@ -137,9 +193,10 @@ class TrainConfig:
                 return key, float(text)
             if kind == "str | None":
                 return key, None if text.lower() in ("", "none", "null") else text
-            if kind.startswith("dict"):
-                value = yaml.safe_load(text) if text else {}
-                if not isinstance(value, dict):
+            if kind.startswith(("dict", "list")):  # YAML flow style: {why: test}, [{seed: 1}, {seed: 2}]
+                empty, typ = ({}, dict) if kind.startswith("dict") else ([], list)
+                value = yaml.safe_load(text) if text else empty
+                if not isinstance(value, typ):
                     raise ValueError
                 return key, value
             if kind == "str":

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -814,8 +814,9 @@ def _finish(
 def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     """What `dermsight train` runs; returns the model file (None on DDP ranks other than 0).
 
-    ``cfg.members`` == 1: `fit`. Otherwise one `fit` per seed (``cfg.seed``, ``cfg.seed + 1``, ...) in OUT/seed<N>,
-    all on the same split, then their ensemble in OUT/model.safetensors, whose temperature, not-a-lesion gate and
+    ``cfg.members`` == 1: `fit`. Otherwise one `fit` per member, all on the same split: seeds ``cfg.seed``,
+    ``cfg.seed + 1``, ... in OUT/seed<N>, or the runs ``cfg.member_overrides`` describes (other backbones, say) in
+    OUT/<arch>_seed<N>; then their ensemble in OUT/model.safetensors, whose temperature, not-a-lesion gate and
     decision rule are fitted on that split's train/val parts (the members' own are skipped: they would be replaced).
     With ``resume``, members that finished earlier are kept and an interrupted one continues from its checkpoint.
     """
@@ -827,11 +828,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     if main:
         cfg.to_yaml(run / "config.yaml")
     paths = []
-    for seed in range(cfg.seed, cfg.seed + cfg.members):
-        member = replace(cfg, seed=seed, out=str(run / f"seed{seed}"), members=1, calibrate=False, tune_decision=False)
+    for i in range(cfg.members):
+        member = cfg.member_config(i)
         done = Path(member.out) / "model.safetensors"
         if cfg.resume and done.is_file():
-            print(f"member with seed {seed} finished earlier: {done}")
+            print(f"member {cfg.member_name(i)} finished earlier: {done}")
         else:
             fit(member, progress)
         paths.append(done)
@@ -846,7 +847,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     print(f"ensemble of {len(paths)} written to {model_path}")
     metrics = read_meta(model_path).metrics
     if cfg.calibrate:
-        split_at = run / f"seed{cfg.seed}"
+        split_at = paths[0].parent
         metrics = _calibrate(cfg, model_path, read_split_manifest(split_at), split_at, progress)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return model_path
