@@ -377,7 +377,8 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence added to the table's note (e.g. where it was trained)")
     args = ap.parse_args()
 
-    base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol])
+    # One network per backbone: an ensemble config (configs/default.yaml) contributes its recipe, not its members.
+    base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol], members=1, member_overrides=[])
     base = replace(
         base,
         epochs=args.epochs or base.epochs,

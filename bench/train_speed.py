@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
     args = ap.parse_args()
 
-    cfg = TrainConfig.from_yaml(args.config)
+    cfg = TrainConfig.from_yaml(args.config, members=1, member_overrides=[])  # the recipe, one network
     device = torch.device(args.device)
     bs = args.batch_size or cfg.batch_size
     data = prepare_data(cfg, progress=False)

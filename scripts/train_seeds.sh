@@ -30,7 +30,7 @@ mkdir -p "$RUNS"
 
 # Every run reads the shared config; only the seed, the run folder and the knobs below differ (`dermsight train --set`).
 # members=1: each seed is one model even when the config describes an ensemble of them.
-opts=(--set members=1 --set calibrate=false --set tune_decision=false --device "$DEVICE")
+opts=(--set members=1 --set "member_overrides=[]" --set calibrate=false --set tune_decision=false --device "$DEVICE")
 [ -n "${EPOCHS:-}" ] && opts+=(--epochs "$EPOCHS")
 [ -n "${WORKERS:-}" ] && opts+=(--set "num_workers=$WORKERS")
 [ -n "${AUGMENT:-}" ] && opts+=(--set "augment=$AUGMENT")

@@ -74,7 +74,7 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         *ensemble_line,
         f"- Started from: {meta.weights.get('description', meta.weights.get('source'))} "
         f"(source `{meta.weights.get('source')}`)"
-        + (" (the first member; the others: table below)." if mixed else "."),
+        + ("; this is the first member's start, the others' are in the members table." if mixed else "."),
         "- Classes (logit order): "
         + ", ".join(f"{c} ({n})" for c, n in zip(meta.classes, meta.class_names, strict=True))
         + ".",
