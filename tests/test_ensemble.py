@@ -30,8 +30,9 @@ def member(path, seed: int, size: int = 64, arch: str = "tf_efficientnet_lite0",
     return save_model(path, model, meta)
 
 
-# MobileNetV2 as torchvision/timm train it: ImageNet's mean and std, unlike EfficientNet-Lite's 0.5/0.5.
-IMAGENET = WeightsInfo("none", "random", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 64)
+# MobileNetV2 as torchvision trains it: ImageNet's mean and std and a bilinear resize, unlike EfficientNet-Lite's
+# 0.5/0.5 and bicubic.
+IMAGENET = WeightsInfo("none", "random", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 64)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,9 @@ def test_mixed_ensemble_feeds_each_backbone_its_own_normalisation_and_round_trip
         "architecture": "mobilenetv2_100",
         "mean": list(IMAGENET.mean),
         "std": list(IMAGENET.std),
+        "interpolation": "bilinear",
     }
+    assert meta.interpolation == "bicubic"  # every member is resized as the first one
     assert meta.format_version == 3 == FORMAT_VERSION and meta.mean == WEIGHTS.mean  # served as the first member
     assert meta.network == "tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)"
     assert [m["architecture"] for m in meta.metrics["ensemble"]["members"]] == [

@@ -32,7 +32,10 @@ FORMAT_VERSION = 3
 # What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
 # one class list, one input preprocessing.
 RECIPE_FIELDS = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
-BACKBONE_FIELDS = ("architecture", "mean", "std")  # may differ between an ensemble's members
+# May differ between an ensemble's members. The ensemble serves every member through the first member's eval resize
+# (`interpolation`): torchvision's MobileNetV2 weights say bilinear where EfficientNet-Lite's say bicubic, for the
+# upscale of a 150 px image to 192 px before the centre crop, a difference far below the one between seeds.
+BACKBONE_FIELDS = ("architecture", "mean", "std", "interpolation")
 
 
 class ModelLoadError(Exception):
@@ -91,8 +94,9 @@ class ModelMeta:
     # Networks in the file: 1, or an ensemble of this many runs of the recipe whose logits are averaged
     # (dermsight.models.ensemble).
     members: int = 1
-    # An ensemble of several backbones: per member, {"architecture", "mean", "std"} (the normalisation it was trained
-    # with; the file's own mean/std is the first member's). Empty when every member is `architecture`.
+    # An ensemble of several backbones: per member, {"architecture", "mean", "std", "interpolation"} (the
+    # normalisation and eval resize it was trained with; the file's own are the first member's, and the resize is
+    # the file's for all). Empty when every member is `architecture` with the file's preprocessing.
     member_specs: list[dict[str, Any]] = field(default_factory=list)
     created: str = ""  # ISO 8601, UTC
     dermsight_version: str = ""

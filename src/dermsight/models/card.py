@@ -55,8 +55,8 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         )
         if mixed:
             ensemble_line.append(
-                "- One input serves every member: members trained with another normalisation than the first one's "
-                "get a fixed per-channel map to their own (stored in the file's metadata)."
+                "- One input serves every member, resized as the first member's: members trained with another "
+                "normalisation get a fixed per-channel map to their own (stored in the file's metadata)."
             )
     archs = [x["architecture"] for x in meta.member_specs] if mixed else [meta.architecture]
     arch_text = " + ".join(f"`{a}`" for a in archs)

@@ -105,12 +105,15 @@ def combine(
     class changes. The temperature, decision rule and not-a-lesion gate of a member describe that member,
     not the ensemble, so they are reset: fit them afterwards (`dermsight calibrate`, `dermsight tune-decision`).
     """
-    from dermsight.models.bundle import load_model, read_runs, save_model
+    from dermsight.models.bundle import BACKBONE_FIELDS, load_model, read_runs, save_model
+
+    def _plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
 
     paths, names, metas = read_runs(list(model_paths), "an ensemble", same_architecture=False)
     nets = [load_model(p)[0] for p in paths]
     first = metas[0]
-    mixed = any((m.architecture, m.mean, m.std) != (first.architecture, first.mean, first.std) for m in metas)
+    mixed = any(getattr(m, k) != getattr(first, k) for m in metas for k in BACKBONE_FIELDS)
     # The ensemble's input is normalised as the first member's; the others get an input map where theirs differs.
     maps = [input_map((first.mean, first.std), (m.mean, m.std)) for m in metas]
     ensemble = Ensemble(nets, maps)
@@ -141,9 +144,7 @@ def combine(
     }
     meta = first.unfitted(
         members=len(paths),
-        member_specs=[{"architecture": m.architecture, "mean": list(m.mean), "std": list(m.std)} for m in metas]
-        if mixed
-        else [],
+        member_specs=[{k: _plain(getattr(m, k)) for k in BACKBONE_FIELDS} for m in metas] if mixed else [],
         metrics={"ensemble": report},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         dermsight_version=__version__,
