@@ -394,3 +394,30 @@ def test_export_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "OK" in out and "3 image(s)" in out and "int8" in out
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file()
+
+
+def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from dermsight.data.manifest import build_manifest
+
+    spec = importlib.util.spec_from_file_location("square_crops", Path(__file__).parents[1] / "scripts/square_crops.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = []
+    for i, split in enumerate(["train", "test", "test"]):
+        path = tmp_path / f"src{i}.jpg"
+        Image.fromarray(np.full((150, 200, 3), 40 * i, np.uint8)).save(path)
+        rows.append((str(path), "mel" if i else "nv", split))
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(tmp_path / "split.csv", index=False)
+    assert script.main([str(tmp_path / "split.csv"), "--out", str(tmp_path / "sq")]) == 0
+    labels = pd.read_csv(tmp_path / "sq" / "labels.csv")
+    assert list(labels["image"]) == ["images/src1.png", "images/src2.png"] and set(labels["label"]) == {"mel"}
+    with Image.open(tmp_path / "sq" / "images" / "src2.png") as im:
+        assert im.size == (224, 224) and im.getpixel((0, 0)) == (80, 80, 80)
+    assert len(build_manifest(tmp_path / "sq", progress=False).manifest) == 2  # what `dermsight evaluate` reads
+    # A split that is not there, or a file that is not a manifest: one line, exit 2, no traceback.
+    assert script.main([str(tmp_path / "split.csv"), "--split", "val", "--out", str(tmp_path / "x")]) == 2
+    assert "no images in split 'val'" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")]) == 2
