@@ -85,7 +85,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Pa
             )
         os.replace(tmp, out)
     except Exception as e:
-        raise ExportError(f"ONNX export of {meta.architecture} failed: {type(e).__name__}: {str(e)[:300]}") from e
+        raise ExportError(f"ONNX export of {meta.network} failed: {type(e).__name__}: {str(e)[:300]}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -289,7 +289,7 @@ class ExportReport:
 
     def lines(self, meta: ModelMeta) -> list[str]:
         out = [
-            f"exported {meta.architecture} to {self.onnx} in {self.seconds:.1f} s (input '{INPUT_NAME}' N x 3 x "
+            f"exported {meta.network} to {self.onnx} in {self.seconds:.1f} s (input '{INPUT_NAME}' N x 3 x "
             f"{meta.input_size} x {meta.input_size}, dynamic batch; outputs 'logits', 'features'; probabilities = "
             f"softmax(logits / T) with T = {meta.temperature:.4f} from the model file, not baked in)",
             f"parity with PyTorch on {self.checked_on}: max |probability difference| {self.parity.max_abs_diff:.2e} "
