@@ -232,6 +232,7 @@ def test_mixed_ensemble_feeds_each_backbone_its_own_normalisation_and_round_trip
     Image.fromarray(synthetic_images(1, size=(200, 150))[0]).save(image)
     result = Predictor.from_path(path, backend="torch", threads=1).predict(image)
     assert result.status == "ok" and "mobilenetv2_100" in result.model
+    assert Predictor.from_path(path, backend="torch", threads=1).info()["network"] == meta.network
     from dermsight.models.card import render_model_card
 
     card = render_model_card(meta)

@@ -276,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     workers = 1 if args.dev else (args.workers or default_workers())
     print(
-        f"dermsight web app on http://{args.host}:{args.port}/ ({meta.architecture}, {len(meta.classes)} classes; "
+        f"dermsight web app on http://{args.host}:{args.port}/ ({meta.network}, {len(meta.classes)} classes; "
         f"{'Flask development server' if args.dev else f'gunicorn, {workers} worker(s)'}); Ctrl+C stops it",
         flush=True,
     )

@@ -168,6 +168,7 @@ def evaluate(
     extra = {
         "model": str(model_path),
         "architecture": meta.architecture,
+        "network": meta.network,
         "members": meta.members,
         "model_taxonomy": meta.taxonomy,
         "scored_taxonomy": taxonomy,

@@ -268,6 +268,7 @@ class Predictor:
         return {
             "model": self.model_path.name,
             "architecture": m.architecture,
+            "network": m.network,  # all of it: an ensemble of several backbones is more than its first architecture
             "members": m.members,  # networks whose logits are averaged (1: a single model)
             "taxonomy": m.taxonomy,
             "classes": [

@@ -243,11 +243,16 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     "properties": {
                         "model": {"type": "string", "description": "model file name"},
                         "backend": {"type": "string", "enum": ["onnx", "torch"]},
-                        "architecture": {"type": "string"},
+                        "architecture": {"type": "string", "description": "the (first) network's timm architecture"},
+                        "network": {
+                            "type": "string",
+                            "description": "the whole network as people read it, e.g. "
+                            "'tf_efficientnet_lite0 + mobilenetv2_100 (ensemble)'",
+                        },
                         "members": {
                             "type": "integer",
                             "minimum": 1,
-                            "description": "networks of this architecture whose logits are averaged (1: one model)",
+                            "description": "networks whose logits are averaged (1: one model)",
                         },
                         "taxonomy": {"type": "string"},
                         "classes": {
