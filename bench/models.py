@@ -155,6 +155,12 @@ def row_from_run(run: Path, size: int, threads: int = 1) -> dict:
     }
 
 
+def epoch_seconds(log) -> float:
+    """A run's typical epoch from its log.csv: the median after the first (which carries one-time warm-up), or the
+    first when it is all there is."""
+    return float(log["seconds"].iloc[1:].median() if len(log) > 1 else log["seconds"].iloc[0])
+
+
 def val_rows(root: Path) -> list[dict]:
     """Rows from every run's per-epoch log under ``root``, finished or not: the best validation balanced accuracy so
     far (the checkpoint `fit` would keep), the accuracy at that epoch, epochs done, seconds an epoch. For runs a
@@ -178,7 +184,7 @@ def val_rows(root: Path) -> list[dict]:
                 "epochs_done": int(log["epoch"].max()),
                 "epochs": int(cfg["epochs"]),
                 "finished": (log_path.parent / "test" / "metrics.json").is_file(),
-                "sec_epoch": float(log["seconds"].iloc[1:].median() if len(log) > 1 else log["seconds"].iloc[0]),
+                "sec_epoch": epoch_seconds(log),
                 "weights": cfg["weights"],
             }
         )
@@ -240,7 +246,7 @@ def seed_rows(roots: list[Path], size: int, threads: int) -> list[dict]:
                 "seed": cfg["seed"],
                 "val": argmax_scores(run, "val"),
                 "test": argmax_scores(run, "test"),
-                "sec_epoch": float(log["seconds"].iloc[1:].median()),
+                "sec_epoch": epoch_seconds(log),
                 # The model file's record where the run kept one, else what its config asked for.
                 "weights": run_meta(run).weights.get("source", "") if finished(run) else f"{cfg['weights']} (config)",
             }

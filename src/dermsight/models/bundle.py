@@ -34,7 +34,7 @@ FORMAT_VERSION = 3
 RECIPE_FIELDS = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
 # May differ between an ensemble's members. The ensemble serves every member through the first member's eval resize
 # (`interpolation`): torchvision's MobileNetV2 weights say bilinear where EfficientNet-Lite's say bicubic, for the
-# upscale of a 150 px image to 192 px before the centre crop, a difference far below the one between seeds.
+# upscale of a 150 px image to 192 px before the centre crop (not measured; expected to matter far less than seeds).
 BACKBONE_FIELDS = ("architecture", "mean", "std", "interpolation")
 
 

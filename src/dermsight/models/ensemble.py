@@ -107,9 +107,6 @@ def combine(
     """
     from dermsight.models.bundle import BACKBONE_FIELDS, load_model, read_runs, save_model
 
-    def _plain(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
     paths, names, metas = read_runs(list(model_paths), "an ensemble", same_architecture=False)
     nets = [load_model(p)[0] for p in paths]
     first = metas[0]
@@ -144,7 +141,8 @@ def combine(
     }
     meta = first.unfitted(
         members=len(paths),
-        member_specs=[{k: _plain(getattr(m, k)) for k in BACKBONE_FIELDS} for m in metas] if mixed else [],
+        # ModelMeta stores member_specs as its JSON round trip, so the tuples here arrive as lists.
+        member_specs=[{k: getattr(m, k) for k in BACKBONE_FIELDS} for m in metas] if mixed else [],
         metrics={"ensemble": report},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         dermsight_version=__version__,

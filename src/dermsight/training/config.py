@@ -117,6 +117,9 @@ class TrainConfig:
             raise ValueError("member_overrides describes an ensemble: give at least two members")
         if self.members not in (1, n):
             raise ValueError(f"members is {self.members} but member_overrides lists {n}: drop one of them")
+        # A bad backbone would otherwise surface only when its turn comes, after the members before it trained.
+        from dermsight.models.factory import ARCHS
+
         known = {f.name for f in fields(self)}
         for i, o in enumerate(self.member_overrides):
             if not isinstance(o, dict):
@@ -129,9 +132,6 @@ class TrainConfig:
                     + (f"unknown option(s) {', '.join(unknown)}" if unknown else f"{', '.join(bad)} cannot differ")
                 )
             member = replace(self, **o, member_overrides=[])  # each member's config must be valid on its own
-            # A bad backbone would otherwise surface only when its turn comes, after the members before it trained.
-            from dermsight.models.factory import ARCHS
-
             if member.arch not in ARCHS:
                 raise ValueError(f"member_overrides[{i}]: unknown arch {member.arch!r}; known: {', '.join(ARCHS)}")
         names = [self.member_name(i) for i in range(n)]
