@@ -206,6 +206,25 @@ def test_config_from_yaml_rejects_unknown_options(tmp_path):
         TrainConfig.from_yaml(tmp_path / "d.yaml")
 
 
+def test_channel_gain_reaches_both_augmentation_paths_and_is_checked():
+    from dermsight.models.bundle import ModelMeta
+    from dermsight.models.factory import WeightsInfo
+    from dermsight.training.loop import train_augmentation
+
+    meta = ModelMeta.new(
+        "tf_efficientnet_lite0", "ham7", WeightsInfo("none", "random", (0.5,) * 3, (0.5,) * 3, "bicubic", 32)
+    )
+    cfg = TrainConfig(channel_gain=0.15)
+    assert train_augmentation(cfg, meta, batched=True).channel_gain == 0.15
+    per_image = [type(t).__name__ for t in train_augmentation(cfg, meta).transform.transforms]
+    assert "RandomChannelGain" in per_image
+    assert "RandomChannelGain" not in [
+        type(t).__name__ for t in train_augmentation(TrainConfig(), meta).transform.transforms
+    ]
+    with pytest.raises(ValueError, match="channel_gain"):
+        TrainConfig(channel_gain=1.5)
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 from dermsight.models import create_model
 from dermsight.models.bundle import ModelMeta
-from dermsight.transforms import BatchTrainAugment, EvalPreset, RandomRot90, TrainPreset, to_tensor
+from dermsight.transforms import BatchTrainAugment, EvalPreset, RandomChannelGain, RandomRot90, TrainPreset, to_tensor
 
 MEAN = (0.5, 0.25, 0.0)
 STD = (0.5, 0.25, 1.0)
@@ -225,3 +225,63 @@ def test_batch_augment_and_train_preset_share_their_defaults():
 
     batch, per_image = defaults(BatchTrainAugment), defaults(TrainPreset)
     assert batch == {k: v for k, v in per_image.items() if k != "interpolation"}
+
+
+def _gains(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Per-channel ratios of the output's mean to the input's: (..., 3)."""
+    return out.float().mean((-2, -1)) / base.float().mean((-2, -1))
+
+
+def test_channel_gain_scales_each_channel_within_its_bound():
+    torch.manual_seed(0)
+    img = torch.full((3, 8, 8), 100, dtype=torch.uint8)
+    gain = RandomChannelGain(0.15)
+    outs = torch.stack([gain(img) for _ in range(300)])
+    assert outs.dtype == torch.uint8 and outs.shape == (300, 3, 8, 8)
+    ratios = _gains(outs, img)
+    assert (ratios >= 0.85 - 0.01).all() and (ratios <= 1.15 + 0.01).all()
+    # Each channel its own factor (a tint, not only a brightness change), and the range is used to its ends.
+    assert (ratios[:, 0] - ratios[:, 2]).abs().max() > 0.2
+    assert ratios.min() < 0.87 and ratios.max() > 1.13
+    # Float images stay in [0, 1]; bright pixels saturate rather than wrap around.
+    bright = gain(torch.ones(3, 4, 4))
+    assert bright.max() <= 1 and bright.min() > 0.8
+    with pytest.raises(ValueError, match="channel gain"):
+        RandomChannelGain(1.0)
+
+
+def test_train_preset_channel_gain_is_off_by_default_and_on_when_asked():
+    names = lambda p: [type(t).__name__ for t in p.transform.transforms]  # noqa: E731
+    assert "RandomChannelGain" not in names(TrainPreset(input_size=16, mean=MEAN, std=STD))
+    steps = names(TrainPreset(input_size=16, mean=MEAN, std=STD, channel_gain=0.1))
+    assert steps.index("RandomChannelGain") < steps.index("ColorJitter")
+
+
+def test_batch_augment_channel_gain_per_image_and_stream_kept_when_off():
+    img = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8).expand(64, -1, -1, -1)
+    sizes = torch.tensor([[16, 16]] * 64)
+    torch.manual_seed(1)
+    out = _still(channel_gain=0.1)(img, sizes)
+    ratios = _gains(out, img.float() / 255)
+    assert (ratios >= 0.9 - 1e-4).all() and (ratios <= 1.1 + 1e-4).all()
+    assert len({tuple(r.round(decimals=4).tolist()) for r in ratios}) == 64  # a draw per image
+    assert ratios.std(0).min() > 0.03  # spread over the range, per channel
+    # The gains are drawn after every other parameter, so switching them on changes nothing else: same seed, same
+    # crops and flips, each image's channels scaled by constant factors.
+    pattern = (_pattern()[None].expand(8, -1, -1, -1).float() * 0.5 + 60).to(torch.uint8)  # no clipping either way
+    sizes = torch.tensor([[16, 16]] * 8)
+    plain = BatchTrainAugment(
+        input_size=12, mean=(0, 0, 0), std=(1, 1, 1), brightness=0, contrast=0, saturation=0, hue=0
+    )
+    tinted = BatchTrainAugment(
+        input_size=12, mean=(0, 0, 0), std=(1, 1, 1), brightness=0, contrast=0, saturation=0, hue=0, channel_gain=0.1
+    )
+    torch.manual_seed(5)
+    a = plain(pattern, sizes)
+    torch.manual_seed(5)
+    b = tinted(pattern, sizes)
+    ratio = b / a
+    assert torch.allclose(ratio, ratio.mean((-2, -1), keepdim=True), atol=1e-4)
+    assert not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
+    with pytest.raises(ValueError, match="channel_gain"):
+        BatchTrainAugment(input_size=12, mean=MEAN, std=STD, channel_gain=-0.1)

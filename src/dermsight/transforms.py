@@ -40,6 +40,27 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
+class RandomChannelGain(nn.Module):
+    """Scale each colour channel by its own factor, uniform in [1 - amount, 1 + amount]: a white-balance and exposure
+    cast, as between dermatoscopes, cameras and clinics. ColorJitter's brightness moves all channels together and its
+    hue turns the colour wheel, neither of which is what a different light or sensor does to a picture."""
+
+    def __init__(self, amount: float) -> None:
+        super().__init__()
+        if not 0 <= amount < 1:
+            raise ValueError(f"channel gain amount must be in [0, 1), got {amount}")
+        self.amount = amount
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gain = 1 + (torch.rand(3, 1, 1) * 2 - 1) * self.amount
+        if image.dtype == torch.uint8:
+            return (image.float() * gain).round_().clamp_(0, 255).to(torch.uint8)
+        return (image * gain).clamp(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"amount={self.amount}"
+
+
 class RandomRot90(nn.Module):
     """Rotate by 0, 90, 180 or 270 degrees at random. Dermoscopy has no "up", so all four are equally valid."""
 
@@ -71,6 +92,7 @@ class TrainPreset:
         contrast: float = 0.2,
         saturation: float = 0.2,
         hue: float = 0.02,
+        channel_gain: float = 0.0,
     ) -> None:
         steps: list[nn.Module] = [
             v2.RandomResizedCrop(
@@ -83,6 +105,8 @@ class TrainPreset:
             steps.append(v2.RandomVerticalFlip(vflip))
         if rot90:
             steps.append(RandomRot90())
+        if channel_gain:
+            steps.append(RandomChannelGain(channel_gain))
         # Kept modest: colour carries diagnostic signal (blue-white veil, red vascular structures), and strong hue
         # shifts would teach the model to ignore it.
         if brightness or contrast or saturation or hue:
@@ -158,6 +182,7 @@ class BatchTrainAugment:
       at a crop's border it blends in the pixel just outside the crop where torchvision repeats the crop's edge;
       shrinking is a box average rather than torchvision's triangle filter: close, not identical;
     - flips both ways and 90-degree rotations, chosen per image;
+    - per-channel gain (`RandomChannelGain`), when asked for;
     - colour jitter (brightness, contrast, saturation in torchvision's definitions; hue as a rotation of the
       chroma plane in YIQ space, a linear stand-in for HSV's hue shift that agrees with it for the small shifts
       used here), in that fixed order rather than v2's random order per call.
@@ -187,12 +212,16 @@ class BatchTrainAugment:
         contrast: float = 0.2,
         saturation: float = 0.2,
         hue: float = 0.02,
+        channel_gain: float = 0.0,
     ) -> None:
         if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"scale and ratio must be increasing positive ranges, got {scale}, {ratio}")
         self.input_size, self.scale, self.ratio = input_size, scale, ratio
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        if not 0 <= channel_gain < 1:
+            raise ValueError(f"channel_gain must be in [0, 1), got {channel_gain}")
+        self.channel_gain = channel_gain
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
@@ -247,8 +276,10 @@ class BatchTrainAugment:
         boxes = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), self.crop_boxes(sizes.cpu())], 1)
         # Draw everything on the CPU first (see the class docstring), then one small copy to the device.
         draws = torch.rand(n, 8)
-        params = torch.cat([boxes, draws], 1).to(dev, non_blocking=True)
-        boxes, draws = params[:, :5], params[:, 5:]
+        # Drawn only when used, so that runs without it keep the random stream they always had.
+        gains = torch.rand(n, 3) if self.channel_gain else torch.empty(n, 0)
+        params = torch.cat([boxes, draws, gains], 1).to(dev, non_blocking=True)
+        boxes, draws, gains = params[:, :5], params[:, 5:13], params[:, 13:]
         x = roi_align(images.float(), boxes, output_size=s, spatial_scale=1.0, sampling_ratio=-1, aligned=True) / 255
         x = x.clamp_(0, 1)
 
@@ -267,6 +298,8 @@ class BatchTrainAugment:
             return (low + (1 + amount - low) * u).view(-1, 1, 1, 1)
 
         yiq, yiq_inv, gray_w, mean, std = self._on(dev)
+        if self.channel_gain:  # as `RandomChannelGain`, before the jitter as in `TrainPreset`
+            x = (x * (1 + (gains * 2 - 1) * self.channel_gain).view(n, 3, 1, 1)).clamp_(0, 1)
         if self.brightness:
             x = (x * factor(draws[:, 3], self.brightness)).clamp_(0, 1)
         if self.contrast:
@@ -291,5 +324,6 @@ class BatchTrainAugment:
         return (
             f"{type(self).__name__}(size={self.input_size}, scale={self.scale}, ratio={self.ratio}, "
             f"hflip={self.hflip}, vflip={self.vflip}, rot90={self.rot90}, brightness={self.brightness}, "
-            f"contrast={self.contrast}, saturation={self.saturation}, hue={self.hue})"
+            f"contrast={self.contrast}, saturation={self.saturation}, hue={self.hue}, "
+            f"channel_gain={self.channel_gain})"
         )

@@ -7,7 +7,7 @@ probabilities into akiec (HAM's akiec cannot be split into the two).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +80,11 @@ def model_input_batches(
     failed: list[tuple[int, str]] | None = None,
     progress: bool = True,
     desc: str = "evaluating",
+    view: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Batches of model inputs for ``paths`` through the serving preprocessing, as (indices kept, NCHW tensor on
     ``device``). Images that fail to decode are skipped and, when ``failed`` is given, appended to it as
-    (index, reason)."""
+    (index, reason). ``view`` changes each decoded image first (a square crop, a colour cast: `shifts`)."""
     from dermsight.inference.predictor import decode, decode_side, to_model_input
 
     tf = EvalPreset.from_meta(meta)
@@ -93,7 +94,8 @@ def model_input_batches(
         try:
             # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
             # level of the training images, then the model's eval preset. Scores must describe what is served.
-            return to_model_input(decode(paths[i], side), meta, tf)
+            image = decode(paths[i], side)
+            return to_model_input(view(image) if view else image, meta, tf)
         except ImageError as e:
             if failed is not None:
                 failed.append((i, str(e)))
@@ -118,13 +120,15 @@ def model_logits(
     batch_size: int = 64,
     tta: bool = False,
     progress: bool = True,
+    view: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode."""
+    """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode;
+    ``view`` as in `model_input_batches`."""
     failed: list[tuple[int, str]] = []
     out = np.full((len(paths), meta.num_classes), np.nan, np.float32)
     model.eval()
     device = next(model.parameters()).device  # images are decoded on the CPU; the model may sit on a GPU
-    for keep, x in model_input_batches(meta, paths, device, batch_size, failed, progress):
+    for keep, x in model_input_batches(meta, paths, device, batch_size, failed, progress, view=view):
         if tta:
             # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
             # original; averaging logits over them smooths the model's orientation-specific errors.

@@ -47,6 +47,10 @@ class TrainConfig:
     # ColorJitter hue shift. Hue is by far the costliest augmentation step (about 2.6 of 3.3 ms per 256 px image on
     # one core, measured): 0 lets a few loader workers keep a GPU busy.
     hue: float = 0.02
+    # Per-channel gain jitter (`transforms.RandomChannelGain`): each of R, G, B scaled by its own factor in
+    # [1 - channel_gain, 1 + channel_gain], a white-balance/exposure cast. Models trained without it lose much of
+    # their balanced accuracy to a 10% cast (bench/robustness.py); 0 = off.
+    channel_gain: float = 0.0
     # Where training images are augmented: "loader" (per image, in DataLoader workers; the CPU path) or "device"
     # (per batch, on the training device, from a copy of the split's images held there: `loop.DeviceBatches`; the
     # fast path on a GPU, where loader workers cannot keep up).
@@ -106,6 +110,8 @@ class TrainConfig:
             raise ValueError("swa_epochs must be >= 0 and swa_lr positive")
         if not 0 <= self.distil_weight <= 1 or self.distil_temperature <= 0:
             raise ValueError("distil_weight must be in [0, 1] and distil_temperature positive")
+        if not 0 <= self.channel_gain < 1:
+            raise ValueError(f"channel_gain must be in [0, 1), got {self.channel_gain}")
         if self.time_limit_s < 0:
             raise ValueError("time_limit_s must be >= 0 (0: no limit)")
         if self.freeze_epochs >= self.epochs:

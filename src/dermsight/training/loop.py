@@ -381,7 +381,7 @@ def train_augmentation(cfg: TrainConfig, meta: ModelMeta, batched: bool = False)
     """The config's training augmentation: per image (`TrainPreset`, the loader path) or per batch on the device
     (`BatchTrainAugment`, ``augment: device``), from one set of settings."""
     kind = BatchTrainAugment if batched else TrainPreset
-    return kind.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue)
+    return kind.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue, channel_gain=cfg.channel_gain)
 
 
 def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:

@@ -1,0 +1,119 @@
+"""Photometric shifts for robustness checks: how much a model's scores fall when the same lesions are photographed
+under another light, white balance or exposure.
+
+Images from another clinic differ from HAM10000's in ways a held-out split of HAM10000 cannot show: a dermatoscope's
+light and a camera's white balance tint the whole picture, and exposure brightens or darkens it. Each shift here is a
+fixed, mild version of one such change (a 10% tint is well within what two cameras disagree by), applied to the
+decoded image before the model's own preprocessing, so the scores say how much of a model's quality rests on the
+colour balance of its training images. `bench/robustness.py` tabulates them for one or more models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score
+
+Shift = Callable[[np.ndarray], np.ndarray]
+
+
+def channel_gain(r: float, g: float, b: float) -> Shift:
+    """Scale the red, green and blue channels: a white-balance cast (unequal) or an exposure change (equal)."""
+    gains = np.array([r, g, b], np.float32)
+
+    def shift(image: np.ndarray) -> np.ndarray:
+        return np.clip(image.astype(np.float32) * gains + 0.5, 0, 255).astype(np.uint8)
+
+    return shift
+
+
+def gamma(value: float) -> Shift:
+    """A tone curve: ``value`` < 1 lifts the mid-tones (a flatter, brighter picture), > 1 deepens them."""
+    table = np.clip(255 * (np.arange(256) / 255.0) ** value + 0.5, 0, 255).astype(np.uint8)
+
+    def shift(image: np.ndarray) -> np.ndarray:
+        return table[image]
+
+    return shift
+
+
+# Name -> (what it imitates, the shift). "none" is the baseline every other row is compared with.
+SHIFTS: dict[str, tuple[str, Shift]] = {
+    "none": ("the images as they are", channel_gain(1, 1, 1)),
+    "warm": ("warmer white balance (R x1.1, B x0.9)", channel_gain(1.1, 1.0, 0.9)),
+    "cool": ("cooler white balance (R x0.9, B x1.1)", channel_gain(0.9, 1.0, 1.1)),
+    "green": ("green tint (G x1.05, R and B x0.95)", channel_gain(0.95, 1.05, 0.95)),
+    "magenta": ("magenta tint (G x0.93, R and B x1.05)", channel_gain(1.05, 0.93, 1.05)),
+    "dark": ("under-exposed (x0.8)", channel_gain(0.8, 0.8, 0.8)),
+    "bright": ("over-exposed (x1.15)", channel_gain(1.15, 1.15, 1.15)),
+    "gamma0.8": ("flatter tone curve (gamma 0.8)", gamma(0.8)),
+    "gamma1.25": ("deeper tone curve (gamma 1.25)", gamma(1.25)),
+}
+
+
+def compose(*steps: Shift | None) -> Shift:
+    """The shifts applied in order (``None`` steps skipped)."""
+    kept = [s for s in steps if s is not None]
+
+    def shift(image: np.ndarray) -> np.ndarray:
+        for s in kept:
+            image = s(image)
+        return image
+
+    return shift
+
+
+def shift_scores(
+    model_path: str | Path,
+    manifest: pd.DataFrame,
+    names: list[str] | None = None,
+    square: bool = True,
+    rule: str = "model",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Balanced accuracy and accuracy of one model on ``manifest`` (a labelled manifest, e.g. one split) under each
+    named shift. ``square``: score 224 px square centre crops first (the external test set's shape). ``rule``:
+    "model" applies the model's decision rule (prior correction, TTA) as serving does; "argmax" the plain one."""
+    import torch
+
+    from dermsight.evaluation.run import model_logits
+    from dermsight.inference.calibration import read_labels, square_crop
+    from dermsight.models.bundle import load_model
+
+    if rule not in ("model", "argmax"):
+        raise ValueError(f"rule must be model or argmax, got {rule!r}")
+    unknown = [n for n in names or () if n not in SHIFTS]
+    if unknown:
+        raise ValueError(f"unknown shift(s) {', '.join(unknown)}: expected some of {', '.join(SHIFTS)}")
+    model, meta = load_model(model_path)
+    model = model.to(memory_format=torch.channels_last)
+    y = read_labels(manifest, meta)
+    paths = [str(p) for p in manifest["path"]]
+    rows = []
+    for name in names or list(SHIFTS):
+        what, shift = SHIFTS[name]
+        logits, failed = model_logits(
+            model,
+            meta,
+            paths,
+            tta=meta.tta and rule == "model",
+            progress=progress,
+            view=compose(square_crop if square else None, shift),
+        )
+        ok = ~np.isnan(logits).any(axis=1)
+        pred = (meta.adjust(logits[ok]) if rule == "model" else logits[ok]).argmax(1)
+        rows.append(
+            {
+                "shift": name,
+                "what": what,
+                "n": int(ok.sum()),
+                "balanced_accuracy": float(balanced_accuracy_score(y[ok], pred)),
+                "accuracy": float((pred == y[ok]).mean()),
+                "failed": len(failed),
+            }
+        )
+    return rows
