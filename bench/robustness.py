@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         meta = read_meta(m)
         gain = meta.config.get("channel_gain", 0) if isinstance(meta.config, dict) else 0
-        lines.append(f"- `{m}`: {meta.network}, trained with channel_gain {gain}")
+        shown = m.resolve().relative_to(Path.cwd()) if m.resolve().is_relative_to(Path.cwd()) else m
+        lines.append(f"- `{shown}`: {meta.network}, trained with channel_gain {gain}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
