@@ -22,7 +22,7 @@ from pathlib import Path
 from dermsight.data.problems import DataError
 from dermsight.evaluation.shifts import SHIFTS, shift_scores
 from dermsight.inference.calibration import read_split_manifest
-from dermsight.models.bundle import default_model_path, read_meta
+from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             results[m] = shift_scores(m, rows, names, square=not args.frames, rule=args.rule, progress=True)
             print(f"{m}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    except (DataError, ValueError, OSError) as e:
+    except (DataError, ModelLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
