@@ -48,8 +48,9 @@ class TrainConfig:
     # one core, measured): 0 lets a few loader workers keep a GPU busy.
     hue: float = 0.02
     # Per-channel gain jitter (`transforms.RandomChannelGain`): each of R, G, B scaled by its own factor in
-    # [1 - channel_gain, 1 + channel_gain], a white-balance/exposure cast. Models trained without it lose much of
-    # their balanced accuracy to a 10% cast (bench/robustness.py); 0 = off.
+    # [1 - channel_gain, 1 + channel_gain], a white-balance/exposure cast. The bundled model loses up to 0.1 of its
+    # balanced accuracy to a 10% cast (bench/robustness.py); on two Lite0 seeds 0.15 made runs steadier under such
+    # casts but not better (README, "Robustness to colour and exposure"). 0 = off.
     channel_gain: float = 0.0
     # Where training images are augmented: "loader" (per image, in DataLoader workers; the CPU path) or "device"
     # (per batch, on the training device, from a copy of the split's images held there: `loop.DeviceBatches`; the
