@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     view = "4:3 frames" if args.frames else "224 px square centre crops"
+    rule = "each model's decision rule" if args.rule == "model" else "plain argmax"
     lines = [
         f"Robustness to colour and exposure shifts: `{args.split}` split of `{args.data}` ({len(rows)} images, {view}),"
-        f" {'each model' + chr(39) + 's decision rule' if args.rule == 'model' else 'plain argmax'}."
+        f" {rule}."
         " Balanced accuracy / accuracy; in brackets, the change from the unshifted images.",
         "Produced by `bench/robustness.py`; every model scored in the same run.",
         "",

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from conftest import make_image
-from dermsight.evaluation import shifts
 from dermsight.evaluation.shifts import SHIFTS, channel_gain, compose, gamma, shift_scores
 from dermsight.models import ModelMeta, WeightsInfo
 
@@ -70,4 +69,4 @@ def test_shift_scores_apply_the_shift_before_the_model(tmp_path, monkeypatch):
         shift_scores("m", manifest, ["sepia"])
     with pytest.raises(ValueError, match="rule"):
         shift_scores("m", manifest, rule="vote")
-    assert set(shifts.SHIFTS) >= {"none", "cool", "warm", "dark"}
+    assert set(SHIFTS) >= {"none", "cool", "warm", "dark"}

@@ -257,7 +257,7 @@ def test_train_preset_channel_gain_is_off_by_default_and_on_when_asked():
     assert steps.index("RandomChannelGain") < steps.index("ColorJitter")
 
 
-def test_batch_augment_channel_gain_per_image_and_stream_kept_when_off():
+def test_batch_augment_channel_gain_per_image_and_nothing_else_changes():
     img = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8).expand(64, -1, -1, -1)
     sizes = torch.tensor([[16, 16]] * 64)
     torch.manual_seed(1)

@@ -40,6 +40,13 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
+def _checked_gain(amount: float) -> float:
+    """A channel-gain amount, or a ValueError: factors run from 1 - amount to 1 + amount and must stay positive."""
+    if not 0 <= amount < 1:
+        raise ValueError(f"channel gain (channel_gain) must be in [0, 1), got {amount}")
+    return amount
+
+
 class RandomChannelGain(nn.Module):
     """Scale each colour channel by its own factor, uniform in [1 - amount, 1 + amount]: a white-balance and exposure
     cast, as between dermatoscopes, cameras and clinics. ColorJitter's brightness moves all channels together and its
@@ -47,9 +54,7 @@ class RandomChannelGain(nn.Module):
 
     def __init__(self, amount: float) -> None:
         super().__init__()
-        if not 0 <= amount < 1:
-            raise ValueError(f"channel gain amount must be in [0, 1), got {amount}")
-        self.amount = amount
+        self.amount = _checked_gain(amount)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         gain = 1 + (torch.rand(3, 1, 1) * 2 - 1) * self.amount
@@ -219,9 +224,7 @@ class BatchTrainAugment:
         self.input_size, self.scale, self.ratio = input_size, scale, ratio
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
-        if not 0 <= channel_gain < 1:
-            raise ValueError(f"channel_gain must be in [0, 1), got {channel_gain}")
-        self.channel_gain = channel_gain
+        self.channel_gain = _checked_gain(channel_gain)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
