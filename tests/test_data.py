@@ -242,6 +242,56 @@ def test_isic2019_layout_with_images(tmp_path):
     assert [p.item for p in ingest.problems] == ["ISIC_4"] and "2 classes" in ingest.problems[0].reason
 
 
+def test_labels_csv_finds_images_named_by_id_alone(tmp_path):
+    """Label files often give bare ids (as ISIC's CSVs do), or omit the images/ sub-folder: found by file name."""
+    make_image(tmp_path / "images" / "ISIC_1.jpg", seed=1)
+    make_image(tmp_path / "images" / "ISIC_2.png", fmt="PNG", seed=2)
+    make_image(tmp_path / "img.2019.003.jpg", seed=3)  # an id with dots is not a file suffix
+    make_image(tmp_path / "ISIC_4.jpg", seed=4)
+    rows = [("ISIC_1", "MEL"), ("ISIC_2.png", "Melanocytic nevi"), ("img.2019.003", "bcc"), ("ISIC_4.jpg", "nv")]
+    rows.append(("ISIC_5", "nv"))  # no such image anywhere: reported, not silently lost
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(tmp_path / "labels.csv", index=False)
+    ingest = build_manifest(tmp_path, progress=False)
+    m = ingest.manifest.set_index("image_id")
+    assert m["label_ham7"].to_dict() == {"ISIC_1": "mel", "ISIC_2": "nv", "img.2019.003": "bcc", "ISIC_4": "nv"}
+    assert Path(m.loc["ISIC_2", "path"]) == (tmp_path / "images" / "ISIC_2.png").resolve()
+    assert [(Path(p.item).name, "not found" in p.reason) for p in ingest.problems] == [("ISIC_5", True)]
+
+
+def test_evaluation_with_no_usable_row_says_why(tmp_path):
+    from dermsight.evaluation.run import read_labelled
+
+    make_image(tmp_path / "a.jpg")
+    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "label": ["eczema", "mel"]}).to_csv(tmp_path / "labels.csv")
+    with pytest.raises(DataError, match="(?s)no labelled images.*unknown label 'eczema'.*not found"):
+        read_labelled(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ISIC2018_Task3_Test_GroundTruth.csv", "labels.csv"])
+def test_isic2018_one_hot_ground_truth(tmp_path, name):
+    """ISIC 2018 Task 3 (HAM10000's challenge) marks akiec as one class, AKIEC; a labels.csv may be one-hot too."""
+    gt = pd.DataFrame({"image": ["ISIC_1", "ISIC_2", "ISIC_3"]})
+    for c in ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"):
+        gt[c] = 0.0
+    gt.loc[0, "AKIEC"] = gt.loc[1, "VASC"] = 1.0  # ISIC_3 marks nothing: reported, dropped
+    gt.to_csv(tmp_path / name, index=False)
+    for i in (1, 2, 3):
+        make_image(tmp_path / "ISIC2018_Task3_Test_Input" / f"ISIC_{i}.jpg", seed=i)
+    assert detect_format(tmp_path / name) == "isic2019"
+    ingest = build_manifest(tmp_path, progress=False)
+    m = ingest.manifest.set_index("image_id")
+    assert m["label"].to_dict() == {"ISIC_1": "akiec", "ISIC_2": "vasc"}
+    assert m["label_ham7"].to_dict() == {"ISIC_1": "akiec", "ISIC_2": "vasc"}
+    assert pd.isna(m.loc["ISIC_1", "label_isic2019"]) and m.loc["ISIC_2", "label_isic2019"] == "VASC"
+    assert [p.item for p in ingest.problems] == ["ISIC_3"] and "0 classes" in ingest.problems[0].reason
+
+
+def test_one_hot_csv_with_neither_class_set_is_a_clear_error(tmp_path):
+    pd.DataFrame({"image": ["a"], "MEL": [1], "NV": [0]}).to_csv(tmp_path / "GroundTruth.csv", index=False)
+    with pytest.raises(DataError, match="missing required column.*ISIC 2018: MEL,NV,BCC,AKIEC"):
+        read_isic2019(tmp_path / "GroundTruth.csv")
+
+
 def test_isic_archive_layout(tmp_path):
     pd.DataFrame(
         {

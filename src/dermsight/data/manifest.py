@@ -41,6 +41,8 @@ ID_COLUMNS = ("image_id", "lesion_id", "patient_id")
 LABEL_COLUMNS = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 _JUNK = frozenset({"thumbs.db", "desktop.ini"})
+# ISIC 2018 Task 3 (HAM10000's own challenge) writes its ground truth one-hot in these columns, upper case.
+ISIC2018_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 
 FORMATS = ("labels-csv", "ham10000", "isic2019", "isic-archive", "folders")
 
@@ -66,13 +68,17 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
     df.columns = [str(c).strip() for c in df.columns]
+    _require(df, path, required, what)
+    return df
+
+
+def _require(df: pd.DataFrame, path: Path, required: tuple[str, ...], what: str) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(
             f"{path}: missing required column(s) {', '.join(missing)} for {what} "
             f"(found: {', '.join(df.columns) or 'none'})"
         )
-    return df
 
 
 def _index_images(root: Path) -> dict[str, Path]:
@@ -86,6 +92,13 @@ def _index_images(root: Path) -> dict[str, Path]:
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 index.setdefault(p.stem, p.resolve())
     return index
+
+
+def _image_key(name: str) -> str:
+    """The `_index_images` key for an image named in a CSV: its file stem, or the name itself when it has no image
+    suffix (ids may contain dots: "img.2019.001")."""
+    q = Path(str(name).strip())
+    return q.stem if q.suffix.lower() in IMAGE_SUFFIXES else q.name
 
 
 def _col(df: pd.DataFrame, *names: str) -> pd.Series:
@@ -148,7 +161,11 @@ def _attach_paths(
 def read_labels_csv(csv_path: Path) -> Ingest:
     """A plain ``labels.csv``: ``image,label`` (+ optional columns), image paths relative to the CSV's folder."""
     csv_path = Path(csv_path)
-    df = _read_csv(csv_path, ("image", "label"), "a labels.csv (image,label)")
+    what = "a labels.csv (image,label)"
+    df = _read_csv(csv_path, ("image",), what)
+    if "label" not in df.columns and _onehot_classes(df.columns):
+        return read_isic2019(csv_path)  # a labels.csv written one-hot, as ISIC's ground truth is
+    _require(df, csv_path, ("label",), what)
     problems: list[Problem] = []
     base = csv_path.parent.resolve()
 
@@ -159,6 +176,14 @@ def read_labels_csv(csv_path: Path) -> Ingest:
     df = df[df["image"].notna()].copy()
     rows = pd.DataFrame(index=df.index)
     rows["path"] = df["image"].map(resolve)
+    missing = ~rows["path"].map(Path.is_file)
+    if missing.any():
+        # Label files often name images by id alone ("ISIC_0024306", as ISIC's own CSVs do) or leave out the
+        # sub-folder the images sit in: find those by name under the CSV's folder. Unresolved rows keep the path
+        # as written, so the image check reports it as not found.
+        index = _index_images(base)
+        found = df.loc[missing, "image"].map(lambda v: index.get(_image_key(v)))
+        rows.loc[missing, "path"] = found.where(found.notna(), rows.loc[missing, "path"])
     rows["image_id"] = _col(df, "image_id").fillna(rows["path"].map(lambda p: p.stem))
     rows["label"] = _labels(df["label"], rows["path"].map(str), problems)
     if "label_isic2019" in df:
@@ -209,8 +234,19 @@ def _find_one(root: Path, pattern: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def _onehot_classes(columns: pd.Index | set[str]) -> tuple[str, ...] | None:
+    """The one-hot class columns among ``columns``: ISIC 2019's (+ UNK if present), ISIC 2018's, or None."""
+    cols = {str(c).strip() for c in columns}
+    if set(ISIC2019.codes) <= cols:
+        return tuple(c for c in (*ISIC2019.codes, "UNK") if c in cols)
+    if set(ISIC2018_COLUMNS) <= cols:
+        return ISIC2018_COLUMNS
+    return None
+
+
 def read_isic2019(root: Path) -> Ingest:
-    """ISIC 2019: ``ISIC_2019_Training_GroundTruth.csv`` (one-hot), optional ``..._Metadata.csv``, image folder."""
+    """One-hot ISIC ground truth: ``ISIC_2019_Training_GroundTruth.csv`` (or ISIC 2018 Task 3's, whose akiec is one
+    class), optional ``..._Metadata.csv``, image folder."""
     root = Path(root)
     if root.is_file():
         gt_path, root = root, root.parent
@@ -218,14 +254,23 @@ def read_isic2019(root: Path) -> Ingest:
         gt_path = _find_one(root, "*GroundTruth*.csv")
         if gt_path is None:
             raise DataError(f"{root}: no ISIC 2019 ground-truth CSV (ISIC_2019_Training_GroundTruth.csv) found")
-    gt = _read_csv(gt_path, ("image", *ISIC2019.codes), "the ISIC 2019 ground truth")
+    gt = _read_csv(gt_path, ("image",), "an ISIC ground truth")
+    found = _onehot_classes(gt.columns)
+    if found is None:
+        raise DataError(
+            f"{gt_path}: missing required column(s) {', '.join(c for c in ISIC2019.codes if c not in gt.columns)} "
+            f"for a one-hot ground truth (ISIC 2019: {','.join(ISIC2019.codes)}; ISIC 2018: "
+            f"{','.join(ISIC2018_COLUMNS)}; found: {', '.join(gt.columns)})"
+        )
+    classes = list(found)
     problems: list[Problem] = []
-    classes = [c for c in (*ISIC2019.codes, "UNK") if c in gt.columns]
     onehot = gt[classes].apply(pd.to_numeric, errors="coerce").fillna(0) > 0.5
     n_marked = onehot.sum(axis=1)
     for img, n in zip(gt["image"][n_marked != 1], n_marked[n_marked != 1], strict=True):
         problems.append(Problem(str(img), f"ground truth marks {n} classes (expected exactly one)", "read"))
     raw = onehot.idxmax(axis=1).where(n_marked == 1)
+    if "AKIEC" in classes:  # ISIC 2018's columns are the HAM7 codes in upper case; akiec has no ISIC 2019 code
+        raw = raw.str.lower()
 
     meta_path = _find_one(root, "*Training_Metadata*.csv") or _find_one(root, "*Metadata*.csv")
     if meta_path is not None:
@@ -240,7 +285,8 @@ def read_isic2019(root: Path) -> Ingest:
     rows["image_id"] = gt["image"]
     rows["path"] = _attach_paths(gt, gt["image"], index, root, problems)
     rows["label"] = raw
-    rows["label_isic2019"] = raw.where(raw != "UNK")
+    if "AKIEC" not in classes:
+        rows["label_isic2019"] = raw.where(raw != "UNK")
     rows["lesion_id"] = _col(meta, "lesion_id")
     rows["patient_id"] = _col(meta, "patient_id")
     rows["age"] = _col(meta, "age_approx")
@@ -345,7 +391,7 @@ def detect_format(path: Path) -> str:
             cols = set(pd.read_csv(path, nrows=0).columns.str.strip())
         except Exception as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
-        if set(ISIC2019.codes) <= cols:
+        if _onehot_classes(cols):
             return "isic2019"
         if {"image_id", "dx", "lesion_id"} <= cols:
             return "ham10000"

@@ -24,7 +24,7 @@ from dermsight.data.manifest import (
     build_manifest,
     load_manifest,
 )
-from dermsight.data.problems import DataError, Problem
+from dermsight.data.problems import DataError, Problem, summarise
 from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
 from dermsight.evaluation.report import write_report
 from dermsight.models.bundle import ModelMeta, default_model_path, load_model
@@ -52,7 +52,9 @@ def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, l
             raise DataError(f"{data}: no `split` column, so --split {split} cannot be applied")
         manifest = manifest[manifest["split"] == split]
     if manifest.empty:
-        raise DataError(f"{data}: no labelled images to evaluate" + (f" in split {split!r}" if split else ""))
+        # Say why every row went (files not found, unknown labels...), not just that none is left.
+        why = f"\n{summarise(problems)}" if problems else ""
+        raise DataError(f"{data}: no labelled images to evaluate" + (f" in split {split!r}" if split else "") + why)
     return manifest.reset_index(drop=True), problems
 
 
