@@ -263,7 +263,7 @@ def test_evaluation_with_no_usable_row_says_why(tmp_path):
 
     make_image(tmp_path / "a.jpg")
     pd.DataFrame({"image": ["a.jpg", "b.jpg"], "label": ["eczema", "mel"]}).to_csv(tmp_path / "labels.csv")
-    with pytest.raises(DataError, match="(?s)no labelled images.*unknown label 'eczema'.*not found"):
+    with pytest.raises(DataError, match=r"(?s)no labelled images.*unknown label 'eczema'.*not found"):
         read_labelled(tmp_path)
 
 
@@ -288,7 +288,7 @@ def test_isic2018_one_hot_ground_truth(tmp_path, name):
 
 def test_one_hot_csv_with_neither_class_set_is_a_clear_error(tmp_path):
     pd.DataFrame({"image": ["a"], "MEL": [1], "NV": [0]}).to_csv(tmp_path / "GroundTruth.csv", index=False)
-    with pytest.raises(DataError, match="missing required column.*ISIC 2018: MEL,NV,BCC,AKIEC"):
+    with pytest.raises(DataError, match=r"missing required column.*ISIC 2018: MEL,NV,BCC,AKIEC"):
         read_isic2019(tmp_path / "GroundTruth.csv")
 
 
