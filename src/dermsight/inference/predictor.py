@@ -5,8 +5,9 @@ An image takes one path:
 1. decode with `dermsight.data.images.load_rgb` (the same safe decoder as the training data: size limits, bombs,
    truncation, EXIF orientation), shorter side scaled to the model's eval resize;
 2. image-quality gate (`gate.check_quality`): too small, uniform, blurred, badly exposed -> ``rejected``;
-3. preprocessing from the model's own contract: the training images' level of detail (`match_detail`), then
-   `EvalPreset.from_meta`; optional test-time augmentation;
+3. preprocessing from the model's own contract: the training images' level of detail (`match_detail`), colour
+   constancy if the model was trained with it (`transforms.shades_of_gray`), then `EvalPreset.from_meta`; optional
+   test-time augmentation;
 4. one forward pass giving logits and pooled features (ONNX Runtime by default, PyTorch as the fallback);
 5. out-of-distribution gate on the features (`ood.OODGate`, stored in the model) -> ``rejected``
    for images that are not skin lesions;
@@ -48,7 +49,7 @@ from dermsight.inference.gate import (
 from dermsight.inference.ood import OODGate
 from dermsight.inference.types import ClassProbability, PredictionResult
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
-from dermsight.transforms import EvalPreset
+from dermsight.transforms import EvalPreset, shades_of_gray
 
 log = logging.getLogger("dermsight.inference")
 
@@ -150,9 +151,10 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
 
 
 def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> torch.Tensor:
-    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, then the
-    model's eval preset. The one serving path; `dermsight evaluate` and the export's parity check call it too."""
-    return preset(match_detail(image, meta))
+    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, the model's
+    colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
+    parity check call it too."""
+    return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))
 
 
 class Predictor:
@@ -283,6 +285,7 @@ class Predictor:
             "ood": dict(m.ood) if self.gate is not None else None,
             "source_short_side": m.source_short_side,
             "source_jpeg_quality": m.source_jpeg_quality,
+            "colour_constancy": m.colour_constancy,
             "quality_gate": asdict(self.quality),
             "metrics": m.metrics,
             "training_data": m.training_data,

@@ -31,7 +31,10 @@ from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo,
 FORMAT_VERSION = 3
 # What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
 # one class list, one input preprocessing.
-RECIPE_FIELDS = ("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct")
+RECIPE_FIELDS = (
+    *("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct"),
+    "colour_constancy",
+)
 # May differ between an ensemble's members. The ensemble serves every member through the first member's eval resize
 # (`interpolation`): torchvision's MobileNetV2 weights say bilinear where EfficientNet-Lite's say bicubic, for the
 # upscale of a 150 px image to 192 px before the centre crop (not measured; expected to matter far less than seeds).
@@ -78,6 +81,9 @@ class ModelMeta:
     # compression artefacts of a sharper photo. 0 = leave inputs as they are (set by `dermsight calibrate`).
     source_short_side: int = 0
     source_jpeg_quality: int = 0
+    # Colour constancy applied to every image before the eval preset, in training and serving alike: the p of
+    # Shades of Gray (`transforms.shades_of_gray`); 0 = none (every model before it was added).
+    colour_constancy: int = 0
     # Decision rule, chosen on the validation split (dermsight.inference.decision): a per-class bias added to the
     # logits before the temperature (tau * log of the training class prior, which undoes part of the class-weighted
     # loss's shift towards rare classes), and whether predictions average the eight flips/rotations by default.
@@ -131,6 +137,8 @@ class ModelMeta:
             raise ValueError("logit_bias must give one value per class (or none)")
         if self.source_short_side < 0 or not 0 <= self.source_jpeg_quality <= 100:
             raise ValueError("source_short_side must be >= 0 and source_jpeg_quality in 0..100")
+        if self.colour_constancy < 0:
+            raise ValueError(f"colour_constancy (a Shades of Gray p) must be >= 0, got {self.colour_constancy}")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at
         # the end of a training run, and a loaded meta compares equal to the one that was saved (tuples -> lists).
         for name in ("weights", "config", "metrics", "ood", "member_specs"):

@@ -14,6 +14,7 @@ IMBALANCE = ("loss", "sampler", "none")
 # Options every ensemble member shares (the split and the input contract) or that belong to the ensemble's run.
 SHARED_BY_MEMBERS = frozenset(
     {"data", "taxonomy", "val", "test", "split_seed", "input_size", "crop_pct", "cache_size", "cache_dir"}
+    | {"colour_constancy"}
     | {"out", "members", "member_overrides", "calibrate", "tune_decision", "resume"}
 )
 
@@ -52,6 +53,9 @@ class TrainConfig:
     # balanced accuracy to a 10% cast (bench/robustness.py); on two Lite0 seeds 0.15 made runs steadier under such
     # casts but not better (README, "Robustness to colour and exposure"). 0 = off.
     channel_gain: float = 0.0
+    # Shades of Gray colour constancy with this p (`transforms.shades_of_gray`) on every image, in training and, as
+    # part of the saved model (`ModelMeta.colour_constancy`), in serving. 0 = off; 6 is the usual choice.
+    colour_constancy: int = 0
     # Where training images are augmented: "loader" (per image, in DataLoader workers; the CPU path) or "device"
     # (per batch, on the training device, from a copy of the split's images held there: `loop.DeviceBatches`; the
     # fast path on a GPU, where loader workers cannot keep up).
@@ -113,6 +117,8 @@ class TrainConfig:
             raise ValueError("distil_weight must be in [0, 1] and distil_temperature positive")
         if not 0 <= self.channel_gain < 1:
             raise ValueError(f"channel_gain must be in [0, 1), got {self.channel_gain}")
+        if self.colour_constancy < 0:
+            raise ValueError(f"colour_constancy (a Shades of Gray p) must be >= 0, got {self.colour_constancy}")
         if self.time_limit_s < 0:
             raise ValueError("time_limit_s must be >= 0 (0: no limit)")
         if self.freeze_epochs >= self.epochs:

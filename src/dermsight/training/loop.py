@@ -40,16 +40,20 @@ from dermsight.evaluation.metrics import softmax
 from dermsight.models.bundle import ModelMeta, load_model, save_model
 from dermsight.models.factory import create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
-from dermsight.transforms import BatchTrainAugment, EvalPreset, TrainPreset
+from dermsight.transforms import BatchTrainAugment, EvalPreset, TrainPreset, shades_of_gray
 
 # ------------------------------------------------------------------------------------------------------------ data
 
 
 class CachedImages(Dataset):
-    """Images from the decode-once cache with a transform; targets are class indices."""
+    """Images from the decode-once cache with a transform; targets are class indices. ``colour_constancy``: the
+    Shades of Gray p applied to each image first (`ModelMeta.colour_constancy`; 0 = none)."""
 
-    def __init__(self, cache: ImageCache, rows: np.ndarray, targets: np.ndarray, transform) -> None:
+    def __init__(
+        self, cache: ImageCache, rows: np.ndarray, targets: np.ndarray, transform, colour_constancy: int = 0
+    ) -> None:
         self.cache, self.rows, self.targets, self.transform = cache, rows, targets, transform
+        self.colour_constancy = colour_constancy
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -57,7 +61,7 @@ class CachedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # Copy out of the read-only memory map: torch wants writable memory and augmentations may work in place.
         img = np.array(self.cache[int(self.rows[i])])
-        return self.transform(img), int(self.targets[i])
+        return self.transform(shades_of_gray(img, self.colour_constancy)), int(self.targets[i])
 
 
 class DeviceBatches:
@@ -84,11 +88,14 @@ class DeviceBatches:
         augment: BatchTrainAugment,
         device: torch.device,
         drop_last: bool,
+        colour_constancy: int = 0,
     ) -> None:
         # Portrait images are stored turned to landscape (transposed), so one tall image does not pad every slot to
         # its height. The augmentation is unchanged in distribution: its aspect-ratio range is symmetric and its
         # flips and quarter turns are uniform, so a transposed source is as likely as the original.
-        views = [v if v.shape[0] <= v.shape[1] else v.transpose(1, 0, 2) for v in (cache[int(r)] for r in rows)]
+        # Colour constancy once per image here, as `CachedImages` does per sample: it is fixed, not augmentation.
+        images = (shades_of_gray(cache[int(r)], colour_constancy) for r in rows)
+        views = [v if v.shape[0] <= v.shape[1] else v.transpose(1, 0, 2) for v in images]
         sizes = np.array([v.shape[:2] for v in views], dtype=np.int64).reshape(-1, 2)
         h, w = (int(sizes[:, 0].max()), int(sizes[:, 1].max())) if len(views) else (1, 1)
         # Assembled in numpy: thousands of small torch copies are slow where several training processes share the
@@ -418,6 +425,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         winfo,
         input_size=cfg.input_size,
         crop_pct=cfg.crop_pct,
+        colour_constancy=cfg.colour_constancy,
         training_data=f"{cfg.data} ({len(data.manifest)} images)",
         split=(
             f"lesion/patient-grouped, stratified (StratifiedGroupKFold), seed {cfg.split_seed}: "
@@ -430,7 +438,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     eval_tf = EvalPreset.from_meta(meta)
 
     y_train = train_df["target"].to_numpy()
-    train_ds = CachedImages(data.cache, train_df["cache_row"].to_numpy(), y_train, train_tf)
+    cc = cfg.colour_constancy
+    train_ds = CachedImages(data.cache, train_df["cache_row"].to_numpy(), y_train, train_tf, cc)
     cw = class_weights(y_train, n_classes)
     if cfg.imbalance == "sampler":
         sampler: Sampler[int] = WeightedSampler(cw[y_train], len(y_train), cfg.seed, d.rank, d.world)
@@ -446,13 +455,13 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     if cfg.augment == "device":
         batch_aug = train_augmentation(cfg, meta, batched=True)
         train_dl = DeviceBatches(
-            data.cache, train_ds.rows, y_train, sampler, cfg.batch_size, batch_aug, device, drop_last
+            data.cache, train_ds.rows, y_train, sampler, cfg.batch_size, batch_aug, device, drop_last, cc
         )
     else:
         train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
 
     def eval_loader(df: pd.DataFrame) -> DataLoader:
-        ds = CachedImages(data.cache, df["cache_row"].to_numpy(), df["target"].to_numpy(), eval_tf)
+        ds = CachedImages(data.cache, df["cache_row"].to_numpy(), df["target"].to_numpy(), eval_tf, cc)
         return DataLoader(ds, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
 
     val_dl = eval_loader(val_df)
