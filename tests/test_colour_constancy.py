@@ -125,3 +125,10 @@ def test_fit_records_it_in_the_saved_model(tmp_path):
     res = fit(tiny_config(tmp_path, data, epochs=1, colour_constancy=6), progress=False)
     meta = load_model(res.model_path)[1]
     assert meta.colour_constancy == 6 and meta.config["colour_constancy"] == 6
+
+
+def test_model_card_says_so_only_when_on():
+    from dermsight.models.card import render_model_card
+
+    assert "Shades of Gray colour constancy (p = 6)" in render_model_card(_meta(6))
+    assert "Shades of Gray" not in render_model_card(_meta(0))

@@ -69,7 +69,9 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         "## Model",
         "",
         f"- Architecture: {arch_text} (timm), input {meta.input_size}x{meta.input_size} px, "
-        f"eval preprocessing: shorter side to {meta.resize_size} px, centre crop, mean {list(meta.mean)}, "
+        "eval preprocessing: "
+        + (f"Shades of Gray colour constancy (p = {meta.colour_constancy}), " if meta.colour_constancy else "")
+        + f"shorter side to {meta.resize_size} px, centre crop, mean {list(meta.mean)}, "
         f"std {list(meta.std)}, {meta.interpolation} interpolation.",
         *ensemble_line,
         f"- Started from: {meta.weights.get('description', meta.weights.get('source'))} "
