@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = read_meta(m)
         gain = meta.config.get("channel_gain", 0) if isinstance(meta.config, dict) else 0
         shown = m.resolve().relative_to(Path.cwd()) if m.resolve().is_relative_to(Path.cwd()) else m
-        lines.append(f"- `{shown}`: {meta.network}, trained with channel_gain {gain}")
+        cc = f", Shades of Gray colour constancy p = {meta.colour_constancy}" if meta.colour_constancy else ""
+        lines.append(f"- `{shown}`: {meta.network}, trained with channel_gain {gain}{cc}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
