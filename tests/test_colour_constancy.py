@@ -79,6 +79,8 @@ def test_serving_input_applies_the_models_colour_constancy():
         assert spread < 0.005 if invariant else spread > 0.1
     with pytest.raises(ValueError, match="colour_constancy"):
         _meta(-1)
+    # A dermsight that predates it must refuse such a file, not serve it without; other files keep their format.
+    assert _meta(6).format_version == 4 and _meta(0).format_version == 1
 
 
 def test_both_training_paths_apply_it_before_augmenting():

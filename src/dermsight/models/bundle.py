@@ -28,11 +28,18 @@ from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo,
 # The newest file format this dermsight reads. A file records the oldest format that can read it: 1 for a single
 # network, 2 for an ensemble (`members` > 1), which a dermsight from before ensembles would misread, 3 for an
 # ensemble of several backbones (`member_specs`), which one from before those would build wrongly.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
 # one class list, one input preprocessing.
 RECIPE_FIELDS = (
-    *("architecture", "taxonomy", "classes", "input_size", "mean", "std", "interpolation", "crop_pct"),
+    "architecture",
+    "taxonomy",
+    "classes",
+    "input_size",
+    "mean",
+    "std",
+    "interpolation",
+    "crop_pct",
     "colour_constancy",
 )
 # May differ between an ensemble's members. The ensemble serves every member through the first member's eval resize
@@ -128,7 +135,9 @@ class ModelMeta:
                 arch, mean, std = spec.get("architecture"), spec.get("mean", ()), spec.get("std", ())
                 if arch not in ARCHS or len(mean) != 3 or len(std) != 3:
                     raise ValueError(f"member_specs entry {spec} needs a known architecture and 3-value mean and std")
-        version = 3 if self.member_specs else 2 if self.members > 1 else 1
+        # The lowest format that holds this model, so older dermsight versions still read the rest; one that
+        # cannot apply the colour constancy must refuse the file rather than serve it without.
+        version = 4 if self.colour_constancy else 3 if self.member_specs else 2 if self.members > 1 else 1
         if self.format_version < version:
             object.__setattr__(self, "format_version", version)  # frozen dataclass: set once, while it is being built
         if self.input_size < 1 or not 0 < self.crop_pct <= 1 or self.temperature <= 0:
