@@ -256,13 +256,10 @@ def read_isic2019(root: Path) -> Ingest:
             raise DataError(f"{root}: no ISIC 2019 ground-truth CSV (ISIC_2019_Training_GroundTruth.csv) found")
     gt = _read_csv(gt_path, ("image",), "an ISIC ground truth")
     found = _onehot_classes(gt.columns)
-    if found is None:
-        raise DataError(
-            f"{gt_path}: missing required column(s) {', '.join(c for c in ISIC2019.codes if c not in gt.columns)} "
-            f"for a one-hot ground truth (ISIC 2019: {','.join(ISIC2019.codes)}; ISIC 2018: "
-            f"{','.join(ISIC2018_COLUMNS)}; found: {', '.join(gt.columns)})"
-        )
-    classes = list(found)
+    if found is None:  # neither class set: report ISIC 2019's missing columns, naming both layouts
+        layouts = f"ISIC 2019: {','.join(ISIC2019.codes)}; ISIC 2018: {','.join(ISIC2018_COLUMNS)}"
+        _require(gt, gt_path, ISIC2019.codes, f"a one-hot ground truth ({layouts})")  # always raises here
+    classes = list(found or ())
     problems: list[Problem] = []
     onehot = gt[classes].apply(pd.to_numeric, errors="coerce").fillna(0) > 0.5
     n_marked = onehot.sum(axis=1)
