@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -31,10 +32,10 @@ from dermsight.inference.export import (
     model_inputs,
     synthetic_images,
 )
-from dermsight.inference.gate import check_quality
+from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality
 from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
 from dermsight.inference.ood import OODGate
-from dermsight.inference.predictor import Predictor, match_detail, tta_views
+from dermsight.inference.predictor import Predictor, decode, decode_side, match_detail, tta_views
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
 from dermsight.models.bundle import DEFAULT_MODEL, read_extra, read_meta
 
@@ -251,6 +252,45 @@ def test_match_detail_downscales_and_recompresses():
     assert match_detail(small, meta).shape == small.shape  # never enlarged
     plain = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS)
     assert match_detail(img, plain) is img
+
+
+def test_decode_side_goes_straight_to_the_training_detail():
+    # One resampling step from the file to the training images' size, not two (eval size, then training size).
+    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=192, source_short_side=150)
+    assert decode_side(meta) == 150
+    assert decode_side(ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=192)) == 192
+    # Never below what the quality gate must see, never above the eval size.
+    assert decode_side(replace(meta, source_short_side=64)) == QUALITY_THRESHOLDS.min_side
+    assert decode_side(replace(meta, source_short_side=400)) == 192
+
+
+def _high_freq_share(image: np.ndarray) -> float:
+    """Share of the centre square's grey-level amplitude spectrum at or above a quarter of the sampling rate."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    g = image[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2].astype(np.float64).mean(2)
+    amp = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean())))
+    yy, xx = np.mgrid[:s, :s] - s // 2
+    return float(amp[np.hypot(yy, xx) > s / 4].sum() / amp.sum())
+
+
+@needs_fullres
+@needs_ham
+def test_large_images_are_served_as_sharp_as_the_training_images():
+    # The external test set is 224 px centre crops of 600x450 originals; the model trained on 200x150 files of the
+    # same originals. Served, such a crop must be about as sharp as the training file: two bilinear steps left it
+    # at 0.83 of the training file's high-frequency share (bench/detail.py), one Lanczos step at 1.04.
+    meta = ModelMeta.new(
+        "tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=192, source_short_side=150, source_jpeg_quality=75
+    )
+    ids = sorted(p.stem for p in (HAM_FULLRES / "images").glob("*.jpg"))[:16]
+    ratios = []
+    for i in ids:
+        crop = square_crop(load_rgb(HAM_FULLRES / "images" / f"{i}.jpg", draft=False))
+        served = match_detail(decode(crop, decode_side(meta)), meta)
+        assert served.shape == (150, 150, 3)
+        ratios.append(_high_freq_share(served) / _high_freq_share(load_rgb(HAM / "images" / f"{i}.jpg")))
+    assert 0.93 < np.mean(ratios) < 1.12, ratios
 
 
 # ---------------------------------------------------------------------------------------------- ONNX and parity

@@ -114,8 +114,14 @@ def target_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(1, round(width * scale)), short_side
 
 
-def load_rgb(source: str | os.PathLike | bytes, short_side: int | None = None, draft: bool = True) -> np.ndarray:
-    """Decode an image to an RGB uint8 HxWx3 array, EXIF orientation applied, shorter side scaled to ``short_side``.
+def load_rgb(
+    source: str | os.PathLike | bytes,
+    short_side: int | None = None,
+    draft: bool = True,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> np.ndarray:
+    """Decode an image to an RGB uint8 HxWx3 array, EXIF orientation applied, shorter side scaled to ``short_side``
+    with the ``resample`` filter (antialiased; serving asks for Lanczos, see `predictor.SERVE_RESAMPLE`).
 
     With ``draft`` the JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding (never below the target), which is
     several times faster than a full decode followed by a resize and, after the final antialiased resize, visually
@@ -144,7 +150,7 @@ def load_rgb(source: str | os.PathLike | bytes, short_side: int | None = None, d
             else:
                 im = im.convert("RGB")
         if im.size != (tw, th):
-            im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=None)
+            im = im.resize((tw, th), resample, reducing_gap=None)
         # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
         return np.array(im, dtype=np.uint8)
     except ImageError:
