@@ -436,6 +436,46 @@ def test_export_cli(tmp_path, capsys):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file()
 
 
+def test_cli_evaluate_end_to_end_on_a_folder_of_square_crops(calibrated, tmp_path, capsys):
+    # The acceptance path: `dermsight evaluate --data <folder with labels.csv> --out DIR` on 224 px square crops
+    # named by id (as ISIC names images), one of them corrupt.
+    path, _, manifest = calibrated
+    folder = tmp_path / "sealed"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, r in enumerate(manifest[manifest["split"] != "train"].itertuples()):
+        Image.fromarray(square_crop(load_rgb(r.path))).save(folder / "images" / f"ISIC_{i:07d}.png")
+        rows.append((f"ISIC_{i:07d}", r.label_ham7))
+    (folder / "images" / "ISIC_9999999.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rows.append(("ISIC_9999999", "nv"))
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(path), "--data", str(folder), "--out", str(out), "--bootstrap", "50"])
+    assert code == 1  # scored, but one image was dropped, and the user is told which
+    err = capsys.readouterr().err
+    assert "ISIC_9999999" in (out / "problems.csv").read_text() and "problems.csv" in err
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    n = len(rows) - 1
+    assert metrics["n"] == n  # the broken file was dropped when the folder was read, before scoring
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece", "labels", "per_class", "confusion_matrix"):
+        assert key in metrics
+    for name in ("confusion_matrix.png", "roc_curves.png", "reliability.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+
+    # predictions.csv agrees with the metrics it came with, row for row.
+    pred = pd.read_csv(out / "predictions.csv")
+    labels = metrics["labels"]
+    assert list(pred.columns) == ["image", "path", "label", "predicted", "correct", *labels]
+    assert len(pred) == n and "ISIC_9999999" not in set(pred["image"])
+    assert set(pred["image"]) == {r[0] for r in rows[:-1]}
+    assert pred["correct"].mean() == pytest.approx(metrics["accuracy"])
+    np.testing.assert_allclose(pred[labels].sum(axis=1), 1.0, atol=1e-4)
+    assert (pred[labels].to_numpy().argmax(axis=1) == [labels.index(c) for c in pred["predicted"]]).all()
+    cm = pd.crosstab(pred["label"], pred["predicted"]).reindex(index=labels, columns=labels, fill_value=0)
+    assert cm.to_numpy().tolist() == metrics["confusion_matrix"]
+
+
 def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, capsys):
     import importlib.util
     from pathlib import Path

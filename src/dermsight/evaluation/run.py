@@ -188,5 +188,28 @@ def evaluate(
     }
     title = f"{meta.network} on {Path(data).name}" + (f" ({split} split)" if split else "")
     files = write_report(metrics, probs, y, Path(out_dir), title=title, extra=extra)
+    files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", manifest[ok], probs, y, labels)
     metrics["extra"] = extra
     return Evaluation(metrics, files, problems)
+
+
+def write_predictions(
+    path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: np.ndarray, labels: list[str]
+) -> Path:
+    """One row per scored image: ``image`` (its id, the file name without suffix, as ISIC names images), ``path``,
+    ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the calibrated probability of each
+    class, one column per class code (the layout of ISIC's challenge submissions). For finding which images a model
+    gets wrong, and for any metric this module does not compute."""
+    pred = probs.argmax(axis=1)
+    table = pd.DataFrame(
+        {
+            "image": [Path(str(p)).stem for p in manifest["path"]],
+            "path": [str(p) for p in manifest["path"]],
+            "label": [labels[i] for i in y],
+            "predicted": [labels[i] for i in pred],
+            "correct": pred == y,
+        }
+    )
+    table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
+    table.to_csv(path, index=False)
+    return path
