@@ -119,9 +119,13 @@ def load_rgb(
     short_side: int | None = None,
     draft: bool = True,
     resample: Image.Resampling = Image.Resampling.BILINEAR,
+    slack: float = 1.0,
 ) -> np.ndarray:
     """Decode an image to an RGB uint8 HxWx3 array, EXIF orientation applied, shorter side scaled to ``short_side``
     with the ``resample`` filter (antialiased; serving asks for Lanczos, see `predictor.SERVE_RESAMPLE`).
+
+    ``slack`` > 1 lets the shorter side stay up to ``slack * short_side`` without the final resize: serving decodes
+    with slack 2, where JPEG draft mode lands (it scales by powers of two), and so gets the draft decode as it is.
 
     With ``draft`` the JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding (never below the target), which is
     several times faster than a full decode followed by a resize and, after the final antialiased resize, visually
@@ -149,7 +153,7 @@ def load_rgb(
                 im = bg
             else:
                 im = im.convert("RGB")
-        if im.size != (tw, th):
+        if im.size != (tw, th) and (slack <= 1 or min(im.size) > (short_side or 0) * slack):
             im = im.resize((tw, th), resample, reducing_gap=None)
         # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
         return np.array(im, dtype=np.uint8)

@@ -94,7 +94,7 @@ def model_input_batches(
 
     def load(i: int) -> torch.Tensor | None:
         try:
-            # Exactly the serving path: decode (JPEG draft mode at the eval size), bring the image to the detail
+            # Exactly the serving path: decode (JPEG draft mode near the training size), bring the image to the detail
             # level of the training images, then the model's eval preset. Scores must describe what is served.
             image = decode(paths[i], side)
             return to_model_input(view(image) if view else image, meta, tf)
@@ -151,7 +151,8 @@ def evaluate(
     n_bootstrap: int = 1000,
     progress: bool = True,
 ) -> Evaluation:
-    """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots and report.md.
+    """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots, report.md and
+    predictions.csv.
 
     ``tta`` None follows the model's decision rule (`ModelMeta.tta`), as serving does."""
     model_path = Path(model_path) if model_path else default_model_path()
@@ -193,9 +194,7 @@ def evaluate(
     return Evaluation(metrics, files, problems)
 
 
-def write_predictions(
-    path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: np.ndarray, labels: list[str]
-) -> Path:
+def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: np.ndarray, labels: list[str]) -> Path:
     """One row per scored image: ``image`` (its id, the file name without suffix, as ISIC names images), ``path``,
     ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the calibrated probability of each
     class, one column per class code (the layout of ISIC's challenge submissions). For finding which images a model
@@ -203,7 +202,7 @@ def write_predictions(
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
-            "image": [Path(str(p)).stem for p in manifest["path"]],
+            "image": _image_ids(manifest),
             "path": [str(p) for p in manifest["path"]],
             "label": [labels[i] for i in y],
             "predicted": [labels[i] for i in pred],
@@ -213,3 +212,11 @@ def write_predictions(
     table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
     table.to_csv(path, index=False)
     return path
+
+
+def _image_ids(manifest: pd.DataFrame) -> list[str]:
+    """The id each row's label file gave it (``image_id``) where there is one, else the file name without suffix."""
+    stems = [Path(str(p)).stem for p in manifest["path"]]
+    if "image_id" not in manifest.columns:
+        return stems
+    return [str(i) if isinstance(i, str) and i else s for i, s in zip(manifest["image_id"], stems, strict=True)]

@@ -3,7 +3,7 @@
 An image takes one path:
 
 1. decode with `dermsight.data.images.load_rgb` (the same safe decoder as the training data: size limits, bombs,
-   truncation, EXIF orientation), shorter side scaled to the model's eval resize;
+   truncation, EXIF orientation), shorter side brought near the training images' (`decode_side`, `decode`);
 2. image-quality gate (`gate.check_quality`): too small, uniform, blurred, badly exposed -> ``rejected``;
 3. preprocessing from the model's own contract: the training images' level of detail (`match_detail`), colour
    constancy if the model was trained with it (`transforms.shades_of_gray`), then `EvalPreset.from_meta`; optional
@@ -68,8 +68,14 @@ DISPLAY_SIDE = 320
 # bilinear steps (to the eval size, then to the training size), served 224 px centre crops of them at 0.83 of the
 # training files' high-frequency share and moved the model's probabilities by 0.060 (total variation) from its
 # output on the training file, changing the top class of 5.6%; one Lanczos step from the file serves them at 1.04,
-# 0.037 and 1.6% (600x450 uploads: 0.053 and 4.8% before, 0.022 and 0% now), for 1-3% more decode time.
+# 0.037 and 1.6% (600x450 uploads: 0.053 and 4.8% before, 0.022 and 0% now), for 1-5% more decode time on such
+# images; large files without draft decoding (a 4000x3000 PNG) take about 20% longer to decode.
 SERVE_RESAMPLE = Image.Resampling.LANCZOS
+# A decoded image up to this many times the decode side is kept as decoded (see `decode`). Resampling it to exactly
+# the decode side first made blurred photos look sharper to the quality gate: with a Lanczos step to 150 px, 65 of
+# the 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with the earlier bilinear decode to
+# 192 px); measured on the draft decode as it is, 38.
+DECODE_SLACK = 2
 NOT_A_LESION = (
     "this does not look like a close-up of a skin lesion; the model can only assess dermoscopy-style photos "
     "of a single spot on the skin"
@@ -101,9 +107,10 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
-    """Shorter side images are decoded to: the training images' shorter side when the model records one below its
-    eval resize (else the eval resize), so that a large image reaches the training detail in one resampling step
-    (see `match_detail`); JPEG draft mode then skips most of the work on big photos, as `dermsight evaluate` does.
+    """Shorter side images are decoded to (`decode` may keep up to twice as much): the training images' shorter side
+    when the model records one below its eval resize (else the eval resize), so that a large image reaches the
+    training detail in one resampling step (see `match_detail`); JPEG draft mode then skips most of the work on big
+    photos, as `dermsight evaluate` does.
     Never below what the quality gate needs to see: its analysis size, and its minimum size (an image decoded
     smaller than that was smaller than that)."""
     target = meta.resize_size
@@ -113,10 +120,13 @@ def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS
 
 
 def decode(source: Source, side: int) -> np.ndarray:
-    """HxWx3 uint8 RGB with the shorter side scaled down (never up) to ``side``; raises `ImageError`.
+    """HxWx3 uint8 RGB with the shorter side between ``side`` (never enlarged) and twice ``side``; raises
+    `ImageError`.
 
-    Files and bytes go through `load_rgb`, the decoder of the training data; arrays (HxWx3 or HxW uint8) get the
-    same downscale.
+    Files and bytes go through `load_rgb`, the decoder of the training data. Up to twice ``side`` the image is kept
+    as decoded (JPEG draft mode lands there), and only larger ones are scaled down to ``side`` (Lanczos): the quality
+    gate then measures sharpness on an image no resampling filter has touched, and `match_detail` takes the model's
+    view down to the training detail in one step. Arrays (HxWx3 or HxW uint8) get the same rule.
     """
     if isinstance(source, np.ndarray):
         a = source
@@ -126,7 +136,7 @@ def decode(source: Source, side: int) -> np.ndarray:
             raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
         a = np.ascontiguousarray(a[..., :3])
         h, w = a.shape[:2]
-        if min(h, w) > side:
+        if min(h, w) > DECODE_SLACK * side:
             scale = side / min(h, w)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             a = np.array(Image.fromarray(a).resize(size, SERVE_RESAMPLE, reducing_gap=None))
@@ -135,7 +145,7 @@ def decode(source: Source, side: int) -> np.ndarray:
         source = bytes(source)
     if not isinstance(source, bytes | str | os.PathLike):
         raise ImageError(f"cannot read an image from a {type(source).__name__}")
-    return load_rgb(source, short_side=side, resample=SERVE_RESAMPLE)
+    return load_rgb(source, short_side=side, resample=SERVE_RESAMPLE, slack=DECODE_SLACK)
 
 
 def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
@@ -147,7 +157,7 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     the originals, gave features far from those of their own 200x150 versions (an early checkpoint rejected 17% of
     them as not lesions, against 2% of validation images, and changed the top class of a third); after this step,
     2.4% and the same top class as the 200x150 file for most. The model never saw finer detail, so none is lost.
-    The downscale is one Lanczos step from the decoded file (`decode_side`, `SERVE_RESAMPLE`): see there for why.
+    The downscale is one Lanczos step from the decoded file (`decode`, `SERVE_RESAMPLE`): see there for why.
     """
     side, quality = meta.source_short_side, meta.source_jpeg_quality
     h, w = image.shape[:2]
@@ -309,7 +319,8 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------ the stages
 
     def decode(self, source: Source) -> np.ndarray:
-        """HxWx3 uint8 RGB, shorter side at most `decode_side`. Raises `ImageError` for unusable input."""
+        """HxWx3 uint8 RGB, shorter side at most twice `decode_side` (see `decode`). Raises `ImageError` for unusable
+        input."""
         return decode(source, self.decode_side)
 
     def check_quality(self, image: np.ndarray) -> QualityReport:
