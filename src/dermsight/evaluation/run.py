@@ -196,10 +196,9 @@ def evaluate(
 
 def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: np.ndarray, labels: list[str]) -> Path:
     """One row per scored image: ``image`` (the id its label file gave it, else the file name without suffix, as
-    ISIC names images), ``path``,
-    ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the calibrated probability of each
-    class, one column per class code (the layout of ISIC's challenge submissions). For finding which images a model
-    gets wrong, and for any metric this module does not compute."""
+    ISIC names images), ``path``, ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the
+    calibrated probability of each class, one column per class code (the layout of ISIC's challenge submissions).
+    For finding which images a model gets wrong, and for any metric this module does not compute."""
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
