@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from dermsight.classes import CONDITIONS
-from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.images import ImageError, load_rgb, target_size
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import OnnxRunner, TorchRunner
 from dermsight.inference.export import ensure_onnx
@@ -119,6 +119,16 @@ def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS
     return max(target, ANALYSIS_SIDE, quality.min_side)
 
 
+def shrink(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` with its shorter side scaled down (never up) to ``side`` in one `SERVE_RESAMPLE` step: the one
+    serving-time downscale, for `decode` and `match_detail`."""
+    h, w = image.shape[:2]
+    size = target_size(w, h, side)
+    if size == (w, h):
+        return image
+    return np.array(Image.fromarray(image).resize(size, SERVE_RESAMPLE, reducing_gap=None))
+
+
 def decode(source: Source, side: int) -> np.ndarray:
     """HxWx3 uint8 RGB with the shorter side between ``side`` (never enlarged) and twice ``side``; raises
     `ImageError`.
@@ -135,12 +145,7 @@ def decode(source: Source, side: int) -> np.ndarray:
         if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
             raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
         a = np.ascontiguousarray(a[..., :3])
-        h, w = a.shape[:2]
-        if min(h, w) > DECODE_SLACK * side:
-            scale = side / min(h, w)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            a = np.array(Image.fromarray(a).resize(size, SERVE_RESAMPLE, reducing_gap=None))
-        return a
+        return shrink(a, side) if min(a.shape[:2]) > DECODE_SLACK * side else a
     if isinstance(source, bytearray | memoryview):
         source = bytes(source)
     if not isinstance(source, bytes | str | os.PathLike):
@@ -160,11 +165,8 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     The downscale is one Lanczos step from the decoded file (`decode`, `SERVE_RESAMPLE`): see there for why.
     """
     side, quality = meta.source_short_side, meta.source_jpeg_quality
-    h, w = image.shape[:2]
-    if side and min(h, w) > side:
-        scale = side / min(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = np.array(Image.fromarray(image).resize(size, SERVE_RESAMPLE, reducing_gap=None))
+    if side:
+        image = shrink(image, side)
     if quality:
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
