@@ -235,12 +235,13 @@ def seed_rows(roots: list[Path], size: int, threads: int) -> list[dict]:
     import pandas as pd
     import yaml
 
-    groups: dict[tuple[str, str], list[dict]] = {}
+    # Runs at different input sizes are different recipes: they get their own rows, and latency at their own size.
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for run in seed_runs(roots):
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         where = "GPU, augment: device" if cfg.get("augment") == "device" else "CPU, loader"
         log = pd.read_csv(run / "log.csv")
-        groups.setdefault((cfg["arch"], where), []).append(
+        groups.setdefault((cfg["arch"], where, int(cfg.get("input_size", size))), []).append(
             {
                 "run": run,
                 "seed": cfg["seed"],
@@ -252,7 +253,7 @@ def seed_rows(roots: list[Path], size: int, threads: int) -> list[dict]:
             }
         )
     rows = []
-    for (arch, where), runs in groups.items():
+    for (arch, where, px), runs in groups.items():
 
         def stat(split: str, key: str, runs: list[dict] = runs) -> tuple[float, float]:
             v = [r[split][key] for r in runs]
@@ -262,10 +263,11 @@ def seed_rows(roots: list[Path], size: int, threads: int) -> list[dict]:
             {
                 "arch": arch,
                 "where": where,
+                "px": px,
                 "seeds": sorted(r["seed"] for r in runs),
                 **{f"{s}_{k}": stat(s, k) for s in ("val", "test") for k in ("bacc", "acc", "auc")},
                 "params_m": params_m(arch),
-                "latency_ms": cpu_latency_ms(arch, size, threads),
+                "latency_ms": cpu_latency_ms(arch, px, threads),
                 "sec_epoch": statistics.median(r["sec_epoch"] for r in runs),
                 "weights": ", ".join(sorted({r["weights"] for r in runs})),
                 "runs": runs,
@@ -283,13 +285,13 @@ def seeds_markdown(rows: list[dict], note: str) -> str:
         "",
         note,
         "",
-        "| backbone | trained on | seeds | val balanced acc. | test balanced acc. | test accuracy | test macro AUC "
-        "| params (M) | CPU latency, batch 1 (ms) | s / epoch | starting weights |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| backbone | input (px) | trained on | seeds | val balanced acc. | test balanced acc. | test accuracy "
+        "| test macro AUC | params (M) | CPU latency, batch 1 (ms) | s / epoch | starting weights |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["val_bacc"][0]):
         out.append(
-            f"| {r['arch']} | {r['where']} | {', '.join(map(str, r['seeds']))} | {ms(r['val_bacc'])} | "
+            f"| {r['arch']} | {r['px']} | {r['where']} | {', '.join(map(str, r['seeds']))} | {ms(r['val_bacc'])} | "
             f"{ms(r['test_bacc'])} | {ms(r['test_acc'])} | {ms(r['test_auc'])} | {r['params_m']:.1f} | "
             f"{r['latency_ms']:.0f} | {r['sec_epoch']:.0f} | {r['weights']} |"
         )
@@ -304,7 +306,7 @@ def seeds_markdown(rows: list[dict], note: str) -> str:
         for x in sorted(r["runs"], key=lambda x: x["seed"]):
             v, t = x["val"], x["test"]
             out.append(
-                f"| {x['run'].name} ({r['arch']}) | {x['seed']} | {v['bacc']:.3f} | {v['acc']:.3f} | "
+                f"| {x['run'].name} ({r['arch']}, {r['px']} px) | {x['seed']} | {v['bacc']:.3f} | {v['acc']:.3f} | "
                 f"{t['bacc']:.3f} | {t['acc']:.3f} | {t['auc']:.3f} |"
             )
     return "\n".join(out) + "\n"
@@ -394,10 +396,11 @@ def main() -> None:
     size = base.input_size
     if args.collect_seeds:
         note = (
-            f"Runs of base config {args.config} (the same lesion-grouped split, {size} px) found under "
-            f"{', '.join(map(str, args.collect_seeds))}, grouped by backbone and where they trained. Scores are plain "
-            "argmax of each run's saved logits (the checkpoint chosen on val balanced accuracy; no calibration, TTA "
-            "or prior correction): mean ± standard deviation over seeds. "
+            f"Runs of base config {args.config} (the same lesion-grouped split; {size} px unless a run's config says "
+            "otherwise) found under "
+            f"{', '.join(map(str, args.collect_seeds))}, grouped by backbone, input size and where they trained. "
+            "Scores are plain argmax of each run's saved logits (the checkpoint chosen on val balanced accuracy; "
+            "no calibration, TTA or prior correction): mean ± standard deviation over seeds. "
             f"CPU latency: PyTorch eager, batch 1, {args.threads} thread(s), median of 20, measured in this run. "
             "s / epoch: median over a run's epochs after the first, on the machine that trained."
         ) + (f" {args.note}" if args.note else "")
