@@ -192,8 +192,11 @@ def test_swa_phase_averages_competes_on_val_and_resumes_exactly(tmp_path):
 
 
 def test_fit_learns_the_synthetic_task(tmp_path):
+    # A randomly initialised network in eval mode (running BatchNorm statistics) lags its training-mode fit on so few
+    # steps: at 6 epochs the val accuracy of seeds 0-3 ranged from 0.58 to 1.0 and flipped with the CPU's kernels
+    # (passed on one machine, 0.67 on an AMX one); at 12, 1.0 for all four.
     data = synthetic_dataset(tmp_path / "data", n=80)
-    res = fit(tiny_config(tmp_path, data, epochs=6, imbalance="sampler"), progress=False)
+    res = fit(tiny_config(tmp_path, data, epochs=12, imbalance="sampler"), progress=False)
     assert res.val_metrics["accuracy"] > 0.8  # pale vs dark is easy: chance is 0.5
 
 
@@ -349,15 +352,17 @@ def test_distillation_loss_matches_the_teacher_distribution():
 def test_a_distilled_student_follows_its_teacher_not_the_labels(tmp_path):
     """distil_weight 1: the labels play no part. A student trained on the same images with every label swapped
     (mel <-> nv) learns to predict what the teacher does, so by its last epoch it scores near 0 against the swapped
-    labels. (Checkpoint selection still uses the labels, so the log's last epoch is what is checked.)"""
+    labels. (Checkpoint selection still uses the labels, so the log's last epoch is what is checked.)
+    Epochs: with 8 and 8 the student's last epoch still scored 0.5 for seeds 0 and 2 on an AMX CPU (eval mode lags a
+    random start; see the test above); with 12 and 16 its last five epochs scored 0.0 for seeds 0-3."""
     data = synthetic_dataset(tmp_path / "data", n=80)
-    teacher = fit(tiny_config(tmp_path, data, epochs=8, imbalance="sampler", out=str(tmp_path / "t")), progress=False)
+    teacher = fit(tiny_config(tmp_path, data, epochs=12, imbalance="sampler", out=str(tmp_path / "t")), progress=False)
     assert teacher.val_metrics["accuracy"] > 0.8
     labels = pd.read_csv(data / "labels.csv")
     labels["label"] = labels["label"].map({"mel": "nv", "nv": "mel"})
     labels.to_csv(data / "swapped.csv", index=False)
     cfg = tiny_config(
-        tmp_path, data / "swapped.csv", epochs=8, imbalance="sampler", out=str(tmp_path / "s"), patience=20,
+        tmp_path, data / "swapped.csv", epochs=16, imbalance="sampler", out=str(tmp_path / "s"), patience=20,
         teacher=str(teacher.model_path), distil_weight=1.0,
     )  # fmt: skip
     student = fit(cfg, progress=False)
