@@ -112,6 +112,20 @@ def test_load_rgb_applies_exif_orientation_and_converts_modes(tmp_path):
     assert load_rgb((tmp_path / "g.png").read_bytes()).shape == (10, 12, 3)
 
 
+def test_load_rgb_scales_wide_grey_images_instead_of_clipping_them(tmp_path):
+    # Pillow's convert("RGB") clips 16-bit and 32-bit grey to 255: a mid-grey 16-bit photo decoded as a white frame.
+    grey = np.tile(np.linspace(20, 230, 64), (48, 1)).round().astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # full 16-bit range
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.tif")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "gf.tif")  # floats in 0..1
+    Image.fromarray(grey.astype(np.int32) * 257).save(tmp_path / "gi.tif")
+    for name in ("g16.png", "g16.tif", "gf.tif", "gi.tif"):
+        out = load_rgb(tmp_path / name)
+        assert out.shape == (48, 64, 3), name
+        assert np.abs(out[..., 0].astype(int) - grey).max() <= 1, name
+        assert (out[..., 0] == out[..., 2]).all()
+
+
 @pytest.mark.parametrize(
     ("name", "reason"),
     [

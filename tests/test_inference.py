@@ -91,6 +91,7 @@ def test_gate_rejects_bad_pictures():
         "dark": (lesion * 0.08).astype(np.uint8),
         "over-exposed": np.clip(lesion.astype(int) + 200, 0, 255).astype(np.uint8),
         "nearly uniform": np.clip(rng.normal(128, 1.5, (300, 400, 3)), 0, 255).astype(np.uint8),
+        "black and white": np.array(Image.fromarray(lesion).convert("L").convert("RGB")),
     }
     reasons = {name: check_quality(img).reason for name, img in cases.items()}
     assert all(reasons.values()), reasons
@@ -99,19 +100,24 @@ def test_gate_rejects_bad_pictures():
     assert "blurred" in reasons["blurred"]
     assert "dark" in reasons["dark"]
     assert "over-exposed" in reasons["over-exposed"]
+    assert "black and white" in reasons["black and white"]
 
 
 @needs_ham
 def test_gate_accepts_real_dermoscopy_in_every_shape():
-    """HAM10000 frames (200x150), the 600x450 originals and 224 px square centre crops of both all pass."""
+    """HAM10000 frames (200x150), the 600x450 originals and 224 px square centre crops of both all pass; the same
+    made black and white do not."""
     labels = pd.read_csv(HAM / "labels.csv").sample(150, random_state=0)
-    images = [load_rgb(HAM / p) for p in labels["image"]]
+    # ISIC_0025456: HAM10000's least colourful image (mean chroma 5.2; see QualityThresholds.min_colour).
+    images = [load_rgb(HAM / p) for p in [*labels["image"], "images/ISIC_0025456.jpg"]]
     if (HAM_FULLRES / "labels.csv").is_file():
         full = pd.read_csv(HAM_FULLRES / "labels.csv").head(30)
         images += [load_rgb(HAM_FULLRES / p) for p in full["image"]]
     images += [square_crop(im) for im in images]
     rejected = [check_quality(im).reason for im in images if not check_quality(im).ok]
     assert not rejected
+    grey = [np.array(Image.fromarray(im).convert("L").convert("RGB")) for im in images[::10]]
+    assert all("black and white" in (check_quality(im).reason or "") for im in grey)
 
 
 # -------------------------------------------------------------------------------------------------- calibration
@@ -467,6 +473,28 @@ def test_predict_cli_bad_model(tmp_path, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"nope")
     rc = main(["predict", "a.jpg", "--model", str(tmp_path / "x.safetensors")])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_cli_refuses_unusable_paths_and_numbers_as_usage_errors(tmp_path, capsys):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("x")
+    # An output folder where a file stands: refused before any scoring, not an "internal error".
+    assert main(["evaluate", "--data", str(tmp_path), "--out", str(in_the_way)]) == 2
+    assert "cannot use that path" in capsys.readouterr().err
+    model = tiny_model(tmp_path / "m.safetensors")
+    img = make_image(tmp_path / "i.png", size=(200, 150))
+    assert main(["predict", str(img), "--model", str(model), "--explain", str(in_the_way)]) == 2
+    assert "cannot use that path" in capsys.readouterr().err
+    for argv, message in [
+        (["serve", "--port", "99999"], "must be from 0 to 65535"),
+        (["serve", "--workers", "-3"], "must be at least 1"),
+        (["predict", str(img), "--threads", "0"], "must be at least 1"),
+        (["evaluate", "--data", "d", "--out", "o", "--bootstrap", "-5"], "must be at least 0"),
+        (["evaluate", "--data", "d", "--out", "o", "--bootstrap", "many"], "expected a whole number"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 def test_export_cli(tmp_path, capsys):

@@ -27,7 +27,7 @@ from dermsight.web.app import config_from_env
 from dermsight.web.knowledge import KNOWLEDGE_PATH, KnowledgeError, load_knowledge, parse_knowledge
 from dermsight.web.security import RateLimiter, parse_rate_limit, sniff_image_type
 from dermsight.web.server import gunicorn_options, threads_per_worker
-from dermsight.web.triage import advise
+from dermsight.web.triage import advise, percent
 
 # --------------------------------------------------------------------------------------------------------- fixtures
 
@@ -391,6 +391,10 @@ def test_api_conditions(client):
     assert mel["same_condition_codes"] == ["mel", "MEL"]
     r = client.get("/api/v1/conditions/XYZ")
     assert r.status_code == 404 and r.json["error"] == "not_found"
+    # Case is ignored where that leaves one condition (HAM's `mel` and ISIC 2019's `MEL` are two entries).
+    assert client.get("/api/v1/conditions/scc").json["code"] == "SCC"
+    assert client.get("/api/v1/conditions/Bcc").json["code"] in ("bcc", "BCC")
+    assert client.get("/api/v1/conditions/MEL").json["code"] == "MEL"
 
 
 def test_api_model(client, fake):
@@ -506,6 +510,21 @@ def test_serve_command_is_wired():
     assert args.port == 9000 and args.workers == 2 and args.host == "127.0.0.1" and args.func.__name__ == "cmd_serve"
 
 
+def test_serve_refuses_a_port_in_use_at_once(capsys):
+    import socket
+
+    from dermsight.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2  # returns: no server was started
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", "8000"]) == 2
+    assert "cannot listen on 'no-such-host.invalid'" in capsys.readouterr().err
+
+
 def test_templates_and_static_files_are_package_data():
     # `pip install .` (Dockerfile, Heroku) copies only declared data files: an undeclared template is a 500 there.
     import fnmatch
@@ -535,6 +554,13 @@ def test_triage_rules():
     assert advise(_result({"nv": 0.4, "bkl": 0.35, "df": 0.25}, uncertain=True)).level == "see_doctor"
     rejected = PredictionResult("rejected", "the photo is blurred")
     assert advise(rejected).level == "retake" and "The photo is blurred. Please" in advise(rejected).message
+    assert "at >99%" in advise(_result({"nv": 0.998, "mel": 0.002})).message
+
+
+def test_percent_never_rounds_a_possibility_away():
+    assert [percent(p) for p in (0.0, 0.0015, 0.009, 0.01, 0.42, 0.99, 0.994, 1.0)] == [
+        "0%", "<1%", "<1%", "1%", "42%", "99%", ">99%", "100%"
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- knowledge

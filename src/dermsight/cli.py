@@ -16,6 +16,22 @@ from pathlib import Path
 EXIT_OK, EXIT_DROPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
 
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number in [low, high], refused at parse time with a usage message (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
 def _print_table(df, title: str) -> None:  # pandas frame -> aligned text
     print(f"\n{title}")
     print(df.to_string())
@@ -199,6 +215,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     explain_dir = Path(args.explain) if args.explain else None
+    if explain_dir:
+        explain_dir.mkdir(parents=True, exist_ok=True)  # before any work: a file in the way is a usage error
     records, failed, written = [], 0, set()
     for start in range(0, len(args.images), 32):  # 32 images decoded and held at once
         batch = args.images[start : start + 32]
@@ -211,7 +229,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 out, n = explain_dir / f"{Path(image).stem}_gradcam.png", 2
                 while out in written:  # two inputs of the same name from different folders
                     out, n = explain_dir / f"{Path(image).stem}_{n}_gradcam.png", n + 1
-                explain_dir.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(predictor.explain(image))
                 written.add(out)
                 record["explanation"] = str(out)
@@ -261,6 +278,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------------------- serve
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (address unknown, port taken, no permission), or None."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"cannot listen on {host!r}: {e.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        # As gunicorn binds: SO_REUSEADDR lets a port in TIME_WAIT be reused, never one another server listens on.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            hint = "; is another server running there? choose another with --port" if e.errno == 98 else ""
+            return f"cannot listen on {host}:{port}: {e.strerror}{hint}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
     from dermsight.web.knowledge import KnowledgeError, load_knowledge
@@ -273,6 +309,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_knowledge()
     except (ModelLoadError, KnowledgeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _cannot_listen(args.host, args.port)
+    if problem:
+        # Otherwise gunicorn retries for seconds, logging an error each time, and exits 1.
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     workers = 1 if args.dev else (args.workers or default_workers())
     print(
@@ -367,30 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="manifest CSV with `split` and `fold` columns")
     s.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
     s.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--folds", type=int, default=5, help="cross-validation folds over train+val (default 5)")
+    s.add_argument("--seed", type=_whole(0), default=0)
+    s.add_argument("--folds", type=_whole(2), default=5, help="cross-validation folds over train+val (default 5)")
     s.add_argument("--label", default="label_ham7", help="column to stratify on (default label_ham7)")
     s.set_defaults(func=cmd_data_split)
 
     c = dsub.add_parser("cache", help="decode and resize every image once into a fast memory-mapped cache")
     c.add_argument("manifest")
-    c.add_argument("--size", type=int, default=224, help="shorter side in pixels (never enlarged; default 224)")
+    c.add_argument("--size", type=_whole(1), default=224, help="shorter side in pixels (never enlarged; default 224)")
     c.add_argument("--cache-dir", help="cache root (default $DERMSIGHT_CACHE or ~/.cache/dermsight)")
-    c.add_argument("--workers", type=int, help="decoding threads (default: 2 per core, at most 8)")
+    c.add_argument("--workers", type=_whole(1), help="decoding threads (default: 2 per core, at most 8)")
     c.set_defaults(func=cmd_data_cache)
 
     d = dsub.add_parser("download", help="download ISIC Archive images with the official isic-cli")
     d.add_argument("--out", required=True, help="folder for images and metadata.csv")
     d.add_argument("--search", default="", help="ISIC Archive query, e.g. 'image_type:dermoscopic'")
     d.add_argument("--collections", default="", help="comma-separated collection ids (`isic collection list`)")
-    d.add_argument("--limit", type=int, default=0, help="at most this many images (0: all matching)")
+    d.add_argument("--limit", type=_whole(0), default=0, help="at most this many images (0: all matching)")
     d.add_argument("--dry-run", action="store_true", help="print the isic command without running it")
     d.set_defaults(func=cmd_data_download)
     t = sub.add_parser("train", help="train a model (config in YAML; see configs/)")
     t.add_argument("--config", help="YAML file of TrainConfig options (default: built-in defaults)")
     t.add_argument("--out", help="run folder (overrides the config)")
-    t.add_argument("--epochs", type=int, help="override the number of epochs")
-    t.add_argument("--seed", type=int, help="override the seed (runs of one recipe for `dermsight soup`)")
+    t.add_argument("--epochs", type=_whole(1), help="override the number of epochs")
+    t.add_argument("--seed", type=_whole(0), help="override the seed (runs of one recipe for `dermsight soup`)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument(
@@ -417,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="average over the 8 flips/rotations (default: the model's own rule)",
     )
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
+    e.add_argument("--bootstrap", type=_whole(0), default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     e.set_defaults(func=cmd_evaluate)
 
     td = sub.add_parser(
@@ -461,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
             default="auto",
             help="ONNX Runtime, PyTorch, or auto: ONNX Runtime with PyTorch as the fallback (default)",
         )
-        sp.add_argument("--threads", type=int, help="intra-op threads (default: $DERMSIGHT_THREADS, else all cores)")
+        sp.add_argument(
+            "--threads", type=_whole(1), help="intra-op threads (default: $DERMSIGHT_THREADS, else all cores)"
+        )
 
     pr = sub.add_parser("predict", help="classify lesion images (rejects images it cannot assess)")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
@@ -487,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="images, folders or a split manifest (its val split, with labels) for the parity check "
         "(default: synthetic images)",
     )
-    ex.add_argument("--max-check", type=int, default=64, help="at most this many check images (default 64)")
-    ex.add_argument("--threads", type=int, help="ONNX Runtime threads for the check (default 1)")
+    ex.add_argument("--max-check", type=_whole(1), default=64, help="at most this many check images (default 64)")
+    ex.add_argument("--threads", type=_whole(1), help="ONNX Runtime threads for the check (default 1)")
     ex.set_defaults(func=cmd_export)
 
     ca = sub.add_parser("calibrate", help="fit temperature scaling and the not-a-lesion gate on a validation split")
@@ -515,16 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
         "rejected about twice as often as validation ones, and the bar is 5%%)",
     )
     ca.add_argument(
-        "--max-fit-images", type=int, default=4000, help="training images used to fit the OOD statistics (default 4000)"
+        "--max-fit-images",
+        type=_whole(1),
+        default=4000,
+        help="training images used to fit the OOD statistics (default 4000)",
     )
     inference_options(ca)
     ca.set_defaults(func=cmd_calibrate)
 
     w = sub.add_parser("serve", help="run the web app and JSON API (gunicorn)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    w.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    w.add_argument("--port", type=_whole(0, 65535), default=8000, help="port (default 8000)")
     w.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
-    w.add_argument("--workers", type=int, help="worker processes (default: CPU cores, at most 4)")
+    w.add_argument("--workers", type=_whole(1), help="worker processes (default: CPU cores, at most 4)")
     w.add_argument("--dev", action="store_true", help="Flask's development server, one process (not for production)")
     w.set_defaults(func=cmd_serve)
     return p
@@ -558,6 +604,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # A path the user gave cannot be written or read as asked: an output folder where a file stands, say.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: cannot use that path ({e.strerror or e}){where}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as Unix tools do.

@@ -114,6 +114,23 @@ def target_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(1, round(width * scale)), short_side
 
 
+# Pillow's single-channel modes with more than 8 bits (16-bit PNG and TIFF, 32-bit integer and float TIFF). Its
+# convert("RGB") clips them rather than scaling them, which turned a 16-bit grey photo into a white frame.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _grey_to_8bit(im: Image.Image) -> Image.Image:
+    """A wide grey image as 8-bit "L", scaled by its type's range: 16-bit by 1/257 (65535 -> 255); 32-bit integers the
+    same unless all fit in 8 bits (an 8-bit image stored wide); floats up to 1.0 as 0..1, others like integers."""
+    a = np.asarray(im).astype(np.float64)
+    top = float(np.nanmax(a)) if a.size else 0.0
+    if im.mode == "F" and top <= 1.0:
+        a = a * 255.0
+    elif im.mode.startswith("I;16") or top > 255:
+        a = a / (257.0 if top <= 65535 else top / 255.0)
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), mode="L")
+
+
 def load_rgb(
     source: str | os.PathLike | bytes,
     short_side: int | None = None,
@@ -144,6 +161,8 @@ def load_rgb(
             im.draft("RGB", req)
         im.load()
         im = ImageOps.exif_transpose(im) if orientation != 1 else im
+        if im.mode in _WIDE_GREY_MODES:
+            im = _grey_to_8bit(im)
         if im.mode != "RGB":
             # Palette/alpha images are composited on white so transparent areas do not turn black.
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

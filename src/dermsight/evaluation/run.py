@@ -155,6 +155,8 @@ def evaluate(
     predictions.csv.
 
     ``tta`` None follows the model's decision rule (`ModelMeta.tta`), as serving does."""
+    # The output folder first: a path that cannot be one (a file stands there) fails before minutes of scoring.
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     model_path = Path(model_path) if model_path else default_model_path()
     model, meta = load_model(model_path)
     tta = meta.tta if tta is None else tta

@@ -1,6 +1,7 @@
 """Image-quality gate: refuse images that cannot be assessed before the model is asked anything.
 
-The checks look at pixels only (no model): too small, nearly uniform, blurred, under- or over-exposed. They run on the
+The checks look at pixels only (no model): too small, nearly uniform, black-and-white, blurred, under- or
+over-exposed. They run on the
 luminance of the image scaled to a fixed analysis size, so a 200x150 HAM10000 frame, a 224x224 centre crop and a
 600x450 phone upload are judged at the same scale (sharpness measures depend strongly on resolution).
 
@@ -46,6 +47,13 @@ class QualityThresholds:
     # and 0.13; dermoscopes with a round field of view leave black corners (about 0.25).
     max_clipped_bright: float = 0.6
     max_clipped_dark: float = 0.7
+    # `colourfulness`: mean chroma, max(R, G, B) - min(R, G, B), in grey levels. A black-and-white photo has none
+    # (0.0 for the sample's originals made grey and saved as colour JPEGs), and the network cannot read one: colour
+    # is part of what tells the classes apart (blue-white veil, red vessels), and 20 of 21 HAM10000 melanomas turned
+    # grey were accepted, none as melanoma, most at 80-95% for a benign class. HAM10000's least colourful image has
+    # 5.2 (0.1th percentile 11.2, median 53; the 600x450 sample 19 and up). Only nearly grey images are refused: at a
+    # tenth of their saturation the sample's originals still measure 7.3 (median), and such are left to the model.
+    min_colour: float = 3.0
 
 
 QUALITY_THRESHOLDS = QualityThresholds()
@@ -60,6 +68,7 @@ class QualityReport:
     brightness: float
     clipped_bright: float
     clipped_dark: float
+    colour: float
     reason: str | None  # None: the image passed every check
 
     @property
@@ -71,6 +80,7 @@ class QualityReport:
             "contrast": round(self.contrast, 3),
             "sharpness": round(self.sharpness, 5),
             "brightness": round(self.brightness, 2),
+            "colour": round(self.colour, 2),
         }
 
 
@@ -105,6 +115,12 @@ def sharpness(gray: np.ndarray) -> float:
     return float(np.percentile(np.abs(lap), 99) / max(hi - lo, 1e-6))
 
 
+def colourfulness(image: np.ndarray) -> float:
+    """Mean chroma (max minus min of R, G, B; 0..255) of an HxWx3 uint8 image, over every other pixel each way."""
+    a = image[::2, ::2].astype(np.int16)
+    return float((a.max(2) - a.min(2)).mean())
+
+
 def check_quality(image: np.ndarray, thresholds: QualityThresholds = QUALITY_THRESHOLDS) -> QualityReport:
     """Measure ``image`` (HxWx3 uint8 RGB, as decoded by `load_rgb`) and say why it cannot be assessed, if it can't.
 
@@ -119,6 +135,7 @@ def check_quality(image: np.ndarray, thresholds: QualityThresholds = QUALITY_THR
     clipped_bright = float((gray >= 250).mean())
     clipped_dark = float((gray <= 5).mean())
     sharp = sharpness(gray)
+    colour = colourfulness(image)
 
     reason = None
     if min(h, w) < t.min_side:
@@ -132,6 +149,11 @@ def check_quality(image: np.ndarray, thresholds: QualityThresholds = QUALITY_THR
         reason = "the image is over-exposed (washed out); avoid direct flash and glare"
     elif contrast < t.min_contrast:
         reason = "the image is nearly uniform: no lesion or detail is visible"
+    elif colour < t.min_colour:
+        reason = (
+            "the photo is black and white; the model needs a colour photo, because colour is part of what "
+            "tells skin conditions apart"
+        )
     elif sharp < t.min_sharpness:
         reason = "the image is too blurred to assess; hold the camera steady and focus on the lesion"
-    return QualityReport(w, h, contrast, sharp, brightness, clipped_bright, clipped_dark, reason)
+    return QualityReport(w, h, contrast, sharp, brightness, clipped_bright, clipped_dark, colour, reason)

@@ -28,7 +28,7 @@ from dermsight.web.security import (
     security_headers,
 )
 from dermsight.web.service import ModelService, human_size, too_large_message
-from dermsight.web.triage import sentence
+from dermsight.web.triage import percent, sentence
 
 log = logging.getLogger("dermsight.web")
 
@@ -115,6 +115,7 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     app.register_blueprint(api)
 
     app.jinja_env.filters["sentence"] = sentence
+    app.jinja_env.filters["percent"] = percent
 
     @app.context_processor
     def _template_globals() -> dict[str, Any]:

@@ -80,7 +80,13 @@ class Knowledge:
         return self.conditions[code]
 
     def get(self, code: str) -> ConditionInfo | None:
-        return self.conditions.get(code)
+        """The condition with this code; else, ignoring case, the one condition the code can mean (HAM's codes are
+        lower case and ISIC 2019's upper case: ``scc`` can only mean ``SCC``, and ``Mel`` either ``mel`` or ``MEL``,
+        which describe the same condition; the first in catalogue order is returned)."""
+        if code in self.conditions:
+            return self.conditions[code]
+        alike = [info for c, info in self.conditions.items() if c.lower() == code.lower()]
+        return alike[0] if alike and len({info.codes for info in alike}) == 1 else None
 
 
 def _text(entry: dict, key: str, where: str) -> str:

@@ -45,6 +45,16 @@ def sentence(text: str | None) -> str:
     return text if text[-1] in ".!?" else text + "."
 
 
+def percent(p: float) -> str:
+    """A probability for people: whole percents, but never "0%" or "100%" for what the model only finds unlikely or
+    likely ("Melanoma 0%" for 0.15% reads as ruled out, which no photo can do)."""
+    if 0 < p < 0.01:
+        return "<1%"
+    if 0.99 < p < 1:
+        return ">99%"
+    return f"{p * 100:.0f}%"
+
+
 def concerning_probability(result: PredictionResult) -> float:
     if result.concerning_probability is not None:
         return result.concerning_probability
@@ -63,7 +73,7 @@ def advise(result: PredictionResult) -> Advice:
         return Advice(
             "see_doctor",
             "See a dermatologist soon",
-            f"The photo looks most like {_name(top)}, at {top.probability:.0%}: a condition that can be or become "
+            f"The photo looks most like {_name(top)}, at {percent(top.probability)}: a condition that can be or become "
             "skin cancer. Please book an appointment with a doctor or dermatologist soon and show them this spot. "
             "Only a doctor can diagnose it; most spots checked this way turn out to be harmless.",
         )
@@ -72,7 +82,7 @@ def advise(result: PredictionResult) -> Advice:
             "see_doctor",
             "See a dermatologist soon: the result is uncertain",
             f"The model is not confident about this photo: its best guess, {_name(top)}, is only "
-            f"{top.probability:.0%}. An uncertain result cannot rule anything out: please have the spot checked "
+            f"{percent(top.probability)}. An uncertain result cannot rule anything out: please have the spot checked "
             "by a doctor or dermatologist.",
         )
     concern = concerning_probability(result)
@@ -81,13 +91,13 @@ def advise(result: PredictionResult) -> Advice:
         return Advice(
             "see_doctor",
             "See a dermatologist soon",
-            f"The photo looks most like {_name(top)}, at {top.probability:.0%}, but conditions that can be or "
-            f"become skin cancer together reach {concern:.0%} (most of all {_name(worst)}, "
-            f"{worst.probability:.0%}). Please have the spot checked by a doctor or dermatologist.",
+            f"The photo looks most like {_name(top)}, at {percent(top.probability)}, but conditions that can be or "
+            f"become skin cancer together reach {percent(concern)} (most of all {_name(worst)}, "
+            f"{percent(worst.probability)}). Please have the spot checked by a doctor or dermatologist.",
         )
     return Advice(
         "monitor",
         "Probably harmless: keep an eye on it",
-        f"The photo looks most like {_name(top)}, at {top.probability:.0%}, which is usually harmless. "
+        f"The photo looks most like {_name(top)}, at {percent(top.probability)}, which is usually harmless. "
         "See a doctor if the spot changes in size, shape or colour, bleeds, itches, or worries you.",
     )
