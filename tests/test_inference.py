@@ -35,7 +35,9 @@ from dermsight.inference.export import (
 from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality
 from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
 from dermsight.inference.ood import OODGate
+from dermsight.inference.output import format_table, result_record
 from dermsight.inference.predictor import Predictor, decode, decode_side, match_detail, to_model_input, tta_views
+from dermsight.inference.types import PredictionResult
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
 from dermsight.models.bundle import DEFAULT_MODEL, read_extra, read_meta
 from dermsight.transforms import EvalPreset
@@ -465,8 +467,17 @@ def test_predict_cli_table(calibrated, capsys):
     path, _, manifest = calibrated
     rc = main(["predict", *manifest["path"].iloc[-2:], "--model", str(path), "--backend", "torch", "--threads", "1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "top class" in out and "not a diagnosis" in out
+    assert rc == 0 and "top class" in out and "not a diagnosis" in out and "concern: the top class" in out
     assert manifest["path"].iloc[-1].rsplit("/", 1)[-1] in out
+
+
+def test_predict_table_explains_the_concern_column_only_when_it_is_filled():
+    refused = [
+        result_record("a.jpg", ImageError("not an image")),
+        result_record("b.png", PredictionResult("rejected", "blurred")),
+    ]
+    table = format_table(refused)
+    assert "not a diagnosis" in table and "concern:" not in table
 
 
 def test_predict_cli_bad_model(tmp_path, capsys):

@@ -9,9 +9,9 @@ from typing import Any
 from dermsight.data.images import ImageError
 from dermsight.inference.types import PredictionResult
 
+CONCERN_NOTE = "concern: the top class is malignant or pre-malignant."
 DISCLAIMER = (
-    "concern: the top class is malignant or pre-malignant. These are a model's estimates from one image, not a "
-    "diagnosis; see a doctor about any lesion that worries you."
+    "These are a model's estimates from one image, not a diagnosis; see a doctor about any lesion that worries you."
 )
 
 
@@ -42,4 +42,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"{name:<{width}}  {'ok':<8}  {label:<38}  {top['probability']:>6.1%}  {concern:<7}  {others}{flag}"
         )
-    return "\n".join([*lines, "", DISCLAIMER])
+    # The concern column is explained only where a row has one (every image refused or unreadable: no column).
+    notes = f"{CONCERN_NOTE} {DISCLAIMER}" if any(r["status"] == "ok" for r in records) else DISCLAIMER
+    return "\n".join([*lines, "", notes])
