@@ -38,6 +38,7 @@ from dermsight.data.images import load_rgb
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.calibration import square_crop
+from dermsight.inference.gate import high_freq_share
 from dermsight.inference.predictor import decode, decode_side, match_detail
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model
 from dermsight.transforms import EvalPreset, shades_of_gray
@@ -50,15 +51,6 @@ def centre(image: np.ndarray) -> np.ndarray:
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
     return image[y0 : y0 + s, x0 : x0 + s]
-
-
-def high_freq_share(image: np.ndarray) -> float:
-    """Share of the grey-level amplitude spectrum at or above a quarter of the sampling rate (centre square)."""
-    g = centre(image).astype(np.float64).mean(2)
-    amp = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean())))
-    n = g.shape[0]
-    yy, xx = np.mgrid[:n, :n] - n // 2
-    return float(amp[np.hypot(yy, xx) > n / 4].sum() / amp.sum())
 
 
 def before(path: str, meta: ModelMeta) -> np.ndarray:

@@ -32,7 +32,7 @@ from dermsight.inference.export import (
     model_inputs,
     synthetic_images,
 )
-from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality
+from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality, high_freq_share
 from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
 from dermsight.inference.ood import OODGate
 from dermsight.inference.output import format_table, result_record
@@ -273,16 +273,6 @@ def test_decode_side_goes_straight_to_the_training_detail():
     assert decode_side(replace(meta, source_short_side=400)) == 192
 
 
-def _high_freq_share(image: np.ndarray) -> float:
-    """Share of the centre square's grey-level amplitude spectrum at or above a quarter of the sampling rate."""
-    h, w = image.shape[:2]
-    s = min(h, w)
-    g = image[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2].astype(np.float64).mean(2)
-    amp = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean())))
-    yy, xx = np.mgrid[:s, :s] - s // 2
-    return float(amp[np.hypot(yy, xx) > s / 4].sum() / amp.sum())
-
-
 def test_decode_keeps_draft_sized_images_and_shrinks_larger_ones_once():
     meta = ModelMeta.new(
         "tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=192, source_short_side=150, source_jpeg_quality=75
@@ -342,7 +332,7 @@ def test_large_images_are_served_as_sharp_as_the_training_images():
         crop = square_crop(load_rgb(HAM_FULLRES / "images" / f"{i}.jpg", draft=False))
         served = match_detail(decode(crop, decode_side(meta)), meta)
         assert served.shape == (150, 150, 3)
-        ratios.append(_high_freq_share(served) / _high_freq_share(load_rgb(HAM / "images" / f"{i}.jpg")))
+        ratios.append(high_freq_share(served) / high_freq_share(load_rgb(HAM / "images" / f"{i}.jpg")))
     assert 0.93 < np.mean(ratios) < 1.12, ratios
 
 

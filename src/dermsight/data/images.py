@@ -114,6 +114,12 @@ def target_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(1, round(width * scale)), short_side
 
 
+def kept_as_decoded(shorter: int, short_side: int | None, slack: float) -> bool:
+    """Whether an image decoded with this shorter side skips the final resize: only with ``slack`` > 1, up to
+    ``slack * short_side`` (see `load_rgb`; serving's arrays follow the same rule, `predictor.decode`)."""
+    return slack > 1 and short_side is not None and shorter <= short_side * slack
+
+
 # Pillow's single-channel modes with more than 8 bits (16-bit PNG and TIFF, 32-bit integer and float TIFF). Its
 # convert("RGB") clips them rather than scaling them, which turned a 16-bit grey photo into a white frame.
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -172,7 +178,7 @@ def load_rgb(
                 im = bg
             else:
                 im = im.convert("RGB")
-        if im.size != (tw, th) and (slack <= 1 or min(im.size) > (short_side or 0) * slack):
+        if im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack):
             im = im.resize((tw, th), resample, reducing_gap=None)
         # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
         return np.array(im, dtype=np.uint8)

@@ -115,6 +115,18 @@ def sharpness(gray: np.ndarray) -> float:
     return float(np.percentile(np.abs(lap), 99) / max(hi - lo, 1e-6))
 
 
+def high_freq_share(image: np.ndarray) -> float:
+    """Share of the grey-level amplitude spectrum at or above a quarter of the sampling rate, over the centre square
+    of an HxWx3 image: how much fine detail it holds, whatever its contrast (`bench/detail.py` compares served
+    uploads with the training files by it)."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    g = image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s].astype(np.float64).mean(2)
+    amp = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean())))
+    yy, xx = np.mgrid[:s, :s] - s // 2
+    return float(amp[np.hypot(yy, xx) > s / 4].sum() / amp.sum())
+
+
 def colourfulness(image: np.ndarray) -> float:
     """Mean chroma (max minus min of R, G, B; 0..255) of an HxWx3 uint8 image, over every other pixel each way."""
     a = image[::2, ::2].astype(np.int16)

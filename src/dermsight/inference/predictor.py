@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from dermsight.classes import CONDITIONS
-from dermsight.data.images import ImageError, load_rgb, target_size
+from dermsight.data.images import ImageError, kept_as_decoded, load_rgb, target_size
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import OnnxRunner, TorchRunner
 from dermsight.inference.export import ensure_onnx
@@ -145,7 +145,7 @@ def decode(source: Source, side: int) -> np.ndarray:
         if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
             raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
         a = np.ascontiguousarray(a[..., :3])
-        return shrink(a, side) if min(a.shape[:2]) > DECODE_SLACK * side else a
+        return a if kept_as_decoded(min(a.shape[:2]), side, DECODE_SLACK) else shrink(a, side)
     if isinstance(source, bytearray | memoryview):
         source = bytes(source)
     if not isinstance(source, bytes | str | os.PathLike):
