@@ -394,6 +394,12 @@ def test_split_is_grouped_stratified_and_deterministic():
 def test_split_rejects_impossible_fractions():
     with pytest.raises(ValueError, match="val"):
         split_manifest(_toy_manifest(), SplitConfig(val=0.6, test=0.5))
+    # Too few images per class for the parts the fractions need: said in the options' terms, not sklearn's.
+    small = pd.DataFrame({"path": [f"/x/{i}.jpg" for i in range(40)], "label": ["nv", "mel"] * 20})
+    small["label_ham7"], small["lesion_id"] = small["label"], [f"L{i}" for i in range(40)]
+    with pytest.raises(ValueError, match=r"20 stratified parts, but no class has 20 images \(the largest has 19\)"):
+        split_manifest(small.head(38), SplitConfig())
+    assert set(split_manifest(small.head(38), SplitConfig(val=0.2, test=0.2))["split"]) == {"train", "val", "test"}
 
 
 @needs_ham

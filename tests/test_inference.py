@@ -23,6 +23,7 @@ from dermsight.data.images import ImageError, load_rgb
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import ServingModule, feature_layout
 from dermsight.inference.calibration import calibrate_model, fit_temperature, jpeg_quality, nll, square_crop
+from dermsight.inference.decision import tune_decision
 from dermsight.inference.explain import gradcam_png
 from dermsight.inference.export import (
     PARITY_TOLERANCE,
@@ -496,6 +497,47 @@ def test_cli_refuses_unusable_paths_and_numbers_as_usage_errors(tmp_path, capsys
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_cli_never_writes_a_result_over_its_own_input(calibrated, tmp_path, capsys):
+    model = tiny_model(tmp_path / "m.safetensors")
+    other = tiny_model(tmp_path / "n.safetensors", seed=1)
+    original = model.read_bytes()
+    for argv in (
+        ["export", "--model", str(model), "--out", str(model)],
+        ["model-card", "--model", str(model), "--out", str(model)],
+        ["ensemble", str(model), str(other), "--out", str(model)],
+        ["export", "--model", str(model), "--out", str(tmp_path)],  # a folder: no file name given
+    ):
+        assert main(argv) == 2, argv
+        assert "--out" in capsys.readouterr().err
+    assert model.read_bytes() == original
+    # tune-decision rewrites the model only once the reports' folder exists: a file in its way fails first.
+    path, _, manifest = calibrated
+    copy = tmp_path / "c.safetensors"
+    copy.write_bytes(path.read_bytes())
+    in_the_way = tmp_path / "reports"
+    in_the_way.write_text("x")
+    with pytest.raises(FileExistsError):
+        tune_decision(copy, manifest, report_dir=in_the_way, progress=False)
+    assert copy.read_bytes() == path.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--data", "d", "--target-rejection", "2"])
+    assert exit_.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
+
+
+def test_evaluate_leaves_out_rows_no_class_can_hold(tmp_path, capsys):
+    # ISIC 2019's UNK ("none of the others") has no class to score against: listed as a problem, not a crash.
+    folder = tmp_path / "data"
+    rows = [(f"ISIC_{i:07d}", label) for i, label in enumerate(["nv", "mel", "bcc", "bkl", "UNK"])]
+    for i, (name, _) in enumerate(rows):
+        make_image(folder / "images" / f"{name}.png", size=(200, 150), seed=i)
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    model = tiny_model(tmp_path / "m.safetensors")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model), "--data", str(folder), "--out", str(out), "--bootstrap", "5"]) == 1
+    assert "label UNK has no class in the ham7 taxonomy" in (out / "problems.csv").read_text()
+    assert json.loads((out / "metrics.json").read_text())["n"] == 4
 
 
 def test_export_cli(tmp_path, capsys):

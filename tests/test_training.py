@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_image
+from dermsight.data.problems import DataError
 from dermsight.models.bundle import load_model
 from dermsight.models.factory import create_model
 from dermsight.training import TrainConfig, fit, train_one_epoch
@@ -28,6 +29,7 @@ from dermsight.training.loop import (
     _Epochs,
     class_weights,
     next_epoch_estimate,
+    prepare_data,
     warmup_cosine,
 )
 from dermsight.transforms import BatchTrainAugment
@@ -162,6 +164,44 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
     # Resume continues from the last finished epoch instead of starting over.
     fit(tiny_config(tmp_path, data, epochs=3, resume=True), progress=False)
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
+
+    # Training again into the finished run without --resume would replace its model, config and split: refused
+    # before anything is written.
+    before = {n: (run / n).read_bytes() for n in ("model.safetensors", "config.yaml", "split.csv")}
+    with pytest.raises(ValueError, match="already holds a trained model"):
+        fit(tiny_config(tmp_path, data, epochs=1, seed=7), progress=False)
+    assert before == {n: (run / n).read_bytes() for n in before}
+    # A damaged checkpoint is named, not dumped as a traceback; none is left half-written (saved then renamed).
+    assert not list(run.glob("*.tmp"))
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: it is damaged"):
+        fit(tiny_config(tmp_path, data, epochs=4, resume=True), progress=False)
+
+
+def test_training_data_problems_are_said_not_swallowed(tmp_path, capsys):
+    # No usable image at all: one clear error.
+    empty = tmp_path / "empty"
+    make_image(empty / "img" / "0.jpg")
+    pd.DataFrame({"image": ["img/missing.jpg"], "label": ["nv"]}).to_csv(empty / "labels.csv", index=False)
+    with pytest.raises(DataError, match="no usable images"):
+        prepare_data(tiny_config(tmp_path, empty), progress=False)
+    # A split made earlier whose images were damaged since: left out, and the user is told.
+    data = synthetic_dataset(tmp_path / "data")
+    fit(tiny_config(tmp_path, data, epochs=1), progress=False)
+    split = tmp_path / "run" / "split.csv"
+    (data / "img" / "3.jpg").write_bytes(b"broken")
+    capsys.readouterr()
+    prepared = prepare_data(tiny_config(tmp_path, split, cache_dir=str(tmp_path / "cache2")), progress=False)
+    assert "1 image(s) could not be decoded and are left out" in capsys.readouterr().out
+    assert len(prepared.manifest) == len(pd.read_csv(split)) - 1
+    # Labels the taxonomy has no class for (HAM's akiec is AK or SCC in ISIC 2019): left out, and said so.
+    labels = pd.read_csv(data / "labels.csv")
+    labels.loc[:3, "label"] = "akiec"
+    labels.to_csv(data / "labels.csv", index=False)
+    (data / "img" / "3.jpg").unlink()
+    labels.drop(index=3).to_csv(data / "labels.csv", index=False)
+    prepare_data(tiny_config(tmp_path, data, taxonomy="isic2019", val=0.2, test=0.2), progress=False)
+    assert "3 image(s) have no isic2019 class" in capsys.readouterr().out
 
 
 def test_swa_phase_averages_competes_on_val_and_resumes_exactly(tmp_path):

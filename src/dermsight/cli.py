@@ -32,6 +32,29 @@ def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _share(text: str) -> float:
+    """argparse type: a share strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (a share, e.g. 0.01), got {value}")
+    return value
+
+
+def _output_file(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """``out`` as a file this command may write: not a folder, and none of the files the command reads (writing the
+    result over its own input would destroy what the user had). Raises ValueError (a usage error, exit 2)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name inside it")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise ValueError(f"--out {out} is one of this command's inputs; write the result to another file")
+    return path
+
+
 def _print_table(df, title: str) -> None:  # pandas frame -> aligned text
     print(f"\n{title}")
     print(df.to_string())
@@ -244,7 +267,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         model_path = Path(args.model) if args.model else default_model_path()
         report, meta = export_model(
-            model_path, Path(args.out), args.check_images or (), args.max_check, args.int8, args.threads or 1
+            model_path,
+            _output_file(args.out, [model_path]),
+            args.check_images or (),
+            args.max_check,
+            args.int8,
+            args.threads or 1,
         )
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -338,7 +366,8 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     from dermsight.training.soup import make_soup, report_lines
 
-    report = make_soup(args.models, args.data, args.out, greedy=not args.uniform, device=args.device)
+    out = _output_file(args.out, args.models)
+    report = make_soup(args.models, args.data, out, greedy=not args.uniform, device=args.device)
     print("\n".join(report_lines(report)))
     return EXIT_OK
 
@@ -348,7 +377,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     from dermsight.models.ensemble import combine
 
-    report = combine(args.models, args.out, dtype=None if args.float32 else torch.float16)
+    out = _output_file(args.out, args.models)
+    report = combine(args.models, out, dtype=None if args.float32 else torch.float16)
     for m in report["members"]:
         val = m["val"]
         figures = f"val balanced accuracy {val['balanced_accuracy']:.3f}, accuracy {val['accuracy']:.3f}" if val else ""
@@ -371,7 +401,9 @@ def cmd_model_card(args: argparse.Namespace) -> int:
         read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce, notes=tuple(args.note)
     )
     if args.out:
-        Path(args.out).write_text(text)
+        out = _output_file(args.out, [path])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
         print(f"model card written to {args.out}")
     else:
         print(text)
@@ -478,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--data", required=True, help="split manifest (split.csv) or a training run folder")
     so.add_argument("--out", required=True, help="model file to write")
     so.add_argument("--uniform", action="store_true", help="average all models (default: greedy on val)")
-    so.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    so.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to score (default auto)")
     so.set_defaults(func=cmd_soup)
 
     en = sub.add_parser("ensemble", help="serve runs of one recipe as one model that averages their logits")
@@ -552,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ca.add_argument(
         "--target-rejection",
-        type=float,
+        type=_share,
         default=0.01,
         help="share of validation lesions the OOD threshold may reject (default 0.01: held-out lesions were "
         "rejected about twice as often as validation ones, and the bar is 5%%)",
@@ -615,7 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = ""
+        if func is cmd_train and not getattr(args, "prepare_only", False):
+            hint = " (training keeps its last finished epoch: run the same command with --resume to continue)"
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("DERMSIGHT_DEBUG"):

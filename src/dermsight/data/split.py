@@ -103,6 +103,15 @@ def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> 
     k, k_val, k_test = _fold_plan(cfg.val, cfg.test)
     if n_groups < k:
         raise ValueError(f"only {n_groups} lesion/patient groups: too few to split into {k} parts")
+    largest = int(pd.Series(y).value_counts().max())
+    if largest < k:
+        # StratifiedGroupKFold's own message ("n_splits=20 cannot be greater than the number of members in each
+        # class") names none of the options that decide k.
+        raise ValueError(
+            f"val {cfg.val} and test {cfg.test} split the data into {k} stratified parts, but no class has {k} "
+            f"images (the largest has {largest}): use more images, or coarser fractions (val 0.2 and test 0.2 "
+            "need 5 parts)"
+        )
     fold = _assign(y, g, k, cfg.seed)
     # Which folds become test and val is drawn from the seed too, so different seeds give different test sets.
     order = np.random.default_rng(cfg.seed).permutation(k)

@@ -59,7 +59,8 @@ def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, l
 
 
 def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[str], str]:
-    """Target indices in the scoring taxonomy: the model's when the data has it for every row, else HAM7."""
+    """Target indices in the scoring taxonomy (the model's when the data has it for every row, else HAM7), -1 for a
+    row whose label has no class there (ISIC 2019's UNK, say)."""
     col = LABEL_COLUMNS[meta.taxonomy]
     if col in manifest and manifest[col].notna().all():
         labels = list(meta.classes)
@@ -67,11 +68,7 @@ def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[
     else:
         labels, col, taxonomy = list(HAM7.codes), "label_ham7", "ham7"
     index = {c: i for i, c in enumerate(labels)}
-    y = manifest[col].map(index)
-    if y.isna().any():
-        bad = sorted(set(manifest.loc[y.isna(), col].astype(str)))
-        raise DataError(f"labels {', '.join(bad)} have no class in the {taxonomy} taxonomy of this model")
-    return y.to_numpy(int), labels, taxonomy
+    return manifest[col].map(index).fillna(-1).to_numpy(int), labels, taxonomy
 
 
 def model_input_batches(
@@ -163,6 +160,16 @@ def evaluate(
     model = model.to(memory_format=torch.channels_last)
     manifest, problems = read_labelled(Path(data), split)
     y, labels, taxonomy = _targets(manifest, meta)
+    if (y < 0).any():
+        # Rows no class of the scoring taxonomy can hold are left out and listed, as unreadable images are.
+        given = manifest["label"] if "label" in manifest else pd.Series(["?"] * len(manifest))
+        problems += [
+            Problem(str(p), f"label {g} has no class in the {taxonomy} taxonomy the model is scored in", "read")
+            for p, g in zip(manifest.loc[y < 0, "path"], given[y < 0], strict=True)
+        ]
+        manifest, y = manifest[y >= 0].reset_index(drop=True), y[y >= 0]
+        if manifest.empty:
+            raise DataError(f"{data}: no image has a label in the {taxonomy} taxonomy of this model")
     paths = [str(p) for p in manifest["path"]]
     logits, failed = model_logits(model, meta, paths, tta=tta, progress=progress)
     problems += [Problem(paths[i], reason, "image") for i, reason in failed]

@@ -67,6 +67,9 @@ def tune_decision(
 ) -> dict[str, Any]:
     """Choose TTA and tau on the val split, refit the temperature, re-score val and test; store all in the model."""
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
+    # The reports' folder first: one that cannot be made fails here, before the model is rewritten.
+    reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
+    reports.mkdir(parents=True, exist_ok=True)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
     train, val = df[df["split"] == "train"], df[df["split"] == "val"]
@@ -107,7 +110,6 @@ def tune_decision(
     out = update_meta(model_path, new, out_path)
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
-    reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
     metrics = dict(new.metrics)
     with tempfile.TemporaryDirectory() as tmp:
         split_csv = Path(tmp) / "split.csv"

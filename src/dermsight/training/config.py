@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dermsight.classes import TAXONOMIES
+
 IMBALANCE = ("loss", "sampler", "none")
+DEVICES = ("auto", "cpu", "cuda")  # the training loop reads no other value (cuda:N would quietly train on the CPU)
+# Smallest image side for training and for the cache: the backbones downsample 32 times, and a smaller value is
+# almost surely a typo (input_size: 0 used to fall back to the weights' size without a word).
+MIN_SIDE = 32
 
 
 # Options every ensemble member shares (the split and the input contract) or that belong to the ensemble's run.
@@ -101,6 +110,10 @@ class TrainConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Types first: YAML reads `epochs: "3"` as a string and `calibrate: "no"` as a (truthy) string, and the
+        # range checks below would then fail with a TypeError, or not at all.
+        self._check_types()
+        self._check_ranges()
         if self.imbalance not in IMBALANCE:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
         if self.augment not in ("loader", "device"):
@@ -124,6 +137,44 @@ class TrainConfig:
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
 
+    def _check_types(self) -> None:
+        for name, hint in _hints().items():
+            value = getattr(self, name)
+            if not _is_a(value, hint):
+                raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    def _check_ranges(self) -> None:
+        if self.taxonomy not in TAXONOMIES:
+            raise ValueError(f"taxonomy must be one of {', '.join(TAXONOMIES)}, got {self.taxonomy!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not 0 <= self.val < 1 or not 0 <= self.test < 1 or self.val + self.test >= 1:
+            raise ValueError(
+                f"val and test must be fractions in [0, 1) with a sum below 1, got val={self.val}, test={self.test}"
+            )
+        for name in ("input_size", "cache_size"):
+            if getattr(self, name) < MIN_SIDE:
+                raise ValueError(f"{name} must be a whole number of pixels >= {MIN_SIDE}, got {getattr(self, name)}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not 0 <= self.drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.scale_min <= 1:
+            raise ValueError(
+                f"scale_min (the smallest crop, as a share of the image's area) must be in (0, 1], got {self.scale_min}"
+            )
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be a whole number of epochs >= 1, got {self.patience}")
+        for name in ("weight_decay", "warmup_epochs", "num_workers", "threads", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
     def _check_member_overrides(self) -> None:
         n = len(self.member_overrides)
         if n < 2:
@@ -144,7 +195,10 @@ class TrainConfig:
                     f"member_overrides[{i}]: "
                     + (f"unknown option(s) {', '.join(unknown)}" if unknown else f"{', '.join(bad)} cannot differ")
                 )
-            member = replace(self, **o, member_overrides=[])  # each member's config must be valid on its own
+            try:  # each member's config must be valid on its own
+                member = replace(self, **o, member_overrides=[])
+            except ValueError as e:
+                raise ValueError(f"member_overrides[{i}]: {e}") from None
             if member.arch not in ARCHS:
                 raise ValueError(f"member_overrides[{i}]: unknown arch {member.arch!r}; known: {', '.join(ARCHS)}")
         names = [self.member_name(i) for i in range(n)]
@@ -223,3 +277,34 @@ class TrainConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
         return path
+
+
+_KINDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    NoneType: "null",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+@cache
+def _hints() -> dict[str, Any]:
+    """Each option's declared type (the annotations are strings under ``from __future__ import annotations``)."""
+    return get_type_hints(TrainConfig)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    if isinstance(hint, UnionType):
+        return any(_is_a(value, h) for h in get_args(hint))
+    kind = get_origin(hint) or hint
+    if isinstance(value, bool) and kind is not bool:  # True is an int to Python, not to a config
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _describe(hint: Any) -> str:
+    kinds = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+    return " or ".join(_KINDS[get_origin(k) or k] for k in kinds)

@@ -34,6 +34,7 @@ from dermsight.data.manifest import (
     build_manifest,
     load_manifest,
 )
+from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
@@ -158,6 +159,11 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
         manifest = load_manifest(src)
     else:
         ingest = build_manifest(src, progress=progress)
+        if ingest.manifest.empty:
+            raise DataError(
+                f"{src}: no usable images ({len(ingest.problems)} item(s) dropped; `dermsight data manifest {src} "
+                "--out manifest.csv` lists why)"
+            )
         if ingest.problems:
             print(
                 f"warning: {len(ingest.problems)} item(s) of {src} dropped while reading (see `dermsight data "
@@ -172,11 +178,28 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     lookup = {c: i for i, c in enumerate(classes)}
     manifest = manifest.copy()
     manifest["target"] = manifest[label].map(lookup).fillna(-1).astype(int)
-    cache = build_cache(
+    unlabelled = manifest["target"] < 0
+    if unlabelled.any():
+        # E.g. HAM10000's akiec under taxonomy isic2019: only ISIC's own labels tell AK from SCC.
+        print(
+            f"warning: {int(unlabelled.sum())} image(s) have no {cfg.taxonomy} class in column {label!r} and are "
+            "left out of training and scoring"
+        )
+    built = build_cache(
         manifest, cfg.cache_size, root=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress
-    ).cache
+    )
+    cache = built.cache
     manifest["cache_row"] = [cache.row_of(str(p)) for p in manifest["path"]]
-    manifest = manifest[[cache.ok(r) for r in manifest["cache_row"]]]
+    usable = [cache.ok(r) for r in manifest["cache_row"]]
+    if not all(usable):
+        # Files that were fine when the split was made can have been damaged or deleted since.
+        print(
+            f"warning: {usable.count(False)} image(s) could not be decoded and are left out (the list: "
+            f"{cache.folder / 'problems.csv'})"
+        )
+    manifest = manifest[usable]
+    if manifest.empty:
+        raise DataError(f"{src}: none of its images could be decoded (the list: {cache.folder / 'problems.csv'})")
     return PreparedData(manifest.reset_index(drop=True), cache, classes)
 
 
@@ -391,6 +414,16 @@ def train_augmentation(cfg: TrainConfig, meta: ModelMeta, batched: bool = False)
     return kind.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue, channel_gain=cfg.channel_gain)
 
 
+def refuse_finished_run(run: Path, resume: bool) -> None:
+    """Raise ValueError (a usage error) when ``run`` already holds a finished model and this is not a resumption:
+    training there would replace the model, its config and its split without a word."""
+    if not resume and (run / "model.safetensors").is_file():
+        raise ValueError(
+            f"{run} already holds a trained model (model.safetensors); train into another folder (--out), "
+            "continue it with --resume, or delete the folder first"
+        )
+
+
 def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/."""
     d, device = _init_distributed(cfg.device)
@@ -400,6 +433,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed + d.rank)
     if d.main:
+        refuse_finished_run(run, cfg.resume)
         cfg.to_yaml(run / "config.yaml")
     writer_class = _tensorboard(cfg)  # before the data work, on every rank: a missing package fails fast
 
@@ -608,14 +642,23 @@ class _Epochs:
         """Restore ``last.pt`` when resuming and there is one, and start the log unless it continues; returns (the
         first epoch to run, the SWA phase's state or None)."""
         start, swa_state = 0, None
+        if resume and not self.last.is_file() and self.main:
+            print(f"no checkpoint to resume from ({self.last} does not exist): training starts from epoch 1")
         if resume and self.last.is_file():
-            ck = torch.load(self.last, map_location=self.device, weights_only=False)
-            self.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self.scheduler.load_state_dict(ck["scheduler"])
-            start, self.best, self.best_epoch, self.stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-            swa_state = ck.get("swa")
-            torch.set_rng_state(ck["rng"])
+            try:
+                ck = torch.load(self.last, map_location=self.device, weights_only=False)
+                self.model.load_state_dict(ck["model"])
+                self.optimizer.load_state_dict(ck["optimizer"])
+                self.scheduler.load_state_dict(ck["scheduler"])
+                start, self.best, self.best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
+                self.stale, swa_state = ck["stale"], ck.get("swa")
+                torch.set_rng_state(ck["rng"])
+            except Exception as e:  # truncated, not a checkpoint, or another run's (architecture, classes)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(
+                    f"cannot resume from {self.last}: it is damaged or belongs to a different run ({first[:200]}); "
+                    "train without --resume to start again, or into another --out"
+                ) from None
             # A plain RandomSampler draws each epoch's order from one generator that advances every epoch: replay
             # the finished epochs so a resumed run sees the orders an uninterrupted one would (the other samplers
             # are seeded per epoch through set_epoch).
@@ -691,7 +734,10 @@ class _Epochs:
             "stale": self.stale,
             "rng": torch.get_rng_state(),
         }
-        torch.save(state | ({"swa": swa} if swa is not None else {}), self.last)
+        # Written beside and renamed into place: a run killed while saving keeps its previous, whole checkpoint.
+        tmp = self.last.with_suffix(".pt.tmp")
+        torch.save(state | ({"swa": swa} if swa is not None else {}), tmp)
+        os.replace(tmp, self.last)
 
 
 def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dict | None, bn_loader) -> bool:
@@ -835,6 +881,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     run = Path(cfg.out)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
+        refuse_finished_run(run, cfg.resume)
         cfg.to_yaml(run / "config.yaml")
     paths = []
     for i in range(cfg.members):

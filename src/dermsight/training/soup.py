@@ -99,6 +99,8 @@ def make_soup(
     _, log_prior = train_prior(train, metas[0])
     val_paths = [str(p) for p in val["path"]]
     bn_paths = [str(p) for p in train["path"].sample(min(bn_images, len(train)), random_state=seed)]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

@@ -1,0 +1,85 @@
+"""TrainConfig refuses wrongly typed or out-of-range options when it is read, not deep inside training."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dermsight.cli import main
+from dermsight.training import TrainConfig
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+BAD = [
+    ("epochs", "3"),
+    ("lr", [1]),
+    ("calibrate", "no"),  # a non-empty string is truthy: calibration would run
+    ("amp", 1),
+    ("data", None),
+    ("notes", 5),
+    ("member_overrides", {"seed": 1}),
+    ("cache_dir", 3),
+    ("batch_size", 8.5),
+    ("epochs", True),
+    ("lr", float("nan")),
+    ("taxonomy", "foo"),
+    ("device", "gpu"),
+    ("device", "cuda:1"),
+    ("input_size", 0),
+    ("cache_size", 0),
+    ("threads", -1),
+    ("num_workers", -1),
+    ("label_smoothing", 2),
+    ("label_smoothing", 1.0),
+    ("scale_min", 5),
+    ("scale_min", 0),
+    ("patience", -1),
+    ("weight_decay", -1),
+    ("warmup_epochs", -3),
+    ("max_steps_per_epoch", -1),
+    ("hue", 0.6),
+    ("hue", -0.1),
+    ("drop_rate", 1.0),
+    ("drop_rate", -0.1),
+    ("crop_pct", 0),
+    ("crop_pct", 1.5),
+    ("val", 1.0),
+    ("test", -0.1),
+]
+
+
+@pytest.mark.parametrize("option, value", BAD, ids=[f"{k}={v!r}" for k, v in BAD])
+def test_bad_values_are_refused_naming_the_option(option, value):
+    with pytest.raises(ValueError, match=option) as e:
+        TrainConfig(**{option: value})
+    assert "\n" not in str(e.value)
+
+
+def test_val_and_test_must_leave_training_data():
+    TrainConfig(val=0.0, test=0.0)
+    with pytest.raises(ValueError, match="val and test"):
+        TrainConfig(val=0.5, test=0.5)
+
+
+def test_numbers_of_either_kind_are_taken_where_a_float_is_declared():
+    cfg = TrainConfig(lr=1, warmup_epochs=0, time_limit_s=60, cache_dir=None, device="cpu", taxonomy="isic2019")
+    assert cfg.lr == 1 and cfg.time_limit_s == 60
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_bundled_config_loads(path):
+    assert TrainConfig.from_yaml(path).epochs >= 1
+
+
+def test_a_bad_member_override_is_refused_naming_the_member():
+    with pytest.raises(ValueError, match=r"member_overrides\[1\]: epochs must be a whole number, got 'x'"):
+        TrainConfig(member_overrides=[{"seed": 1}, {"epochs": "x"}])
+    with pytest.raises(ValueError, match=r"member_overrides\[0\]: label_smoothing"):
+        TrainConfig(member_overrides=[{"label_smoothing": 2}, {"seed": 1}])
+
+
+def test_the_cli_reports_a_bad_value_as_a_usage_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": str(tmp_path), "input_size": 0}))
+    assert main(["train", "--config", str(config), "--prepare-only"]) == 2
+    assert capsys.readouterr().err.strip() == "error: input_size must be a whole number of pixels >= 32, got 0"
