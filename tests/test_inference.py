@@ -20,9 +20,17 @@ from PIL import Image, ImageFilter
 from conftest import HAM, HAM_FULLRES, make_image, needs_fullres, needs_ham
 from dermsight.cli import main
 from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import ServingModule, feature_layout
-from dermsight.inference.calibration import calibrate_model, fit_temperature, jpeg_quality, nll, square_crop
+from dermsight.inference.calibration import (
+    calibrate_model,
+    fit_temperature,
+    jpeg_quality,
+    nll,
+    read_labels,
+    square_crop,
+)
 from dermsight.inference.decision import tune_decision
 from dermsight.inference.explain import gradcam_png
 from dermsight.inference.export import (
@@ -124,6 +132,15 @@ def test_gate_accepts_real_dermoscopy_in_every_shape():
 
 
 # -------------------------------------------------------------------------------------------------- calibration
+
+
+def test_read_labels_names_foreign_and_missing_labels():
+    meta = ModelMeta.new("tf_efficientnet_lite0", "isic2019", WEIGHTS, input_size=64)
+    df = pd.DataFrame({"label_isic2019": ["MEL", None, "UNK"]})  # HAM's akiec has no ISIC 2019 label
+    with pytest.raises(DataError, match=r"labels \(missing\), UNK are not classes"):
+        read_labels(df, meta)
+    assert read_labels(df, meta, strict=False) is None
+    assert read_labels(df.head(1), meta).tolist() == [meta.classes.index("MEL")]
 
 
 def test_fit_temperature_recovers_a_known_temperature():

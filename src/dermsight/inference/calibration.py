@@ -225,7 +225,8 @@ def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.nd
     if y.isna().any():
         if not strict:
             return None
-        bad = sorted(set(df.loc[y.isna(), col].astype(str)))
+        # Not astype(str): pandas 3 keeps a missing label missing there, and join() then fails on it.
+        bad = sorted({"(missing)" if pd.isna(v) else str(v) for v in df.loc[y.isna(), col]})
         raise DataError(f"labels {', '.join(bad)} are not classes of this model ({', '.join(meta.classes)})")
     return y.to_numpy(int)
 
