@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -197,6 +198,10 @@ def test_save_load_round_trip(tmp_path):
     meta = _meta(info, crop_pct=0.875, temperature=1.3)
     path = save_model(tmp_path / "sub" / "model.safetensors", model, meta)
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp file left behind
+    # Readable as any file the user writes (0666 less the umask), not 0600 as the temporary file was made.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
     loaded, loaded_meta = load_model(path)
     assert loaded_meta == meta

@@ -172,7 +172,7 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
         fit(tiny_config(tmp_path, data, epochs=1, seed=7), progress=False)
     assert before == {n: (run / n).read_bytes() for n in before}
     # A damaged checkpoint is named, not dumped as a traceback; none is left half-written (saved then renamed).
-    assert not list(run.glob("*.tmp"))
+    assert not list(run.glob(".*.tmp"))
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: it is damaged"):
         fit(tiny_config(tmp_path, data, epochs=4, resume=True), progress=False)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError, load_rgb, probe, target_size
 from dermsight.data.problems import Problem
+from dermsight.files import temp_folder_beside
 
 CACHE_VERSION = 1
 
@@ -142,7 +142,7 @@ def build_cache(
         nbytes += s[0] * s[1] * 3
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    tmp = temp_folder_beside(folder)
     try:
         pixels = np.memmap(tmp / "pixels.u8", dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
 

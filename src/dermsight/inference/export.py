@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from torch import nn
 from dermsight.data.cache import default_cache_root
 from dermsight.data.images import ImageError
 from dermsight.evaluation.metrics import softmax
+from dermsight.files import written_atomically
 from dermsight.inference.backends import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, ServingModule, TorchRunner
 from dermsight.models.bundle import ModelMeta, load_model, read_meta
 from dermsight.transforms import EvalPreset
@@ -61,10 +61,8 @@ def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Pa
     net = ServingModule(model).eval()
     dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
     dyn = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        with warnings.catch_warnings():
+        with written_atomically(out) as tmp, warnings.catch_warnings():
             # The TorchScript-based exporter is deprecated in favour of the torch.export-based one, but that one
             # needs the onnxscript package, which dermsight does not depend on; the legacy exporter handles every
             # backbone of the factory and its output is checked against PyTorch below.
@@ -83,12 +81,8 @@ def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Pa
                 opset_version=OPSET,
                 do_constant_folding=True,
             )
-        os.replace(tmp, out)
     except Exception as e:
         raise ExportError(f"ONNX export of {meta.network} failed: {type(e).__name__}: {str(e)[:300]}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
@@ -103,20 +97,16 @@ def quantize_int8(onnx_path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     root = logging.getLogger()
     level = root.level
     try:
         # The quantiser logs a warning on the root logger for every tensor whose type shape inference cannot pin
         # down (TF-style "same" padding slices); they are harmless and would bury the report.
         root.setLevel(logging.ERROR)
-        quantize_dynamic(str(onnx_path), tmp, weight_type=QuantType.QUInt8)
-        os.replace(tmp, out)
+        with written_atomically(out) as tmp:
+            quantize_dynamic(str(onnx_path), tmp, weight_type=QuantType.QUInt8)
     finally:
         root.setLevel(level)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
@@ -213,10 +203,7 @@ def ensure_onnx(model_path: str | os.PathLike, model: nn.Module | None = None, t
     else:
         meta = read_meta(model_path)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".export.", suffix=".onnx")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with written_atomically(cached, suffix=".onnx") as tmp:
         export_onnx(model, meta, tmp)
         # Synthetic images here (serving has no real ones at hand): this catches a broken export or runtime;
         # `dermsight export` and the test suite check parity on real images.
@@ -226,10 +213,6 @@ def ensure_onnx(model_path: str | os.PathLike, model: nn.Module | None = None, t
                 f"ONNX export differs from PyTorch by {cmp.max_abs_diff:.2e} in probability "
                 f"(tolerance {PARITY_TOLERANCE:.0e})"
             )
-        os.replace(tmp, cached)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return cached
 
 

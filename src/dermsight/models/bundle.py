@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from dermsight import __version__
 from dermsight.classes import CONDITIONS, TAXONOMIES
+from dermsight.files import written_atomically
 from dermsight.models.ensemble import Ensemble, input_map
 from dermsight.models.factory import ARCHS, EXTRA_PREFIX, META_KEY, WeightsInfo, create_model
 
@@ -326,14 +326,8 @@ def _extra_tensors(extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: ModelMeta) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted save never leaves a truncated model under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with written_atomically(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta.to_json()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:

@@ -38,6 +38,7 @@ from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
+from dermsight.files import written_atomically
 from dermsight.models.bundle import ModelMeta, load_model, save_model
 from dermsight.models.factory import create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
@@ -734,10 +735,9 @@ class _Epochs:
             "stale": self.stale,
             "rng": torch.get_rng_state(),
         }
-        # Written beside and renamed into place: a run killed while saving keeps its previous, whole checkpoint.
-        tmp = self.last.with_suffix(".pt.tmp")
-        torch.save(state | ({"swa": swa} if swa is not None else {}), tmp)
-        os.replace(tmp, self.last)
+        # A run killed while saving keeps its previous, whole checkpoint.
+        with written_atomically(self.last) as tmp:
+            torch.save(state | ({"swa": swa} if swa is not None else {}), tmp)
 
 
 def _swa_phase(loop: _Epochs, steps_per_epoch: int, first_epoch: int, state: dict | None, bn_loader) -> bool:
