@@ -45,6 +45,8 @@ BAD = [
     ("crop_pct", 1.5),
     ("val", 1.0),
     ("test", -0.1),
+    ("out", ""),  # `--set out=` would write the run into the current folder
+    ("data", " "),
 ]
 
 

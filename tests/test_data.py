@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -445,8 +446,14 @@ def test_cli_split_and_cache(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images per class" in out and "test" in out
     assert set(load_manifest(tmp_path / "s.csv")["split"]) == {"train", "val", "test"}
+    bad = ["data", "split", str(tmp_path / "m.csv"), "--out", str(tmp_path / "t.csv"), "--label", "nosuch"]
+    assert main(bad) == 2 and "no column 'nosuch'" in capsys.readouterr().err
     args = ["data", "cache", str(tmp_path / "s.csv"), "--size", "32", "--cache-dir", str(tmp_path / "c")]
     assert main(args) == 0 and "images/s" in capsys.readouterr().out
+    umask = os.umask(0o022)
+    os.umask(umask)
+    (folder,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # a plain mkdir's, not mkdtemp's 0700
     assert main(args) == 0 and "reusing cache" in capsys.readouterr().out
 
 

@@ -111,6 +111,8 @@ def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(member
         combine([paths[0], other], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="at least two"):
         combine(paths[:1], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="is given twice"):  # one run twice would weigh it double
+        combine([paths[0], paths[1], paths[0]], tmp_path / "x.safetensors")
     ens = combine(paths[:2], tmp_path / "ens.safetensors")["model"]
     with pytest.raises(ValueError, match="single models"):
         combine([ens, paths[2]], tmp_path / "x.safetensors")

@@ -107,6 +107,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     from dermsight.data.split import SplitConfig, check_split, split_manifest
 
     df = load_manifest(Path(args.manifest))
+    if args.label not in df and args.label != "label_ham7":  # the default falls back to `label` (split_manifest)
+        raise ValueError(f"{args.manifest} has no column {args.label!r} to stratify on")
     cfg = SplitConfig(val=args.val, test=args.test, seed=args.seed, folds=args.folds, label=args.label)
     out_df = split_manifest(df, cfg)
     out = save_manifest(out_df, Path(args.out))

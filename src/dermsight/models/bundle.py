@@ -253,6 +253,12 @@ def read_runs(
     if len(paths) < 2:
         raise ValueError(f"{what} needs at least two models")
     names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            raise ValueError(f"{p} is given twice (as {seen[key]}); {what} needs distinct runs")
+        seen[key] = p
     metas = [read_meta(p) for p in paths]
     for p, m in zip(paths, metas, strict=True):
         if m.members > 1:

@@ -146,6 +146,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
 
     def _check_ranges(self) -> None:
+        for name in ("data", "out"):  # empty: `--set out=` would write the run into the current folder
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must name a path, got {getattr(self, name)!r}")
         if self.taxonomy not in TAXONOMIES:
             raise ValueError(f"taxonomy must be one of {', '.join(TAXONOMIES)}, got {self.taxonomy!r}")
         if self.device not in DEVICES:
