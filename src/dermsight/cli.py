@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a model on labelled data: metrics.json, plots, report.md")
-    e.add_argument("--model", help="model file (default: the bundled default model)")
+    e.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
     e.add_argument("--data", required=True, help="labelled data: a folder/CSV any reader understands, or a manifest")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--split", help="only this split of a split manifest (e.g. test)")
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune-decision",
         help="choose TTA and the prior correction on the val split, refit the temperature, re-score val and test",
     )
-    td.add_argument("--model", help="model file (default: the bundled default model)")
+    td.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
     td.add_argument("--data", required=True, help="split manifest (split.csv) or a training run folder")
     td.add_argument("--out", help="write the tuned model here (default: in place)")
     td.add_argument("--reports", help="folder for the val/test reports (default: a temporary folder)")
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_ensemble)
 
     mc = sub.add_parser("model-card", help="render a model's card (Markdown) from the metadata inside the model")
-    mc.add_argument("--model", help="model file (default: the bundled default model)")
+    mc.add_argument("--model", help="model file (default: $DERMSIGHT_MODEL, else the bundled default model)")
     mc.add_argument("--out", help="write here instead of printing")
     mc.add_argument("--name", help="how to call the file in the card")
     mc.add_argument("--reproduce", default="", help="the command that reproduces the model")
