@@ -3,6 +3,8 @@ round-trip at half size, and mixed or malformed inputs are refused with a clear 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -126,6 +128,13 @@ def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(member
     assert main(["ensemble", str(paths[0]), str(other), "--out", str(tmp_path / "y.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "input_size" in err and "Traceback" not in err
+    # Runs of different splits (cross-validation folds, say) may be combined, but the user is told what that means.
+    assert "different splits" not in capsys.readouterr().err
+    torch.manual_seed(0)
+    net, _ = create_model("tf_efficientnet_lite0", 7, weights="none")
+    fold = save_model(tmp_path / "fold.safetensors", net, replace(read_meta(paths[2]), split="seed 1: train 9"))
+    assert main(["ensemble", str(paths[0]), str(fold), "--out", str(tmp_path / "z.safetensors")]) == 0
+    assert "trained on 2 different splits" in capsys.readouterr().err
 
 
 def test_model_card_names_the_ensemble_and_its_members(members, tmp_path):

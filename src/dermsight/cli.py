@@ -369,9 +369,25 @@ def cmd_soup(args: argparse.Namespace) -> int:
     from dermsight.training.soup import make_soup, report_lines
 
     out = _output_file(args.out, args.models)
+    _warn_if_splits_differ(args.models)
     report = make_soup(args.models, args.data, out, greedy=not args.uniform, device=args.device)
     print("\n".join(report_lines(report)))
     return EXIT_OK
+
+
+def _warn_if_splits_differ(models: Sequence[str]) -> None:
+    """Runs combined from different splits (cross-validation folds, say) can be averaged, but no split is then
+    held out from all of them: the temperature, gate and decision rule fitted on one run's val split, and the
+    scores on its test split, would include images another member trained on."""
+    from dermsight.models.bundle import read_meta
+
+    splits = {read_meta(m).split for m in models}
+    if len(splits) > 1:
+        print(
+            f"warning: these runs were trained on {len(splits)} different splits ({' | '.join(sorted(splits))}); "
+            "calibrating or scoring the result on any one of them includes images another member trained on",
+            file=sys.stderr,
+        )
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -381,6 +397,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     out = _output_file(args.out, args.models)
     report = combine(args.models, out, dtype=None if args.float32 else torch.float16)
+    _warn_if_splits_differ(args.models)
     for m in report["members"]:
         val = m["val"]
         figures = f"val balanced accuracy {val['balanced_accuracy']:.3f}, accuracy {val['accuracy']:.3f}" if val else ""
