@@ -29,6 +29,7 @@ from dermsight.inference.calibration import (
     jpeg_quality,
     nll,
     read_labels,
+    split_mismatch,
     square_crop,
 )
 from dermsight.inference.decision import tune_decision
@@ -141,6 +142,18 @@ def test_read_labels_names_foreign_and_missing_labels():
         read_labels(df, meta)
     assert read_labels(df, meta, strict=False) is None
     assert read_labels(df.head(1), meta).tolist() == [meta.classes.index("MEL")]
+
+
+def test_split_mismatch_compares_the_split_sizes_the_model_recorded():
+    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=64)
+    meta = replace(meta, split="lesion/patient-grouped, seed 0: train 3, val 2, test 1 images")
+    same = pd.DataFrame({"split": ["train"] * 3 + ["val"] * 2 + ["test", "excluded"], "label_ham7": ["nv"] * 7})
+    assert split_mismatch(meta, same) is None
+    unlabelled = pd.concat([same, pd.DataFrame({"split": ["val"], "label_ham7": [None]})])  # not counted
+    assert split_mismatch(meta, unlabelled) is None
+    other = same.assign(split=["train"] * 2 + ["val"] * 3 + ["test", "excluded"])
+    assert "not the one the model was trained on (train 3, val 2, test 1)" in split_mismatch(meta, other)
+    assert split_mismatch(replace(meta, split=""), other) is None  # nothing recorded, nothing to compare
 
 
 def test_fit_temperature_recovers_a_known_temperature():

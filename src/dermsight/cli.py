@@ -283,13 +283,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_DROPPED
 
 
+def _warn_if_not_the_training_split(model: Path, data: str) -> None:
+    from dermsight.inference.calibration import read_split_manifest, split_mismatch
+    from dermsight.models.bundle import read_meta
+
+    problem = split_mismatch(read_meta(model), read_split_manifest(data))
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dermsight.inference.calibration import calibrate_model, list_images, report_lines
     from dermsight.models.bundle import ModelLoadError, default_model_path
 
     try:
+        model = Path(args.model) if args.model else default_model_path()
+        _warn_if_not_the_training_split(model, args.data)
         report = calibrate_model(
-            Path(args.model) if args.model else default_model_path(),
+            model,
             Path(args.data),
             Path(args.out) if args.out else None,
             negatives=[p for d in args.negatives or () for p in list_images(d)],
@@ -360,6 +371,7 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
+    _warn_if_not_the_training_split(model, args.data)
     report = tune_decision(model, args.data, args.out, report_dir=args.reports)
     print("\n".join(report_lines(report)))
     return EXIT_OK

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -201,6 +202,29 @@ def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; `dermsight data split` writes them")
     return df
+
+
+def split_mismatch(meta: ModelMeta, df: pd.DataFrame) -> str | None:
+    """Why ``df`` is probably not the split ``meta``'s model was trained on, or None.
+
+    Fitting a temperature, gate or decision rule on a "val" split that holds the model's own training images would
+    make it look surer than it is, and its "test" scores would not be held out. The model records its split's
+    sizes (`ModelMeta.split`, "... train N, val N, test N images"; an ensemble its first member's); a model without
+    them is not checked. Rows without a label in the model's taxonomy are not counted, as training does not count them.
+    Sizes only: another split of exactly the same sizes passes (seed 1 of HAM10000's is off by one image)."""
+    recorded = dict(re.findall(r"\b(train|val|test) (\d+)", meta.split or ""))
+    if set(recorded) != {"train", "val", "test"}:
+        return None
+    col = LABEL_COLUMNS[meta.taxonomy]
+    labelled = df[df[col].notna()] if col in df.columns else df
+    given = {name: int((labelled["split"] == name).sum()) for name in recorded}
+    if all(given[k] == int(v) for k, v in recorded.items()):
+        return None
+    return (
+        f"this split ({', '.join(f'{k} {given[k]}' for k in recorded)}) is not the one the model was trained on "
+        f"({', '.join(f'{k} {v}' for k, v in recorded.items())}): its val and test images may include training "
+        "images, which would make the fit look better than it is"
+    )
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
