@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -16,7 +17,7 @@ from conftest import HAM, ISIC2019_META, make_image, needs_ham, needs_isic2019
 from dermsight.cli import main
 from dermsight.data.cache import ImageCache, build_cache
 from dermsight.data.download import DownloadRequest, isic_command
-from dermsight.data.images import MAX_PIXELS, ImageError, load_rgb, probe, target_size
+from dermsight.data.images import MAX_JPEG_SCANS, MAX_PIXELS, ImageError, load_rgb, probe, target_size
 from dermsight.data.manifest import (
     MANIFEST_COLUMNS,
     build_manifest,
@@ -125,6 +126,28 @@ def test_load_rgb_scales_wide_grey_images_instead_of_clipping_them(tmp_path):
         assert out.shape == (48, 64, 3), name
         assert np.abs(out[..., 0].astype(int) - grey).max() <= 1, name
         assert (out[..., 0] == out[..., 2]).all()
+    # Scaled down as grey, then made RGB: the same pixels as converting first.
+    small = load_rgb(tmp_path / "g16.png", short_side=24)
+    direct = np.array(
+        Image.fromarray(grey).convert("RGB").resize((32, 24), Image.Resampling.BILINEAR, reducing_gap=None)
+    )
+    assert small.shape == (24, 32, 3) and np.abs(small.astype(int) - direct).max() <= 1
+
+
+def test_load_rgb_refuses_jpegs_of_absurdly_many_scans(tmp_path):
+    # Each progressive scan costs a pass over the whole image: thousands of tiny scans tie up a core for minutes.
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    assert 1 < data.count(b"\xff\xda") <= MAX_JPEG_SCANS and load_rgb(data).shape == (64, 64, 3)
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # the last scan, repeated: libjpeg decodes every repeat
+    bomb = data[:last] + scan * (MAX_JPEG_SCANS + 1) + data[-2:]
+    with pytest.raises(ImageError, match=r"JPEG with \d+ scans \(at most 100\)"):
+        load_rgb(bomb)
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    with pytest.raises(ImageError, match="scans"):
+        load_rgb(tmp_path / "bomb.jpg")
 
 
 @pytest.mark.parametrize(

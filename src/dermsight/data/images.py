@@ -22,6 +22,12 @@ MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 
+# A progressive JPEG is decoded one scan after another, and each scan costs a pass over the whole image: a 1 MB file
+# of 8,000 tiny scans at 8000x8000 took 30 s of one core to decode (a 10 MB one would take minutes), under the 64 MP
+# and 64 MB limits. Cameras and encoders write about 10 scans (mozjpeg's most compact setting a few more); libjpeg-
+# turbo's documentation suggests a limit of this kind for untrusted input.
+MAX_JPEG_SCANS = 100
+
 # Orientations 5-8 rotate by 90 degrees, so width and height swap once EXIF orientation is applied.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
@@ -84,6 +90,17 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
     return im
 
 
+def _check_scans(source: str | os.PathLike | bytes) -> None:
+    """Refuse a JPEG with more than `MAX_JPEG_SCANS` scans before decoding it. A scan starts at an SOS marker
+    (FF DA); inside compressed data every FF byte is followed by 00, so each FF DA in the file is a real marker."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}): not a file a camera or an image editor writes"
+        )
+
+
 def _orientation(im: Image.Image) -> int:
     try:
         return int(im.getexif().get(0x0112, 1))
@@ -127,14 +144,26 @@ _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 def _grey_to_8bit(im: Image.Image) -> Image.Image:
     """A wide grey image as 8-bit "L", scaled by its type's range: 16-bit by 1/257 (65535 -> 255); 32-bit integers the
-    same unless all fit in 8 bits (an 8-bit image stored wide); floats up to 1.0 as 0..1, others like integers."""
-    a = np.asarray(im).astype(np.float64)
-    top = float(np.nanmax(a)) if a.size else 0.0
+    same unless all fit in 8 bits (an 8-bit image stored wide); floats up to 1.0 as 0..1, others like integers.
+
+    Pillow finds the range without a copy, and the pixels are converted a band of rows at a time: a 64 MP image
+    would otherwise take several 512 MB float64 copies (a 124 KB 16-bit PNG of 8000x7999 raised a web worker's
+    memory by 1.6 GB)."""
+    _, top = im.getextrema()
+    top = float(top) if np.isfinite(top) else 0.0
     if im.mode == "F" and top <= 1.0:
-        a = a * 255.0
+        scale = 255.0
     elif im.mode.startswith("I;16") or top > 255:
-        a = a / (257.0 if top <= 65535 else top / 255.0)
-    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), mode="L")
+        scale = 1 / 257 if top <= 65535 else 255 / top
+    else:
+        scale = 1.0
+    w, h = im.size
+    out = np.empty((h, w), np.uint8)
+    for r in range(0, h, 256):
+        band = np.asarray(im.crop((0, r, w, min(h, r + 256))), dtype=np.float32) * np.float32(scale)
+        np.nan_to_num(band, copy=False)
+        out[r : r + 256] = np.clip(band, 0, 255, out=band).round()
+    return Image.fromarray(out, mode="L")
 
 
 def load_rgb(
@@ -156,6 +185,8 @@ def load_rgb(
     """
     im = _open(source)
     try:
+        if im.format in ("JPEG", "MPO"):
+            _check_scans(source)
         orientation = _orientation(im)
         w, h = im.size
         if orientation in _SWAPPING_ORIENTATIONS:
@@ -169,6 +200,9 @@ def load_rgb(
         im = ImageOps.exif_transpose(im) if orientation != 1 else im
         if im.mode in _WIDE_GREY_MODES:
             im = _grey_to_8bit(im)
+        if im.mode == "L" and im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack):
+            # Grey: scaled before it becomes three equal channels (the same pixels, a third of the memory and work).
+            im = im.resize((tw, th), resample, reducing_gap=None)
         if im.mode != "RGB":
             # Palette/alpha images are composited on white so transparent areas do not turn black.
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
