@@ -138,6 +138,7 @@ def test_upload_page_has_form_csrf_camera_disclaimer_and_headers(client):
     assert "img-src 'self' data: blob:" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Cache-Control"] == "private, no-store"  # the page carries this session's CSRF token
     assert r.headers["Referrer-Policy"] == "no-referrer"
     assert "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Lax" in r.headers["Set-Cookie"]
     assert "<script>" not in page and "style=" not in page  # nothing inline: the CSP forbids it
@@ -404,6 +405,14 @@ def test_api_model(client, fake):
     assert "metrics" in body and "config" not in body
 
 
+def test_served_model_facts_name_the_data_not_the_training_machines_paths():
+    from dermsight.inference.predictor import public_data_name
+
+    assert public_data_name("../shared/data/ham10000 (10015 images)") == "ham10000 (10015 images)"
+    assert public_data_name("/srv/runs/split.csv (42 images)") == "split.csv (42 images)"
+    assert public_data_name("HAM10000") == "HAM10000" and public_data_name("") == ""
+
+
 def test_healthz(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "ok" and r.json["model_loaded"] is True
@@ -648,3 +657,4 @@ def test_real_model_api_predicts_a_real_photo(real_client):
     assert r.status_code == 400 and r.json["error"] == "unreadable_image"
     model = real_client.get("/api/v1/model").json
     assert model["classes"]
+    assert model["training_data"] and "/" not in model["training_data"]  # no path of the training machine

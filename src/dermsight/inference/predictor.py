@@ -82,6 +82,13 @@ NOT_A_LESION = (
 )
 
 
+def public_data_name(training_data: str) -> str:
+    """``ModelMeta.training_data`` ("<the data path> (N images)") with the path cut to its last part: what the data
+    was (``ham10000 (10015 images)``), not where it sat on the machine that trained the model."""
+    where, sep, rest = training_data.partition(" (")
+    return (Path(where).name or where) + sep + rest if where else training_data
+
+
 def resolve_threads(threads: int | None) -> int:
     """Intra-op threads: ``threads``, else $DERMSIGHT_THREADS, else the cores this process may run on.
 
@@ -313,7 +320,7 @@ class Predictor:
             "colour_constancy": m.colour_constancy,
             "quality_gate": asdict(self.quality),
             "metrics": m.metrics,
-            "training_data": m.training_data,
+            "training_data": public_data_name(m.training_data),
             "created": m.created,
             "dermsight_version": m.dermsight_version,
         }

@@ -96,7 +96,8 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     app.config["SESSION_COOKIE_SECURE"] = bool(app.config["HTTPS"])
     if app.config["PROXY_COUNT"]:
         n = int(app.config["PROXY_COUNT"])
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+        # Client address and scheme only: every URL the app writes is relative, so a forwarded Host has no use.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=0)  # type: ignore[method-assign]
 
     _log_through_gunicorn()
     kpath = app.config["KNOWLEDGE_PATH"]
@@ -133,6 +134,9 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
         if request.method == "POST" or request.path.startswith("/api/"):
             # Result pages carry the user's photo: never keep them in any cache.
             response.headers["Cache-Control"] = "no-store"
+        elif response.mimetype == "text/html":
+            # Pages carry this session's CSRF token: a shared cache must not hand them to someone else.
+            response.headers["Cache-Control"] = "private, no-store"
         return response
 
     @app.get("/healthz")
