@@ -55,6 +55,7 @@ class FakePredictor:
             "vasc": 0.01,
         }
         self.fail = fail
+        self.uncertain = False
         self.calls = 0
 
     def predict(self, source, tta: bool = False) -> PredictionResult:
@@ -64,7 +65,7 @@ class FakePredictor:
         rgb = load_rgb(source)
         if rgb.std() < 2:
             return PredictionResult("rejected", "The photo is almost uniform: no spot is visible.", model="fake model")
-        return _result(self.probs)
+        return _result(self.probs, self.uncertain)
 
     def explain(self, source) -> bytes:
         buf = io.BytesIO()
@@ -173,9 +174,18 @@ def test_rejected_photo_gets_reason_and_tips(client):
     page = r.get_data(as_text=True)
     assert r.status_code == 200
     assert "We could not assess this photo" in page and "almost uniform" in page
+    assert "<h1>We could not check this photo</h1>" in page and "Your result" not in page
+    assert page.count("almost uniform") == 1  # the reason once, in the advice, not repeated below it
     assert "Tips for a photo we can assess" in page
     assert 'alt="The photo you uploaded"' in page
     assert "<meter" not in page
+
+
+def test_result_page_says_when_the_model_is_not_confident(client, fake):
+    assert 'id="uncertain"' not in _form_post(client, _jpeg()).get_data(as_text=True)
+    fake.probs, fake.uncertain = {"nv": 0.4, "bkl": 0.35, "df": 0.25}, True
+    page = _form_post(client, _jpeg()).get_data(as_text=True)
+    assert 'id="uncertain"' in page and re.search(r"no condition\s+reaches 50%", page)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +274,11 @@ def test_condition_pages_for_every_catalogue_code(client):
 def test_about_page_shows_model_card(client, fake):
     page = client.get("/about").get_data(as_text=True)
     assert fake.meta.architecture in page
+    # The bundled model is an ensemble: the page names all its networks, as the result page and the API do.
+    assert fake.meta.network in page and f"{fake.meta.members} networks whose answers are averaged" in page
     assert "Intended use" in page and "Limits" in page and "How well it works" in page
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
+    assert client.get(icon).status_code == 200  # no 404 for the browser's icon request
     assert "Balanced accuracy" in page  # the bundled model records test metrics
     for name in fake.meta.class_names:
         assert name in page
@@ -558,6 +572,10 @@ def test_triage_rules():
     assert advise(_result({"mel": 0.6, "nv": 0.4})).level == "see_doctor"
     assert advise(_result({"akiec": 0.6, "nv": 0.4})).level == "see_doctor"
     assert advise(_result({"nv": 0.9, "mel": 0.1})).level == "monitor"
+    # Below the threshold a malignant class is still named, not left to be found in the list.
+    calm = advise(_result({"nv": 0.79, "mel": 0.2, "bkl": 0.01}))
+    assert calm.level == "monitor" and "does not rule out melanoma (20%)" in calm.message
+    assert "rule out" not in advise(_result({"nv": 0.95, "mel": 0.05})).message
     assert advise(_result({"nv": 0.5, "mel": 0.35, "bkl": 0.15})).level == "see_doctor"  # melanoma quite possible
     assert advise(_result({"nv": 0.6, "mel": 0.2, "bcc": 0.15, "df": 0.05})).level == "see_doctor"  # 35% together
     assert advise(_result({"nv": 0.4, "bkl": 0.35, "df": 0.25}, uncertain=True)).level == "see_doctor"

@@ -47,7 +47,7 @@ from dermsight.inference.gate import (
     check_quality,
 )
 from dermsight.inference.ood import OODGate
-from dermsight.inference.types import ClassProbability, PredictionResult
+from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
 from dermsight.transforms import EvalPreset, shades_of_gray
 
@@ -56,9 +56,6 @@ log = logging.getLogger("dermsight.inference")
 Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
 BackendName = Literal["auto", "onnx", "torch"]
 
-# Below this calibrated top-class probability the result is flagged `uncertain`: the model's best guess is less
-# likely than all other classes together, which is not an answer to act on.
-UNCERTAIN_BELOW = 0.5
 # Images per forward pass. Larger batches gain little on a CPU and raise peak memory per worker.
 BATCH_SIZE = 16
 # Shorter side of the picture `explain` draws its heatmap on.

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
+from dermsight.inference.types import UNCERTAIN_BELOW
 from dermsight.web.security import check_csrf, enforce_rate_limit
 from dermsight.web.service import ACCEPT, analyse, read_upload
 from dermsight.web.triage import advise
@@ -52,6 +53,7 @@ def analyse_page():
         heatmap_uri=analysis.heatmap_uri,
         cards=[c for c in cards if c is not None],
         tips=knowledge.photo_tips,
+        uncertain_below=UNCERTAIN_BELOW,
     )
 
 

@@ -14,6 +14,9 @@ from dermsight.inference.types import PredictionResult
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
 # first ("mole 55%, melanoma 40%" is not a result to shrug off).
 CONCERN_PROBABILITY = 0.3
+# Below that, a malignant or pre-malignant class this probable is still named in the "keep an eye on it" advice: a
+# reader of "mole 79%, melanoma 20%" headed "Probably harmless" should not have to find the 20% in the list.
+MENTION_PROBABILITY = 0.1
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,16 @@ def advise(result: PredictionResult) -> Advice:
             f"become skin cancer together reach {percent(concern)} (most of all {_name(worst)}, "
             f"{percent(worst.probability)}). Please have the spot checked by a doctor or dermatologist.",
         )
+    worst = next((p for p in result.predictions if _concerning(p.code)), None)
+    caveat = ""
+    if worst is not None and worst.probability >= MENTION_PROBABILITY:
+        caveat = (
+            f" It does not rule out {_name(worst)} ({percent(worst.probability)}), a condition that can be or become "
+            "skin cancer: if in doubt, have it checked."
+        )
     return Advice(
         "monitor",
         "Probably harmless: keep an eye on it",
-        f"The photo looks most like {_name(top)}, at {percent(top.probability)}, which is usually harmless. "
+        f"The photo looks most like {_name(top)}, at {percent(top.probability)}, which is usually harmless.{caveat} "
         "See a doctor if the spot changes in size, shape or colour, bleeds, itches, or worries you.",
     )
