@@ -160,7 +160,11 @@ def check_quality(image: np.ndarray, thresholds: QualityThresholds = QUALITY_THR
     elif brightness < t.min_brightness or clipped_dark > t.max_clipped_dark:
         reason = "the image is too dark (under-exposed); take the photo in better light"
     elif brightness > t.max_brightness or clipped_bright > t.max_clipped_bright:
-        reason = "the image is over-exposed (washed out); avoid direct flash and glare"
+        # A page of text or a screenshot lands here too (mostly white), so the message covers both.
+        reason = (
+            "the image is mostly white or over-exposed (washed out); for a photo of a spot, avoid direct flash and "
+            "glare (only close-up photos of a skin spot can be assessed)"
+        )
     elif contrast < t.min_contrast:
         reason = "the image is nearly uniform: no lesion or detail is visible"
     elif colour < t.min_colour:
