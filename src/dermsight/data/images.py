@@ -200,9 +200,10 @@ def load_rgb(
         im = ImageOps.exif_transpose(im) if orientation != 1 else im
         if im.mode in _WIDE_GREY_MODES:
             im = _grey_to_8bit(im)
-        if im.mode == "L" and im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack):
+        resize = im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack)
+        if resize and im.mode == "L":
             # Grey: scaled before it becomes three equal channels (the same pixels, a third of the memory and work).
-            im = im.resize((tw, th), resample, reducing_gap=None)
+            im, resize = im.resize((tw, th), resample, reducing_gap=None), False
         if im.mode != "RGB":
             # Palette/alpha images are composited on white so transparent areas do not turn black.
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -212,7 +213,7 @@ def load_rgb(
                 im = bg
             else:
                 im = im.convert("RGB")
-        if im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack):
+        if resize:
             im = im.resize((tw, th), resample, reducing_gap=None)
         # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
         return np.array(im, dtype=np.uint8)

@@ -1,9 +1,9 @@
 """Image-quality gate: refuse images that cannot be assessed before the model is asked anything.
 
 The checks look at pixels only (no model): too small, nearly uniform, black-and-white, blurred, under- or
-over-exposed. They run on the
-luminance of the image scaled to a fixed analysis size, so a 200x150 HAM10000 frame, a 224x224 centre crop and a
-600x450 phone upload are judged at the same scale (sharpness measures depend strongly on resolution).
+over-exposed. They run on the luminance of the image scaled to a fixed analysis size, so a 200x150 HAM10000 frame, a
+224x224 centre crop and a 600x450 phone upload are judged at the same scale (sharpness measures depend strongly on
+resolution).
 
 The thresholds were set on real dermoscopy (HAM10000, all 10,015 images at 200x150, the 124 images of the 600x450
 sample, and 224x224 square centre crops of both) so that the gate alone rejects almost none of them (see

@@ -186,10 +186,9 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
             f"warning: {int(unlabelled.sum())} image(s) have no {cfg.taxonomy} class in column {label!r} and are "
             "left out of training and scoring"
         )
-    built = build_cache(
+    cache = build_cache(
         manifest, cfg.cache_size, root=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress
-    )
-    cache = built.cache
+    ).cache
     manifest["cache_row"] = [cache.row_of(str(p)) for p in manifest["path"]]
     usable = [cache.ok(r) for r in manifest["cache_row"]]
     if not all(usable):
@@ -374,12 +373,17 @@ class Dist:
         return self.rank == 0
 
 
+def use_cuda(device_pref: str) -> bool:
+    """Whether an auto | cpu | cuda preference means the GPU; cuda on a machine without one is a usage error."""
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
+    return device_pref in ("auto", "cuda") and torch.cuda.is_available()
+
+
 def _init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
+    cuda = use_cuda(device_pref)
     if world > 1:
         d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():

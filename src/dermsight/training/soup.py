@@ -30,6 +30,7 @@ from dermsight.evaluation.run import model_input_batches, model_logits
 from dermsight.inference.calibration import read_labels, read_split_manifest
 from dermsight.inference.decision import choose, train_prior
 from dermsight.models.bundle import ModelMeta, load_model, read_runs, save_model
+from dermsight.training.loop import use_cuda
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -89,7 +90,8 @@ def make_soup(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Average ``model_paths`` (greedily on the val score, unless ``greedy`` is false) into ``out``."""
+    """Average ``model_paths`` (greedily on the val score, unless ``greedy`` is false) into ``out``; scoring runs on
+    ``device`` (auto | cpu | cuda, as training's)."""
     paths, names, metas = read_runs(list(model_paths), "a soup")
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     val, train = df[df["split"] == "val"], df[df["split"] == "train"]
@@ -99,11 +101,7 @@ def make_soup(
     _, log_prior = train_prior(train, metas[0])
     val_paths = [str(p) for p in val["path"]]
     bn_paths = [str(p) for p in train["path"].sample(min(bn_images, len(train)), random_state=seed)]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device("cuda" if use_cuda(device) else "cpu")
 
     loaded = [load_model(p, device=dev) for p in paths]
     # Copies: `work` below is the first model itself, and loading a soup into it must not change the ingredients.
