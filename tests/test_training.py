@@ -231,6 +231,55 @@ def test_swa_phase_averages_competes_on_val_and_resumes_exactly(tmp_path):
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-5), k
 
 
+def test_ema_average_is_what_is_scored_kept_and_resumed(tmp_path, monkeypatch):
+    data = synthetic_dataset(tmp_path / "data")
+    # One epoch: its checkpoint is the best by construction, so best.safetensors must be the average, not the raw
+    # weights the optimizer left.
+    one = tiny_config(tmp_path, data, epochs=1, ema_decay=0.9, out=str(tmp_path / "one"))
+    res = fit(one, progress=False)
+    ck = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    best, _ = load_model(tmp_path / "one" / "best.safetensors")
+    kept = best.state_dict()
+    assert all(torch.allclose(kept[k].float(), v.float().cpu(), atol=1e-6) for k, v in ck["ema"].items())
+    assert any(not torch.allclose(ck["model"][k].float(), v.float()) for k, v in ck["ema"].items())
+    assert pd.read_json(res.run_dir / "metrics.json", typ="series")["ema"] == {"decay": 0.9}
+    # The raw weights are scored beside it (same trajectory, the average does not change training) and their best
+    # kept for comparison: after one epoch, the weights the optimizer left.
+    log = pd.read_csv(tmp_path / "one" / "log.csv")
+    assert log["raw_val_balanced_accuracy"].between(0, 1).all()
+    raw, _ = load_model(tmp_path / "one" / "best_raw.safetensors")
+    assert all(torch.allclose(raw.state_dict()[k].float(), v.float(), atol=1e-6) for k, v in ck["model"].items())
+
+    # Interrupted after 2 of 4 epochs and resumed: the same average as an uninterrupted run (its state travels in
+    # last.pt and its warm-up follows the restored scheduler's step count).
+    whole = tiny_config(tmp_path, data, epochs=4, ema_decay=0.9, out=str(tmp_path / "whole"))
+    fit(whole, progress=False)
+    save_last = _Epochs.save_last
+
+    def stop_after_second(self, epoch, swa=None):
+        save_last(self, epoch, swa)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    part = dataclasses.replace(whole, out=str(tmp_path / "part"))
+    with monkeypatch.context() as m:
+        m.setattr(_Epochs, "save_last", stop_after_second)
+        with pytest.raises(KeyboardInterrupt):
+            fit(part, progress=False)
+    fit(dataclasses.replace(part, resume=True), progress=False)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["ema"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["ema"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_ema_options_are_checked():
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="both average weights"):
+        TrainConfig(ema_decay=0.99, swa_epochs=2)
+
+
 def test_fit_learns_the_synthetic_task(tmp_path):
     # A randomly initialised network in eval mode (running BatchNorm statistics) lags its training-mode fit on so few
     # steps: at 6 epochs the val accuracy of seeds 0-3 ranged from 0.58 to 1.0 and flipped with the CPU's kernels

@@ -228,9 +228,11 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
     teacher: nn.Module | None = None,
+    ema: Any = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss. With a ``teacher``, ``criterion`` is a
-    `DistillationLoss` and also gets the teacher's logits for the same batch."""
+    `DistillationLoss` and also gets the teacher's logits for the same batch. With an ``ema`` (timm's ModelEmaV3),
+    the moving average takes in the weights after every step."""
     model.train()
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress or None)
@@ -250,6 +252,9 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            # The scheduler counts optimizer steps, resumed runs included: the average's warm-up follows it.
+            ema.update(getattr(model, "module", model), step=scheduler.last_epoch)
         total += loss.item() * len(y)
         n += len(y)
         bar.set_postfix(loss=f"{total / n:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -473,6 +478,12 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         config=asdict(cfg),
     )
     model = model.to(device).to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # Warm-up power 3/4: timm's advice for runs of thousands, not millions, of steps.
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
     train_tf = train_augmentation(cfg, meta)
     eval_tf = EvalPreset.from_meta(meta)
 
@@ -522,7 +533,7 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
 
     loop = _Epochs(
         cfg, model, net, optimizer, scheduler, sampler, train_dl, val_dl, criterion, device, meta, run, d.main,
-        progress, teacher, world=d.world,
+        progress, teacher, world=d.world, ema=ema,
     )  # fmt: skip
     start, swa_state = loop.begin(cfg.resume)
     if writer_class is not None and d.main:
@@ -539,10 +550,10 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         loss = loop.train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
         # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
         # without having to communicate it.
-        val = loop.score_val(model)
-        improved = loop.consider(model, val, epoch)
+        val = loop.score_val(loop.scored)
+        improved = loop.consider(loop.scored, val, epoch)
         loop.stale = 0 if improved else loop.stale + 1
-        loop.log(epoch, scheduler, loss, val, improved, t0)
+        loop.log(epoch, scheduler, loss, val, improved, t0, raw=loop.consider_raw(epoch))
         loop.save_last(epoch)
         if loop.stale >= cfg.patience:
             if d.main:
@@ -600,8 +611,10 @@ class _Epochs:
     teacher: nn.Module | None = None  # knowledge distillation (cfg.teacher)
     writer: Any = None  # a TensorBoard SummaryWriter (cfg.tensorboard), rank 0 only
     world: int = 1  # DDP processes; rank 0 takes the time-limit decision for all
+    ema: Any = None  # timm ModelEmaV3 (cfg.ema_decay): its average is what is scored and kept
     best: float = -1.0
     best_epoch: int = -1
+    best_raw: float = -1.0  # with an EMA: the raw weights' best val balanced accuracy (best_raw.safetensors)
     stale: int = 0
     t_begin: float = field(default_factory=time.perf_counter)
     seconds: list[float] = field(default_factory=list)  # this invocation's epochs, in seconds
@@ -632,12 +645,21 @@ class _Epochs:
         return late
 
     @property
+    def scored(self) -> nn.Module:
+        """The network each epoch is judged by: the weights' moving average when there is one, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
     def last(self) -> Path:
         return self.run / "last.pt"
 
     @property
     def best_path(self) -> Path:
         return self.run / "best.safetensors"
+
+    @property
+    def best_raw_path(self) -> Path:
+        return self.run / "best_raw.safetensors"
 
     @property
     def log_path(self) -> Path:
@@ -655,7 +677,10 @@ class _Epochs:
                 self.model.load_state_dict(ck["model"])
                 self.optimizer.load_state_dict(ck["optimizer"])
                 self.scheduler.load_state_dict(ck["scheduler"])
+                if self.ema is not None:
+                    self.ema.module.load_state_dict(ck["ema"])
                 start, self.best, self.best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
+                self.best_raw = ck.get("best_raw", -1.0)
                 self.stale, swa_state = ck["stale"], ck.get("swa")
                 torch.set_rng_state(ck["rng"])
             except Exception as e:  # truncated, not a checkpoint, or another run's (architecture, classes)
@@ -675,6 +700,8 @@ class _Epochs:
                 print(f"resumed from {self.last} at epoch {start}")
         if self.main and (start == 0 or not self.log_path.exists()):
             fields = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "seconds"]
+            if self.ema is not None:  # the val_* columns are the average's; these, the raw weights' for comparison
+                fields += ["raw_val_loss", "raw_val_accuracy", "raw_val_balanced_accuracy"]
             with self.log_path.open("w", newline="") as f:
                 csv.writer(f).writerow(fields)
         return start, swa_state
@@ -686,7 +713,7 @@ class _Epochs:
         cfg = self.cfg
         return train_one_epoch(
             self.net, self.train_dl, self.criterion, self.optimizer, sched, self.device, cfg.amp,
-            cfg.max_steps_per_epoch, label, self.progress, self.teacher,
+            cfg.max_steps_per_epoch, label, self.progress, self.teacher, self.ema,
         )  # fmt: skip
 
     def score_val(self, m: nn.Module) -> tuple[float, float, float]:
@@ -705,7 +732,20 @@ class _Epochs:
             save_model(self.best_path, m, self.meta)
         return True
 
-    def log(self, epoch, sched, loss, val, improved, t0, what: str = "") -> None:
+    def consider_raw(self, epoch: int) -> tuple[float, float, float] | None:
+        """With an EMA, also score the raw weights and keep their best as ``best_raw.safetensors``: what the run
+        would have kept without the average, so the two can be compared on the same trajectory (the average does
+        not change training). Costs one more pass over val per epoch. None without an EMA."""
+        if self.ema is None:
+            return None
+        raw = self.score_val(self.model)
+        if raw[2] > self.best_raw:
+            self.best_raw = raw[2]
+            if self.main:
+                save_model(self.best_raw_path, self.model, self.meta)
+        return raw
+
+    def log(self, epoch, sched, loss, val, improved, t0, what: str = "", raw=None) -> None:
         seconds = time.perf_counter() - t0
         self.seconds.append(seconds)  # every rank: see time_up
         if not self.main:
@@ -713,8 +753,9 @@ class _Epochs:
         total = self.cfg.epochs + self.cfg.swa_epochs
         lr = sched.get_last_lr()[0]
         row = [epoch + 1, f"{lr:.3e}", f"{loss:.4f}", *(f"{v:.4f}" for v in val)]
+        extra = [f"{v:.4f}" for v in raw] if raw is not None else []
         with self.log_path.open("a", newline="") as f:
-            csv.writer(f).writerow([*row, f"{seconds:.1f}"])
+            csv.writer(f).writerow([*row, f"{seconds:.1f}", *extra])
         if self.writer is not None:
             names = ("lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy")  # log.csv's columns
             for name, value in zip(names, (lr, loss, *val), strict=True):
@@ -722,7 +763,9 @@ class _Epochs:
             self.writer.flush()
         print(
             f"epoch {epoch + 1}/{total}{what}: train loss {loss:.3f}, val loss {val[0]:.3f}, val acc {val[1]:.3f}, "
-            f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''} [{seconds:.0f} s]",
+            f"val balanced acc {val[2]:.3f}{' (best)' if improved else ''}"
+            + (f" (raw weights {raw[2]:.3f})" if raw is not None else "")
+            + f" [{seconds:.0f} s]",
             flush=True,
         )
 
@@ -736,9 +779,12 @@ class _Epochs:
             "epoch": epoch,
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "best_raw": self.best_raw,
             "stale": self.stale,
             "rng": torch.get_rng_state(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
         # A run killed while saving keeps its previous, whole checkpoint.
         with written_atomically(self.last) as tmp:
             torch.save(state | ({"swa": swa} if swa is not None else {}), tmp)
@@ -855,6 +901,8 @@ def _finish(
     if swa_ran:
         # Which candidate won on val: the averaged weights (SWA) or one epoch's checkpoint.
         summary["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.swa_lr, "selected": swa_chosen}
+    if cfg.ema_decay:
+        summary["ema"] = {"decay": cfg.ema_decay}  # every checkpoint scored, the best included, was the average
     final = ModelMeta(**{**asdict(meta), "metrics": summary})
     model_path = save_model(run / "model.safetensors", model, final)
     if cfg.calibrate:
