@@ -88,6 +88,15 @@ def test_combine_writes_a_half_size_file_that_loads_as_the_ensemble(members, tmp
         ModelMeta.from_json(newer)
 
 
+def test_members_are_named_by_folder_and_file_or_by_file_alone(members, tmp_path, monkeypatch):
+    report = combine(members, tmp_path / "ens.safetensors")
+    assert [m["model"] for m in report["members"]] == [f"{members[0].parent.name}/m{s}.safetensors" for s in (0, 1, 2)]
+    # Files given by name in the current folder: named alone, not "/m0.safetensors".
+    monkeypatch.chdir(members[0].parent)
+    report = combine([p.name for p in members], tmp_path / "ens2.safetensors")
+    assert [m["model"] for m in report["members"]] == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+
+
 def test_ensemble_serves_onnx_with_parity_and_explains(members, tmp_path):
     paths = members
     path = combine(paths[:2], tmp_path / "ens.safetensors")["model"]

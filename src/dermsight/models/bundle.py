@@ -252,7 +252,9 @@ def read_runs(
     paths = [Path(p) for p in model_paths]
     if len(paths) < 2:
         raise ValueError(f"{what} needs at least two models")
-    names = [f"{p.parent.name}/{p.name}" for p in paths]  # runs' files share a name; their folders tell them apart
+    # Runs' files share a name (model.safetensors); their folders tell them apart. A file given with no folder (in the
+    # current one) is named alone, not "/name".
+    names = [f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in paths]
     seen: dict[Path, Path] = {}
     for p in paths:
         key = p.resolve()
