@@ -26,7 +26,7 @@ from dermsight.data.manifest import (
     read_isic2019,
 )
 from dermsight.data.problems import DataError
-from dermsight.data.split import SplitConfig, check_split, groups, split_manifest
+from dermsight.data.split import SplitConfig, check_split, groups, split_fingerprint, split_manifest
 
 # --------------------------------------------------------------------------------------------- broken-file factory
 
@@ -424,6 +424,26 @@ def test_split_rejects_impossible_fractions():
     with pytest.raises(ValueError, match=r"20 stratified parts, but no class has 20 images \(the largest has 19\)"):
         split_manifest(small.head(38), SplitConfig())
     assert set(split_manifest(small.head(38), SplitConfig(val=0.2, test=0.2))["split"]) == {"train", "val", "test"}
+
+
+def test_split_fingerprint_follows_the_assignment_not_the_folder_or_row_order():
+    df = pd.DataFrame(
+        {
+            "path": [f"/a/images/ISIC_{i}.jpg" for i in range(5)],
+            "split": ["train", "train", "val", "test", "excluded"],
+            "label_ham7": ["nv", "mel", "nv", None, "bcc"],
+        }
+    )
+    fp = split_fingerprint(df)
+    assert len(fp) == 16 and fp == split_fingerprint(df.iloc[::-1])  # row order does not matter
+    assert fp == split_fingerprint(df.assign(path=df["path"].str.replace("/a/images", "C:\\data")))  # nor folders
+    assert fp == split_fingerprint(df.assign(image_id=[f"ISIC_{i}" for i in range(5)]))  # ids key rows when given
+    assert fp != split_fingerprint(df.assign(split=["train", "val", "train", "test", "excluded"]))
+    assert fp == split_fingerprint(df.assign(split=["train", "train", "val", "test", "val"]).head(4))  # 4 is excluded
+    # Rows without a label in the taxonomy are not counted when a label column is named, as training does not.
+    assert split_fingerprint(df, "label_ham7") == split_fingerprint(df.drop(index=3), "label_ham7") != fp
+    with pytest.raises(ValueError, match="path or image_id"):
+        split_fingerprint(df[["split"]])
 
 
 @needs_ham

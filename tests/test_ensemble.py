@@ -144,6 +144,16 @@ def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(member
     fold = save_model(tmp_path / "fold.safetensors", net, replace(read_meta(paths[2]), split="seed 1: train 9"))
     assert main(["ensemble", str(paths[0]), str(fold), "--out", str(tmp_path / "z.safetensors")]) == 0
     assert "trained on 2 different splits" in capsys.readouterr().err
+    # Fingerprinted splits are told apart by their images; a run from before fingerprints by the rest of its record.
+    split = "seed 0: train 9, val 3, test 3 images"
+    runs = [
+        save_model(tmp_path / f"r{i}.safetensors", net, replace(read_meta(paths[2]), split=s))
+        for i, s in enumerate([f"{split}; fingerprint {'a' * 16}", f"{split}; fingerprint {'b' * 16}", split])
+    ]
+    assert main(["ensemble", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "f.safetensors")]) == 0
+    assert "trained on 2 different splits" in capsys.readouterr().err
+    assert main(["ensemble", str(runs[0]), str(runs[2]), "--out", str(tmp_path / "g.safetensors")]) == 0
+    assert "different splits" not in capsys.readouterr().err
 
 
 def test_model_card_names_the_ensemble_and_its_members(members, tmp_path):

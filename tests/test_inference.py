@@ -21,6 +21,7 @@ from conftest import HAM, HAM_FULLRES, make_image, needs_fullres, needs_ham
 from dermsight.cli import main
 from dermsight.data.images import ImageError, load_rgb
 from dermsight.data.problems import DataError
+from dermsight.data.split import split_fingerprint
 from dermsight.evaluation.metrics import softmax
 from dermsight.inference.backends import ServingModule, feature_layout
 from dermsight.inference.calibration import (
@@ -154,6 +155,22 @@ def test_split_mismatch_compares_the_split_sizes_the_model_recorded():
     other = same.assign(split=["train"] * 2 + ["val"] * 3 + ["test", "excluded"])
     assert "not the one the model was trained on (train 3, val 2, test 1)" in split_mismatch(meta, other)
     assert split_mismatch(replace(meta, split=""), other) is None  # nothing recorded, nothing to compare
+
+
+def test_split_mismatch_tells_a_split_of_the_same_sizes_by_its_fingerprint():
+    df = pd.DataFrame(
+        {
+            "path": [f"/data/img/ISIC_{i}.jpg" for i in range(6)],
+            "split": ["train"] * 3 + ["val"] * 2 + ["test"],
+            "label_ham7": ["nv"] * 6,
+        }
+    )
+    meta = ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=64)
+    meta = replace(meta, split=f"seed 0: train 3, val 2, test 1 images; fingerprint {split_fingerprint(df)}")
+    moved = df.assign(path=df["path"].str.replace("/data/img", "/elsewhere"))  # the same split in another folder
+    assert split_mismatch(meta, moved) is None
+    swapped = df.assign(split=["val"] + ["train"] * 2 + ["train", "val", "test"])  # same sizes, other images
+    assert "puts other images in them" in split_mismatch(meta, swapped)
 
 
 def test_fit_temperature_recovers_a_known_temperature():

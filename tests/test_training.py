@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_image
 from dermsight.data.problems import DataError
+from dermsight.inference.calibration import split_mismatch
 from dermsight.models.bundle import load_model
 from dermsight.models.factory import create_model
 from dermsight.training import TrainConfig, fit, train_one_epoch
@@ -287,6 +288,14 @@ def test_fit_learns_the_synthetic_task(tmp_path):
     data = synthetic_dataset(tmp_path / "data", n=80)
     res = fit(tiny_config(tmp_path, data, epochs=12, imbalance="sampler"), progress=False)
     assert res.val_metrics["accuracy"] > 0.8  # pale vs dark is easy: chance is 0.5
+    # The model records which image is in which split; its own split.csv matches it, a reshuffled one does not.
+    _, meta = load_model(res.model_path)
+    split = pd.read_csv(res.run_dir / "split.csv")
+    assert "fingerprint" in meta.split and split_mismatch(meta, split) is None
+    moved = split["split"].to_numpy().copy()
+    first_train, first_val = np.flatnonzero(moved == "train")[0], np.flatnonzero(moved == "val")[0]
+    moved[[first_train, first_val]] = moved[[first_val, first_train]]
+    assert "other images" in split_mismatch(meta, split.assign(split=moved))
 
 
 def test_config_from_yaml_rejects_unknown_options(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -394,6 +395,9 @@ def _warn_if_splits_differ(models: Sequence[str]) -> None:
     from dermsight.models.bundle import read_meta
 
     splits = {read_meta(m).split for m in models}
+    if any("fingerprint" not in s for s in splits):
+        # Runs trained before splits were fingerprinted can only be compared by the rest (seed and sizes).
+        splits = {re.sub(r"; fingerprint [0-9a-f]+", "", s) for s in splits}
     if len(splits) > 1:
         print(
             f"warning: these runs were trained on {len(splits)} different splits ({' | '.join(sorted(splits))}); "

@@ -8,6 +8,7 @@ is kept with scikit-learn's `StratifiedGroupKFold`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -143,3 +144,21 @@ def check_split(df: pd.DataFrame, label: str = "label_ham7") -> list[str]:
         if missing and (used["split"] == s).any():
             issues.append(f"split {s!r} has no image of: {', '.join(sorted(missing))}")
     return issues
+
+
+def split_fingerprint(df: pd.DataFrame, label: str | None = None) -> str:
+    """A short hash of which image is in which split (train/val/test), to tell a model's own split from another of
+    the same sizes. Images are keyed by ``image_id`` where the manifest has one, else by file name without folder or
+    suffix, so the same split moved to another folder (or machine) keeps its fingerprint. ``label``: count only rows
+    with a value in this column (the rows a taxonomy can train on)."""
+    used = df[df["split"].isin(SPLITS)]
+    if label is not None and label in used:
+        used = used[used[label].notna()]
+    if "path" not in used and "image_id" not in used:
+        raise ValueError("a split fingerprint needs a path or image_id column")
+    keys = used["image_id"] if "image_id" in used else pd.Series(pd.NA, index=used.index, dtype=object)
+    if "path" in used:
+        stems = used["path"].map(lambda p: str(p).replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0])
+        keys = keys.where(keys.notna(), stems)
+    lines = sorted(f"{k}\t{s}" for k, s in zip(keys.astype(object), used["split"], strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dermsight.data.images import ImageError, probe
 from dermsight.data.manifest import LABEL_COLUMNS
 from dermsight.data.problems import DataError
+from dermsight.data.split import split_fingerprint
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
 from dermsight.inference.backends import feature_layout
 from dermsight.inference.negatives import everyday_images
@@ -211,20 +212,26 @@ def split_mismatch(meta: ModelMeta, df: pd.DataFrame) -> str | None:
     make it look surer than it is, and its "test" scores would not be held out. The model records its split's
     sizes (`ModelMeta.split`, "... train N, val N, test N images"; an ensemble its first member's); a model without
     them is not checked. Rows without a label in the model's taxonomy are not counted, as training does not count them.
-    Sizes only: another split of exactly the same sizes passes (seed 1 of HAM10000's is off by one image)."""
+    Models trained since 2026-11-27 also record a fingerprint of which image is in which split
+    (`data.split.split_fingerprint`), which tells apart two splits of the same sizes; older ones are compared by size
+    only (seed 1 of HAM10000's split is off by one image, but another of exactly the same sizes would pass)."""
     recorded = dict(re.findall(r"\b(train|val|test) (\d+)", meta.split or ""))
     if set(recorded) != {"train", "val", "test"}:
         return None
     col = LABEL_COLUMNS[meta.taxonomy]
     labelled = df[df[col].notna()] if col in df.columns else df
     given = {name: int((labelled["split"] == name).sum()) for name in recorded}
-    if all(given[k] == int(v) for k, v in recorded.items()):
-        return None
-    return (
-        f"this split ({', '.join(f'{k} {given[k]}' for k in recorded)}) is not the one the model was trained on "
-        f"({', '.join(f'{k} {v}' for k, v in recorded.items())}): its val and test images may include training "
-        "images, which would make the fit look better than it is"
-    )
+    risk = "its val and test images may include training images, which would make the fit look better than it is"
+    if not all(given[k] == int(v) for k, v in recorded.items()):
+        return (
+            f"this split ({', '.join(f'{k} {given[k]}' for k in recorded)}) is not the one the model was trained on "
+            f"({', '.join(f'{k} {v}' for k, v in recorded.items())}): {risk}"
+        )
+    fingerprint = re.search(r"\bfingerprint ([0-9a-f]{16})\b", meta.split or "")
+    keyed = "path" in df.columns or "image_id" in df.columns
+    if fingerprint and keyed and split_fingerprint(df, col) != fingerprint[1]:
+        return f"this split has the sizes of the one the model was trained on but puts other images in them: {risk}"
+    return None
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -35,7 +35,7 @@ from dermsight.data.manifest import (
     load_manifest,
 )
 from dermsight.data.problems import DataError
-from dermsight.data.split import SplitConfig, check_split, split_manifest
+from dermsight.data.split import SplitConfig, check_split, split_fingerprint, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
 from dermsight.files import written_atomically
@@ -473,7 +473,10 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
         training_data=f"{cfg.data} ({len(data.manifest)} images)",
         split=(
             f"lesion/patient-grouped, stratified (StratifiedGroupKFold), seed {cfg.split_seed}: "
-            f"train {len(train_df)}, val {len(val_df)}, test {len(test_df)} images"
+            f"train {len(train_df)}, val {len(val_df)}, test {len(test_df)} images; "
+            # Which image is in which split, so calibrate and tune-decision can tell this split from another of the
+            # same sizes (`inference.calibration.split_mismatch`).
+            f"fingerprint {split_fingerprint(data.manifest, LABEL_COLUMNS[cfg.taxonomy])}"
         ),
         config=asdict(cfg),
     )
