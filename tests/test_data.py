@@ -296,6 +296,30 @@ def test_labels_csv_finds_images_named_by_id_alone(tmp_path):
     assert [(Path(p.item).name, "not found" in p.reason) for p in ingest.problems] == [("ISIC_5", True)]
 
 
+def test_images_behind_folder_links_are_found_once_and_a_link_loop_ends(tmp_path):
+    """A dataset assembled from links to where the images live (a shared disk): ids are found through the links,
+    and a link back up the tree is walked once, not forever."""
+    store = tmp_path / "store"
+    make_image(store / "batch1" / "ISIC_1.jpg", seed=1)
+    make_image(store / "batch2" / "ISIC_2.jpg", seed=2)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "b1").symlink_to(store / "batch1", target_is_directory=True)
+    (data / "images" / "b2").symlink_to(store / "batch2", target_is_directory=True)
+    (data / "images" / "loop").symlink_to(data, target_is_directory=True)
+    pd.DataFrame([("ISIC_1", "mel"), ("ISIC_2", "nv")], columns=["image", "label"]).to_csv(
+        data / "labels.csv", index=False
+    )
+    ingest = build_manifest(data, progress=False)
+    assert ingest.manifest.set_index("image_id")["label_ham7"].to_dict() == {"ISIC_1": "mel", "ISIC_2": "nv"}
+    assert not ingest.problems
+    # Class folders that are links, likewise.
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "melanoma").symlink_to(store / "batch1", target_is_directory=True)
+    assert build_manifest(classes, progress=False).manifest["label"].tolist() == ["mel"]
+
+
 def test_evaluation_with_no_usable_row_says_why(tmp_path):
     from dermsight.evaluation.run import read_labelled
 

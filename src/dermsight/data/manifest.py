@@ -8,7 +8,7 @@ be used at all (a CSV missing a required column) raises `DataError` with the fil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +81,26 @@ def _require(df: pd.DataFrame, path: Path, required: tuple[str, ...], what: str)
         )
 
 
+def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) for ``root`` and every folder under it, hidden ones (".name") left out, in a stable
+    order. Symbolic links to folders are followed (a dataset assembled from links to where the images really are is
+    common), each real folder once, so a link back up the tree cannot loop."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, sorted(filenames)
+
+
 def _index_images(root: Path) -> dict[str, Path]:
     """Map image stem -> file for every image under root (the HAM10000 download splits images over two folders)."""
     index: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in sorted(filenames):
+    for dirpath, filenames in walk(root):
+        for name in filenames:
             p = Path(dirpath, name)
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 index.setdefault(p.stem, p.resolve())
@@ -347,9 +360,8 @@ def read_folders(root: Path) -> Ingest:
     records = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = []
-        for dirpath, dirnames, filenames in os.walk(d):
-            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            for name in sorted(filenames):
+        for dirpath, filenames in walk(d):
+            for name in filenames:
                 if name.startswith(".") or name.lower() in _JUNK:
                     continue
                 p = Path(dirpath, name).resolve()

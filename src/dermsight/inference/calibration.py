@@ -32,7 +32,7 @@ from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError, probe
-from dermsight.data.manifest import LABEL_COLUMNS
+from dermsight.data.manifest import LABEL_COLUMNS, walk
 from dermsight.data.problems import DataError
 from dermsight.data.split import split_fingerprint
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
@@ -240,7 +240,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise DataError(f"{folder}: no such file or folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = (Path(d, n) for d, names in walk(folder) for n in names)
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.ndarray | None:
