@@ -79,7 +79,8 @@ def report(root: Path) -> str:
         raise SystemExit(f"no <arch>_seed<N>/scores.npz under {root}: run --score first")
     any_run = next(iter(runs.values()))
     for split in SPLITS:  # ensembles average logits row by row: every run must list the same images in order
-        if any((r[f"{split}_images"] != any_run[f"{split}_images"]).any() for r in runs.values()):
+        ids = any_run[f"{split}_images"]
+        if any(not np.array_equal(r[f"{split}_images"], ids) for r in runs.values()):
             raise SystemExit(f"the runs under {root} were scored on different {split} splits")
     head = (
         "| {} | checkpoint | val balanced acc. | val accuracy | val macro AUC | test balanced acc. | test accuracy "

@@ -46,5 +46,10 @@ def test_report_refuses_runs_scored_on_different_splits(tmp_path):
     _run(tmp_path, "b_seed1", y, {"best": 6, "best_raw": 6}, {**images, "val": images["val"][::-1]})
     with pytest.raises(SystemExit, match="different val splits"):
         ema.report(tmp_path)
+    (tmp_path / "b_seed1" / "scores.npz").unlink()
+    short = {s: v[:3] for s, v in y.items()}  # a run scored on fewer images: refused, not broadcast
+    _run(tmp_path, "c_seed1", short, {"best": 3, "best_raw": 3}, {s: v[:3] for s, v in images.items()})
+    with pytest.raises(SystemExit, match="different val splits"):
+        ema.report(tmp_path)
     with pytest.raises(SystemExit, match="run --score first"):
         ema.report(tmp_path / "nothing")

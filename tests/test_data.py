@@ -313,11 +313,17 @@ def test_images_behind_folder_links_are_found_once_and_a_link_loop_ends(tmp_path
     ingest = build_manifest(data, progress=False)
     assert ingest.manifest.set_index("image_id")["label_ham7"].to_dict() == {"ISIC_1": "mel", "ISIC_2": "nv"}
     assert not ingest.problems
-    # Class folders that are links, likewise.
+    # Class folders that are links, likewise; a link inside a class folder back to the root or into another class
+    # does not file the other class's images under this one's label.
     classes = tmp_path / "classes"
     classes.mkdir()
     (classes / "melanoma").symlink_to(store / "batch1", target_is_directory=True)
-    assert build_manifest(classes, progress=False).manifest["label"].tolist() == ["mel"]
+    make_image(classes / "nevus" / "sub" / "n1.jpg", seed=5)
+    (store / "batch1" / "up").symlink_to(classes, target_is_directory=True)
+    (store / "batch1" / "side").symlink_to(classes / "nevus" / "sub", target_is_directory=True)
+    m = build_manifest(classes, progress=False).manifest
+    names = m["path"].map(lambda p: Path(p).name)
+    assert sorted(zip(names, m["label"], strict=True)) == [("ISIC_1.jpg", "mel"), ("n1.jpg", "nv")]
 
 
 def test_evaluation_with_no_usable_row_says_why(tmp_path):

@@ -30,6 +30,7 @@ from dermsight.inference.calibration import (
     jpeg_quality,
     nll,
     read_labels,
+    read_split_manifest,
     split_mismatch,
     square_crop,
 )
@@ -157,7 +158,7 @@ def test_split_mismatch_compares_the_split_sizes_the_model_recorded():
     assert split_mismatch(replace(meta, split=""), other) is None  # nothing recorded, nothing to compare
 
 
-def test_split_mismatch_tells_a_split_of_the_same_sizes_by_its_fingerprint():
+def test_split_mismatch_tells_a_split_of_the_same_sizes_by_its_fingerprint(tmp_path):
     df = pd.DataFrame(
         {
             "path": [f"/data/img/ISIC_{i}.jpg" for i in range(6)],
@@ -171,6 +172,11 @@ def test_split_mismatch_tells_a_split_of_the_same_sizes_by_its_fingerprint():
     assert split_mismatch(meta, moved) is None
     swapped = df.assign(split=["val"] + ["train"] * 2 + ["train", "val", "test"])  # same sizes, other images
     assert "puts other images in them" in split_mismatch(meta, swapped)
+    # Ids that look like numbers stay text when a split.csv is read back ("0001" is not 1).
+    padded = df.assign(image_id=[f"{i:04d}" for i in range(6)])
+    meta = replace(meta, split=f"seed 0: train 3, val 2, test 1 images; fingerprint {split_fingerprint(padded)}")
+    padded.to_csv(tmp_path / "split.csv", index=False)
+    assert split_mismatch(meta, read_split_manifest(tmp_path / "split.csv")) is None
 
 
 def test_fit_temperature_recovers_a_known_temperature():

@@ -273,6 +273,14 @@ def test_ema_average_is_what_is_scored_kept_and_resumed(tmp_path, monkeypatch):
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
+    # A run cannot go on with ema_decay switched: its best checkpoint so far was judged by the other network.
+    with pytest.raises(ValueError, match="it was trained with ema_decay"):
+        fit(dataclasses.replace(whole, ema_decay=0.0, epochs=5, resume=True), progress=False)
+    plain = tiny_config(tmp_path, data, epochs=1, out=str(tmp_path / "plain"))
+    fit(plain, progress=False)
+    with pytest.raises(ValueError, match="it was trained without ema_decay"):
+        fit(dataclasses.replace(plain, ema_decay=0.9, epochs=2, resume=True), progress=False)
+
 
 def test_ema_options_are_checked():
     with pytest.raises(ValueError, match="ema_decay must be in"):

@@ -81,14 +81,15 @@ def _require(df: pd.DataFrame, path: Path, required: tuple[str, ...], what: str)
         )
 
 
-def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+def walk(root: str | os.PathLike, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for ``root`` and every folder under it, hidden ones (".name") left out, in a stable
     order. Symbolic links to folders are followed (a dataset assembled from links to where the images really are is
-    common), each real folder once, so a link back up the tree cannot loop."""
+    common), each real folder once, so a link back up the tree cannot loop. ``skip``: a folder whose real path it
+    accepts is not entered, even through a link."""
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or (skip is not None and skip(real)):
             dirnames[:] = []
             continue
         seen.add(real)
@@ -358,9 +359,18 @@ def read_folders(root: Path) -> Ingest:
     root = Path(root)
     problems: list[Problem] = []
     records = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for d in classes:
         files = []
-        for dirpath, filenames in walk(d):
+        # A link inside one class folder back to the root, or into another class, must not file images under this
+        # class's label that belong to another (or to none).
+        top = os.path.realpath(root)
+        others = [os.path.realpath(c) for c in classes if c != d]
+
+        def elsewhere(real: str, top: str = top, others: list[str] = others) -> bool:
+            return real == top or any(real == o or real.startswith(o + os.sep) for o in others)
+
+        for dirpath, filenames in walk(d, skip=elsewhere):
             for name in filenames:
                 if name.startswith(".") or name.lower() in _JUNK:
                     continue

@@ -32,7 +32,7 @@ from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError, probe
-from dermsight.data.manifest import LABEL_COLUMNS, walk
+from dermsight.data.manifest import ID_COLUMNS, LABEL_COLUMNS, walk
 from dermsight.data.problems import DataError
 from dermsight.data.split import split_fingerprint
 from dermsight.evaluation.metrics import expected_calibration_error, softmax
@@ -198,7 +198,8 @@ def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
             f"{data}: expected a split manifest CSV (with `path` and `split` columns, e.g. a run's split.csv) or a "
             "training run folder that holds split.csv"
         )
-    df = pd.read_csv(path, dtype={"path": str})
+    # Ids stay text: "0001" read as the number 1 would no longer match the fingerprint the model recorded.
+    df = pd.read_csv(path, dtype={"path": str, **dict.fromkeys(ID_COLUMNS, str)})
     missing = [c for c in ("path", "split") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; `dermsight data split` writes them")

@@ -78,8 +78,10 @@ class TrainConfig:
     # decay ramped up from 0 over the first few thousand steps (warm-up power 3/4) and capped at ema_decay. When on,
     # the average, not the raw weights, is what is scored on val each epoch and kept as the best checkpoint: weight
     # averages along the trajectory generalise better under a shift of data source (SWAD, Cha et al. 2021; "Ensemble
-    # of Averages", Arpit et al. 2022), which is the sealed external test set's situation. 0 = off; 0.998 averages
-    # over about 500 steps (two epochs at batch 32). Not combined with swa_epochs (both average weights).
+    # of Averages", Arpit et al. 2022), which is the sealed external test set's situation. 0 = off. With the warm-up
+    # the decay is 1 - (1 + step)^-0.75 until it reaches ema_decay: 0.994 (about 180 steps averaged) after 1,000
+    # steps, 0.998 (about 500) only after about 4,000, past the default 16 epochs of 219 steps (0.9978 at their end).
+    # Not combined with swa_epochs (both average weights).
     ema_decay: float = 0.0
     # Knowledge distillation: a dermsight model file whose (raw) logits the model learns to match on the same
     # augmented images (e.g. the ensemble, to serve one network at its quality); none: plain supervised training.

@@ -586,6 +586,10 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     return result  # type: ignore[return-value]  # None on non-zero ranks
 
 
+class _ResumeRefused(Exception):
+    """A whole checkpoint that this run's settings cannot continue (its message says why)."""
+
+
 def next_epoch_estimate(seconds: Sequence[float]) -> float:
     """The time budget's guess at the next epoch: the longest so far, leaving out the first once there are others
     (see `_Epochs.time_up`)."""
@@ -677,6 +681,14 @@ class _Epochs:
         if resume and self.last.is_file():
             try:
                 ck = torch.load(self.last, map_location=self.device, weights_only=False)
+                if isinstance(ck, dict) and ("ema" in ck) != (self.ema is not None):
+                    # The checkpoints kept so far were judged by the other network (the average or the raw
+                    # weights), and log.csv has the other columns: the run cannot simply go on with ema_decay changed.
+                    was = "with ema_decay" if "ema" in ck else "without ema_decay"
+                    raise _ResumeRefused(
+                        f"cannot resume from {self.last}: it was trained {was}; resume with the ema_decay it started "
+                        "with, or train into another --out"
+                    )
                 self.model.load_state_dict(ck["model"])
                 self.optimizer.load_state_dict(ck["optimizer"])
                 self.scheduler.load_state_dict(ck["scheduler"])
@@ -686,6 +698,8 @@ class _Epochs:
                 self.best_raw = ck.get("best_raw", -1.0)
                 self.stale, swa_state = ck["stale"], ck.get("swa")
                 torch.set_rng_state(ck["rng"])
+            except _ResumeRefused as e:
+                raise ValueError(str(e)) from None
             except Exception as e:  # truncated, not a checkpoint, or another run's (architecture, classes)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(
