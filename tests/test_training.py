@@ -341,8 +341,9 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
         pytest.skip("torchrun not found next to the Python interpreter")
     data = synthetic_dataset(tmp_path / "data")
     # Also under DDP: augmentation on the device (each rank its DistributedSampler shard), and a time limit that
-    # rank 0 decides for both (were they to disagree, one rank would wait forever for the other).
-    cfg = tiny_config(tmp_path, data, epochs=2, device="cpu", augment="device", time_limit_s=0.001)
+    # rank 0 decides for both (were they to disagree, one rank would wait forever for the other), and a weight average
+    # scored beside the raw weights, every score rank 0's for both ranks.
+    cfg = tiny_config(tmp_path, data, epochs=2, device="cpu", augment="device", time_limit_s=0.001, ema_decay=0.9)
     cfg.to_yaml(tmp_path / "ddp.yaml")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -363,7 +364,7 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1/2" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
-    assert "epoch 2/2" not in proc.stdout and "time limit" in proc.stdout
+    assert "epoch 2/2" not in proc.stdout and "time limit" in proc.stdout and "(raw weights" in proc.stdout
     assert proc.stdout.count("model written to") == 1  # only rank 0 writes
 
 

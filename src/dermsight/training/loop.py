@@ -551,8 +551,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
             break
         t0 = time.perf_counter()
         loss = loop.train_epoch(epoch, scheduler, f"epoch {epoch + 1}/{cfg.epochs}")
-        # Every rank scores the (small) validation set itself, so all take the same early-stopping decision
-        # without having to communicate it.
+        # Every rank scores the (small) validation set itself and takes rank 0's scores (`score_val`), so all keep
+        # the same best epoch and take the same early-stopping decision.
         val = loop.score_val(loop.scored)
         improved = loop.consider(loop.scored, val, epoch)
         loop.stale = 0 if improved else loop.stale + 1
@@ -738,7 +738,15 @@ class _Epochs:
         logits, y = predict(m, self.val_dl, self.device, self.cfg.amp, self.progress)
         pred = logits.argmax(1)
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
-        return val_loss, float((pred == y).mean()), float(balanced_accuracy_score(y, pred))
+        scores = (val_loss, float((pred == y).mean()), float(balanced_accuracy_score(y, pred)))
+        if self.world > 1:
+            # Each rank updated its BatchNorm statistics with its own last batches, so the ranks' scores differ
+            # slightly; rank 0's are used by all, so every rank keeps the same best epoch and stops at the same one
+            # (ranks that disagreed would wait for each other forever).
+            t = torch.tensor(scores, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(t, src=0)
+            scores = (float(t[0]), float(t[1]), float(t[2]))
+        return scores
 
     def consider(self, m: nn.Module, val: tuple[float, float, float], epoch: int) -> bool:
         """Keep ``m`` as the best checkpoint if its val balanced accuracy is the highest so far."""
