@@ -10,6 +10,7 @@ import io
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -643,6 +644,34 @@ def test_cli_evaluate_end_to_end_on_a_folder_of_square_crops(calibrated, tmp_pat
     assert (pred[labels].to_numpy().argmax(axis=1) == [labels.index(c) for c in pred["predicted"]]).all()
     cm = pd.crosstab(pred["label"], pred["predicted"]).reindex(index=labels, columns=labels, fill_value=0)
     assert cm.to_numpy().tolist() == metrics["confusion_matrix"]
+
+
+def test_cli_evaluate_counts_what_the_serving_gates_would_refuse(calibrated, tmp_path, capsys):
+    path, _, manifest = calibrated
+    folder = tmp_path / "mixed"
+    (folder / "images").mkdir(parents=True)
+    rows = [(Path(p).stem, lab) for p, lab in manifest.loc[manifest["split"] == "test", ["path", "label_ham7"]].values]
+    for p in manifest.loc[manifest["split"] == "test", "path"]:
+        Image.open(p).save(folder / "images" / Path(p).name)
+    # Two pictures that are no lesion, labelled as if they were: scored by the metrics, refused by the app.
+    Image.fromarray(document()).save(folder / "images" / "page.jpg")
+    Image.fromarray(scene()).save(folder / "images" / "street.jpg")
+    rows += [("page", "nv"), ("street", "nv")]
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(path), "--data", str(folder), "--out", str(out), "--bootstrap", "0"]
+    assert main([*args, "--gates"]) == 0
+    stdout = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    counts = metrics["serving_gates"]
+    assert metrics["n"] == len(rows) == counts["images"]  # every image scored; the refusals are counted beside
+    assert counts["refused"] >= 2 and counts["refused"] == counts["not_a_lesion"] + counts["image_quality"]
+    assert f"the app would refuse {counts['refused']} of these {len(rows)} images" in stdout
+    assert f"| serving_gates | the app would refuse {counts['refused']} of" in (out / "report.md").read_text()
+    # Without --gates: no second pass, nothing said.
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert "serving gates" not in capsys.readouterr().out
+    assert "serving_gates" not in (tmp_path / "plain" / "metrics.json").read_text()
 
 
 def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, capsys):

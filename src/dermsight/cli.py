@@ -202,6 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         tta=args.tta,
         n_bootstrap=args.bootstrap,
+        gates=args.gates,
     )
     m, ci = ev.metrics, ev.metrics["ci95"]
 
@@ -220,6 +221,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "recall per class: "
         + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items() if v["recall"] is not None)
     )
+    if args.gates:
+        print(f"serving gates: {m['extra']['serving_gates']} (the metrics above count every image)")
     print(f"report: {ev.files['report']}")
     return _report_problems(ev.problems, Path(args.out) / "problems.csv" if ev.problems else None)
 
@@ -526,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="average over the 8 flips/rotations (default: the model's own rule)",
     )
     e.add_argument("--bootstrap", type=_whole(0), default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
+    e.add_argument(
+        "--gates",
+        action="store_true",
+        help="also count the images the web app and predict would refuse (image quality, not a lesion); "
+        "a second pass over the images. The metrics still cover every image",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     td = sub.add_parser(

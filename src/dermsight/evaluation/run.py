@@ -7,10 +7,11 @@ probabilities into akiec (HAM's akiec cannot be split into the two).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,42 @@ def model_logits(
     return out, sorted(failed)
 
 
+def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """How many of ``paths`` the serving gates would refuse (`Predictor`: the image-quality checks, then the
+    not-a-lesion gate), which `predict` and the web app answer with a reason and no diagnosis. `evaluate` itself
+    scores every image, so its metrics describe the model, not what a user of the app would be told."""
+    from dermsight.inference.predictor import NOT_A_LESION, Predictor
+
+    predictor = Predictor.from_path(model_path)
+    quality: dict[str, int] = {}
+    not_a_lesion = failed = 0
+    for start in tqdm(range(0, len(paths), 32), desc="serving gates", unit="batch", disable=not progress or None):
+        for r in predictor.predict_batch(list(paths[start : start + 32])):
+            if isinstance(r, ImageError):
+                failed += 1
+            elif r.status == "rejected" and r.reason == NOT_A_LESION:
+                not_a_lesion += 1
+            elif r.status == "rejected":
+                quality[str(r.reason)] = quality.get(str(r.reason), 0) + 1
+    n = len(paths) - failed
+    refused = not_a_lesion + sum(quality.values())
+    return {
+        "images": n,
+        "refused": refused,
+        "share": refused / n if n else 0.0,
+        "not_a_lesion": not_a_lesion,
+        "image_quality": sum(quality.values()),
+        "image_quality_reasons": dict(sorted(quality.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def refusals_line(r: dict[str, Any]) -> str:
+    return (
+        f"the app would refuse {r['refused']} of these {r['images']} images ({100 * r['share']:.1f}%): "
+        f"{r['not_a_lesion']} as not a lesion, {r['image_quality']} for image quality"
+    )
+
+
 def evaluate(
     data: Path,
     out_dir: Path,
@@ -147,11 +184,14 @@ def evaluate(
     tta: bool | None = None,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    gates: bool = False,
 ) -> Evaluation:
     """Score ``model_path`` (default: the bundled model) on ``data``; write metrics.json, plots, report.md and
     predictions.csv.
 
-    ``tta`` None follows the model's decision rule (`ModelMeta.tta`), as serving does."""
+    ``tta`` None follows the model's decision rule (`ModelMeta.tta`), as serving does. ``gates``: also count the
+    images the serving gates would refuse (`serving_refusals`; a second pass over the images). The metrics are
+    computed on every image either way."""
     # The output folder first: a path that cannot be one (a file stands there) fails before minutes of scoring.
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model_path = Path(model_path) if model_path else default_model_path()
@@ -181,6 +221,10 @@ def evaluate(
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
     metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap)
+    if gates:
+        # Counted beside the metrics, which still cover every image (metrics.json "serving_gates").
+        scored = [p for p, k in zip(paths, ok, strict=True) if k]
+        metrics["serving_gates"] = serving_refusals(model_path, scored, progress)
     extra = {
         "model": str(model_path),
         "architecture": meta.architecture,
@@ -196,6 +240,8 @@ def evaluate(
         "ece_before_temperature": expected_calibration_error(probs_raw, y),
         "images_failed": len(failed),
     }
+    if gates:
+        extra["serving_gates"] = refusals_line(metrics["serving_gates"])
     title = f"{meta.network} on {Path(data).name}" + (f" ({split} split)" if split else "")
     files = write_report(metrics, probs, y, Path(out_dir), title=title, extra=extra)
     files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", manifest[ok], probs, y, labels)
