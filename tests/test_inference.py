@@ -29,6 +29,7 @@ from dermsight.inference.calibration import (
     calibrate_model,
     fit_temperature,
     jpeg_quality,
+    list_images,
     nll,
     read_labels,
     read_split_manifest,
@@ -157,6 +158,17 @@ def test_split_mismatch_compares_the_split_sizes_the_model_recorded():
     other = same.assign(split=["train"] * 2 + ["val"] * 3 + ["test", "excluded"])
     assert "not the one the model was trained on (train 3, val 2, test 1)" in split_mismatch(meta, other)
     assert split_mismatch(replace(meta, split=""), other) is None  # nothing recorded, nothing to compare
+
+
+def test_list_images_leaves_out_hidden_files_and_folders_and_follows_links(tmp_path):
+    make_image(tmp_path / "neg" / "a.jpg")
+    make_image(tmp_path / "neg" / "sub" / "b.png", fmt="PNG")
+    (tmp_path / "neg" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS copies leave these
+    make_image(tmp_path / "neg" / ".thumbs" / "c.jpg")
+    make_image(tmp_path / "elsewhere" / "d.jpg")
+    (tmp_path / "neg" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert [p.name for p in list_images(tmp_path / "neg")] == ["a.jpg", "d.jpg", "b.png"]
+    assert list_images(tmp_path / "neg" / "a.jpg") == [tmp_path / "neg" / "a.jpg"]
 
 
 def test_split_mismatch_tells_a_split_of_the_same_sizes_by_its_fingerprint(tmp_path):

@@ -241,7 +241,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise DataError(f"{folder}: no such file or folder")
-    files = (Path(d, n) for d, names in walk(folder) for n in names)
+    # Hidden files (macOS "._photo.jpg" resource forks, say) are not pictures, like hidden folders.
+    files = (Path(d, n) for d, names in walk(folder) for n in names if not n.startswith("."))
     return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
