@@ -3,6 +3,7 @@ round-trip at half size, and mixed or malformed inputs are refused with a clear 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -95,6 +96,13 @@ def test_members_are_named_by_folder_and_file_or_by_file_alone(members, tmp_path
     monkeypatch.chdir(members[0].parent)
     report = combine([p.name for p in members], tmp_path / "ens2.safetensors")
     assert [m["model"] for m in report["members"]] == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+    # Runs in folders of the same name are told apart by their whole paths.
+    for run in ("a", "b"):
+        (tmp_path / run / "seed0").mkdir(parents=True)
+        shutil.copy(members[0], tmp_path / run / "seed0" / "model.safetensors")
+    twins = [tmp_path / run / "seed0" / "model.safetensors" for run in ("a", "b")]
+    report = combine(twins, tmp_path / "ens3.safetensors")
+    assert [m["model"] for m in report["members"]] == [str(p) for p in twins]
 
 
 def test_ensemble_serves_onnx_with_parity_and_explains(members, tmp_path):

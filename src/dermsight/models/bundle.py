@@ -255,6 +255,8 @@ def read_runs(
     # Runs' files share a name (model.safetensors); their folders tell them apart. A file given with no folder (in the
     # current one) is named alone, not "/name".
     names = [f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in paths]
+    if len(set(names)) < len(names):  # a/seed0/model.safetensors and b/seed0/model.safetensors: the paths as given
+        names = [str(p) for p in paths]
     seen: dict[Path, Path] = {}
     for p in paths:
         key = p.resolve()
