@@ -108,6 +108,18 @@ def _index_images(root: Path) -> dict[str, Path]:
     return index
 
 
+def image_ids(df: pd.DataFrame) -> list[str]:
+    """The id each row's label file gave it (``image_id``) where there is one, else the file name without folder or
+    suffix; folders are split at / and \\ alike, so a manifest written on Windows names its images the same. (The
+    ``image`` column of evaluate's predictions.csv, and the keys of a split's fingerprint.)"""
+    if "path" not in df and "image_id" not in df:
+        raise ValueError("image ids need a path or image_id column")
+    stems = [Path(str(p).replace("\\", "/")).stem for p in df["path"]] if "path" in df else [""] * len(df)
+    if "image_id" not in df:
+        return stems
+    return [str(i) if isinstance(i, str) and i else s for i, s in zip(df["image_id"], stems, strict=True)]
+
+
 def _image_key(name: str) -> str:
     """The `_index_images` key for an image named in a CSV: its file stem, or the name itself when it has no image
     suffix (ids may contain dots: "img.2019.001")."""
@@ -360,14 +372,14 @@ def read_folders(root: Path) -> Ingest:
     problems: list[Problem] = []
     records = []
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top, reals = os.path.realpath(root), [os.path.realpath(c) for c in classes]
     for d in classes:
         files = []
         # A link inside one class folder back to the root, or into another class, must not file images under this
         # class's label that belong to another (or to none).
-        top = os.path.realpath(root)
-        others = [os.path.realpath(c) for c in classes if c != d]
+        others = [r for c, r in zip(classes, reals, strict=True) if c != d]
 
-        def elsewhere(real: str, top: str = top, others: list[str] = others) -> bool:
+        def elsewhere(real: str, others: list[str] = others) -> bool:
             return real == top or any(real == o or real.startswith(o + os.sep) for o in others)
 
         for dirpath, filenames in walk(d, skip=elsewhere):

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dermsight.data.manifest import image_ids
+
 SPLITS = ("train", "val", "test")
 
 
@@ -148,17 +150,11 @@ def check_split(df: pd.DataFrame, label: str = "label_ham7") -> list[str]:
 
 def split_fingerprint(df: pd.DataFrame, label: str | None = None) -> str:
     """A short hash of which image is in which split (train/val/test), to tell a model's own split from another of
-    the same sizes. Images are keyed by ``image_id`` where the manifest has one, else by file name without folder or
-    suffix, so the same split moved to another folder (or machine) keeps its fingerprint. ``label``: count only rows
-    with a value in this column (the rows a taxonomy can train on)."""
+    the same sizes. Images are keyed by `manifest.image_ids` (``image_id`` where the manifest has one, else the file
+    name without folder or suffix), so the same split moved to another folder (or machine) keeps its fingerprint.
+    ``label``: count only rows with a value in this column (the rows a taxonomy can train on)."""
     used = df[df["split"].isin(SPLITS)]
     if label is not None and label in used:
         used = used[used[label].notna()]
-    if "path" not in used and "image_id" not in used:
-        raise ValueError("a split fingerprint needs a path or image_id column")
-    keys = used["image_id"] if "image_id" in used else pd.Series(pd.NA, index=used.index, dtype=object)
-    if "path" in used:
-        stems = used["path"].map(lambda p: str(p).replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0])
-        keys = keys.where(keys.notna(), stems)
-    lines = sorted(f"{k}\t{s}" for k, s in zip(keys.astype(object), used["split"], strict=True))
+    lines = sorted(f"{k}\t{s}" for k, s in zip(image_ids(used), used["split"], strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]

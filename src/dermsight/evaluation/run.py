@@ -23,6 +23,7 @@ from dermsight.data.images import ImageError
 from dermsight.data.manifest import (
     LABEL_COLUMNS,
     build_manifest,
+    image_ids,
     load_manifest,
 )
 from dermsight.data.problems import DataError, Problem, summarise
@@ -257,7 +258,7 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
-            "image": _image_ids(manifest),
+            "image": image_ids(manifest),
             "path": [str(p) for p in manifest["path"]],
             "label": [labels[i] for i in y],
             "predicted": [labels[i] for i in pred],
@@ -267,11 +268,3 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
     table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
     table.to_csv(path, index=False)
     return path
-
-
-def _image_ids(manifest: pd.DataFrame) -> list[str]:
-    """The id each row's label file gave it (``image_id``) where there is one, else the file name without suffix."""
-    stems = [Path(str(p)).stem for p in manifest["path"]]
-    if "image_id" not in manifest.columns:
-        return stems
-    return [str(i) if isinstance(i, str) and i else s for i, s in zip(manifest["image_id"], stems, strict=True)]
