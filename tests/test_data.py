@@ -150,6 +150,26 @@ def test_load_rgb_refuses_jpegs_of_absurdly_many_scans(tmp_path):
         load_rgb(tmp_path / "bomb.jpg")
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 7])
+def test_jpeg_scans_are_counted_across_read_chunks(tmp_path, monkeypatch, chunk):
+    # The count reads the file in chunks: a marker split between two of them (FF | DA) must still count, and the
+    # handle must be left where decoding expects it (a good image decodes to the same pixels).
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(48 * 40 * 3, dtype=np.uint8).reshape(40, 48, 3)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    expected = load_rgb(data)
+    last = data.rindex(b"\xff\xda")
+    bomb = data[:last] + data[last:-2] * (MAX_JPEG_SCANS + 1) + data[-2:]
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    (tmp_path / "good.jpg").write_bytes(data)
+    scans = bomb.count(b"\xff\xda")
+    monkeypatch.setattr("dermsight.data.images._SCAN_CHUNK", chunk)
+    with pytest.raises(ImageError, match=rf"JPEG with {scans} scans"):
+        load_rgb(tmp_path / "bomb.jpg")
+    assert np.array_equal(load_rgb(tmp_path / "good.jpg"), expected)
+    assert np.array_equal(load_rgb(data), expected)
+
+
 @pytest.mark.parametrize(
     ("name", "reason"),
     [

@@ -27,6 +27,7 @@ ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 # and 64 MB limits. Cameras and encoders write about 10 scans (mozjpeg's most compact setting a few more); libjpeg-
 # turbo's documentation suggests a limit of this kind for untrusted input.
 MAX_JPEG_SCANS = 100
+_SCAN_CHUNK = 1 << 20  # bytes read at a time while counting scans
 
 # Orientations 5-8 rotate by 90 degrees, so width and height swap once EXIF orientation is applied.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -90,11 +91,23 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
     return im
 
 
-def _check_scans(source: str | os.PathLike | bytes) -> None:
+def _check_scans(im: Image.Image) -> None:
     """Refuse a JPEG with more than `MAX_JPEG_SCANS` scans before decoding it. A scan starts at an SOS marker
-    (FF DA); inside compressed data every FF byte is followed by 00, so each FF DA in the file is a real marker."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    scans = data.count(b"\xff\xda")
+    (FF DA); inside compressed data every FF byte is followed by 00, so each FF DA in the file is a real marker.
+
+    The bytes are read through Pillow's open handle, a megabyte at a time, and the handle is put back where it was:
+    a file given by path is read from disk once for this and once more only as far as decoding needs."""
+    fp = im.fp
+    start = fp.tell()
+    try:
+        fp.seek(0)
+        scans, last = 0, b""
+        while chunk := fp.read(_SCAN_CHUNK):
+            # A marker split across two chunks: FF at the end of one, DA at the start of the next.
+            scans += chunk.count(b"\xff\xda") + (last == b"\xff" and chunk[:1] == b"\xda")
+            last = chunk[-1:]
+    finally:
+        fp.seek(start)
     if scans > MAX_JPEG_SCANS:
         raise ImageError(
             f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}): not a file a camera or an image editor writes"
@@ -186,7 +199,7 @@ def load_rgb(
     im = _open(source)
     try:
         if im.format in ("JPEG", "MPO"):
-            _check_scans(source)
+            _check_scans(im)
         orientation = _orientation(im)
         w, h = im.size
         if orientation in _SWAPPING_ORIENTATIONS:
