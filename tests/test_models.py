@@ -137,6 +137,49 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
         create_model("resnet50", 7, weights="auto")
 
 
+def _no_route(*args, **kwargs):
+    raise OSError(-2, "Name or service not known")
+
+
+def test_unreachable_hub_fails_fast_or_uses_the_local_cache(tmp_path, monkeypatch):
+    # Without a network, huggingface_hub's retries made a user wait 51 s for the error. One failed connection now
+    # switches it to its offline mode for the call: an earlier download is taken from the cache, else a clear error.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(factory.socket, "create_connection", _no_route)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsUnavailableError, match=r"huggingface\.co:443 did not answer.*no earlier download"):
+        create_model("mobilenetv2_100", 7, weights="hub")
+    assert constants.HF_HUB_OFFLINE is False  # switched back after the call
+
+    # The layout huggingface_hub keeps downloads in: refs/main names the snapshot that holds the file.
+    imagenet = timm.create_model("mobilenetv2_100", pretrained=False)
+    repo = tmp_path / "hub" / "models--timm--mobilenetv2_100.ra_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    safetensors.torch.save_file(imagenet.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    model, info = create_model("mobilenetv2_100", 7, weights="hub")
+    assert info.source == "hub" and "timm/mobilenetv2_100.ra_in1k" in info.description
+    assert torch.equal(model.state_dict()["conv_stem.weight"], imagenet.state_dict()["conv_stem.weight"])
+    assert model.get_classifier().out_features == 7 and constants.HF_HUB_OFFLINE is False
+
+
+def test_hub_probe_leaves_proxies_and_offline_mode_to_the_download(monkeypatch):
+    # Behind a proxy a direct connection proves nothing, and HF_HUB_OFFLINE already answers at once.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(factory.socket, "create_connection", _no_route)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert factory.hub_unreachable().startswith("huggingface.co:443 did not answer")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert factory.hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert factory.hub_unreachable() is None
+
+
 def test_weights_from_file_keep_backbone_and_fit_strictly(tmp_path):
     source = timm.create_model("mobilenetv2_100", pretrained=False)  # 1000-class head, like an ImageNet file
     path = tmp_path / "imagenet.pth"

@@ -19,13 +19,18 @@ In every case the ImageNet classifier is dropped and the model keeps a freshly i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import safetensors
 import safetensors.torch
@@ -280,17 +285,61 @@ def _load_offline(model: nn.Module, arch: str) -> WeightsInfo:
     )
 
 
+# Without a network, huggingface_hub retries each request five times with back-off, and timm asks for two files: a
+# user waited 51 s for the error (measured). One TCP connection attempt answers sooner.
+HUB_PROBE_TIMEOUT_S = 5.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the model hub cannot be reached from this machine, or None when it can, or when only the download itself
+    can tell: behind a proxy (a direct connection proves nothing there) or in huggingface_hub's own offline mode."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port} did not answer: {e.strerror or e}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) for one call: weights downloaded before come from the
+    local cache at once, and missing ones fail at once, instead of after a minute of retries."""
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _from_hub(arch: str, num_classes: int, drop_rate: float) -> tuple[nn.Module, WeightsInfo]:
+    unreachable = hub_unreachable()
     try:
         # timm drops the 1000-class head itself when num_classes differs from the checkpoint's.
-        model = timm.create_model(arch, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+        with _hub_offline(unreachable is not None):
+            model = timm.create_model(arch, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
     # Offline failures surface as many types (socket, HTTP, huggingface_hub, OSError from a half cache); all of
     # them mean the same thing to a user.
     except Exception as e:
+        why = f"{unreachable}, and no earlier download is cached" if unreachable else f"{type(e).__name__}: {e}"
         offline = "weights='offline'" if arch in OFFLINE_WEIGHTS else "a local weights file"
         raise WeightsUnavailableError(
             f"could not download pretrained weights for {arch} from the model hub; the hub seems unreachable "
-            f"from this machine ({type(e).__name__}: {str(e)[:200]}). Use {offline} instead "
+            f"from this machine ({why[:240]}). Use {offline} instead "
             f"(offline weights exist for {', '.join(OFFLINE_WEIGHTS)})."
         ) from e
     cfg = model.pretrained_cfg
