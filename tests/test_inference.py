@@ -250,6 +250,15 @@ def test_predict_result_shape_and_catalogue(calibrated):
     assert info["backend"] == "torch" and len(info["classes"]) == 7 and info["ood"]["threshold"] > 0
 
 
+def test_uncertain_flag_follows_the_percent_shown(calibrated):
+    # The page says "no condition reaches 50%" for an uncertain result, next to the top class's whole percent.
+    p = Predictor.from_path(calibrated[0], backend="torch", threads=1)
+    rest = np.full(6, 1 / 6)
+    for top, uncertain in ((0.4996, False), (0.4949, True), (0.51, False), (0.3, True)):
+        r = p._result(np.concatenate([[top], rest * (1 - top)]), None, {})
+        assert r.predictions[0].probability == pytest.approx(top) and r.uncertain is uncertain
+
+
 def test_predict_accepts_bytes_paths_and_arrays_alike(calibrated):
     path, _, manifest = calibrated
     p = Predictor.from_path(path, backend="torch", threads=1)

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import HAM_FULLRES, needs_fullres
 from dermsight.classes import CONDITIONS, HAM7
 from dermsight.data.images import load_rgb
-from dermsight.inference.types import ClassProbability, PredictionResult
+from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult, below, whole_percent
 from dermsight.models.bundle import default_model_path, read_meta
 from dermsight.web import create_app
 from dermsight.web.app import config_from_env
@@ -582,6 +582,21 @@ def test_triage_rules():
     rejected = PredictionResult("rejected", "the photo is blurred")
     assert advise(rejected).level == "retake" and "The photo is blurred. Please" in advise(rejected).message
     assert "at >99%" in advise(_result({"nv": 0.998, "mel": 0.002})).message
+
+
+def test_advice_thresholds_compare_the_percents_people_see():
+    # A reviewer's cases: "Melanoma 10%" on the page (0.097) went unnamed in "Probably harmless", and three
+    # concerning classes each shown as 10% (0.2955 together) did not reach the 30% that sends people to a doctor.
+    shown_ten = advise(_result({"nv": 0.87, "mel": 0.097, "bkl": 0.033}))
+    assert shown_ten.level == "monitor" and "does not rule out melanoma (10%)" in shown_ten.message
+    assert "rule out" not in advise(_result({"nv": 0.905, "mel": 0.0949, "bkl": 0.0001})).message  # shown as 9%
+    three_tens = advise(_result({"nv": 0.7045, "mel": 0.0985, "bcc": 0.0985, "akiec": 0.0985}))
+    assert three_tens.level == "see_doctor" and "together reach 30%" in three_tens.message
+    assert advise(_result({"nv": 0.7151, "mel": 0.0949, "bcc": 0.0950, "akiec": 0.0950})).level == "monitor"  # 28%
+    # Uncertain is "no condition reaches 50%" on the page: a top class shown as 50% is not below it.
+    assert not below(0.4996, UNCERTAIN_BELOW) and below(0.4949, UNCERTAIN_BELOW) and below(0.0, UNCERTAIN_BELOW)
+    assert [whole_percent(p) for p in (0.097, 0.0949, 0.4996, 0.125, 1.0)] == [10, 9, 50, 12, 100]
+    assert percent(0.097) == "10%" and percent(0.4996) == "50%"
 
 
 def test_percent_never_rounds_a_possibility_away():

@@ -11,6 +11,18 @@ Status = Literal["ok", "rejected"]
 UNCERTAIN_BELOW = 0.5
 
 
+def whole_percent(p: float) -> int:
+    """``p`` as the whole percent people are shown. Every threshold a reader can check against the numbers on the page
+    (uncertain below 50%, a concerning class named from 10%, concerning classes together from 30%) compares this,
+    not the raw probability: a result showing "Melanoma 10%" must not be passed over because it was 0.097."""
+    return round(p * 100)
+
+
+def below(p: float, threshold: float) -> bool:
+    """Whether ``p`` is below ``threshold`` as shown: in whole percents (see `whole_percent`)."""
+    return whole_percent(p) < round(threshold * 100)
+
+
 @dataclass(frozen=True)
 class ClassProbability:
     code: str  # catalogue code, e.g. "mel"

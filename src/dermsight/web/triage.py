@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dermsight.classes import CONDITIONS
-from dermsight.inference.types import PredictionResult
+from dermsight.inference.types import PredictionResult, below, whole_percent
 
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
 # first ("mole 55%, melanoma 40%" is not a result to shrug off).
@@ -55,7 +55,7 @@ def percent(p: float) -> str:
         return "<1%"
     if 0.99 < p < 1:
         return ">99%"
-    return f"{p * 100:.0f}%"
+    return f"{whole_percent(p)}%"
 
 
 def concerning_probability(result: PredictionResult) -> float:
@@ -89,7 +89,7 @@ def advise(result: PredictionResult) -> Advice:
             "by a doctor or dermatologist.",
         )
     concern = concerning_probability(result)
-    if concern >= CONCERN_PROBABILITY:
+    if not below(concern, CONCERN_PROBABILITY):
         worst = next(p for p in result.predictions if _concerning(p.code))
         return Advice(
             "see_doctor",
@@ -100,7 +100,7 @@ def advise(result: PredictionResult) -> Advice:
         )
     worst = next((p for p in result.predictions if _concerning(p.code)), None)
     caveat = ""
-    if worst is not None and worst.probability >= MENTION_PROBABILITY:
+    if worst is not None and not below(worst.probability, MENTION_PROBABILITY):
         caveat = (
             f" It does not rule out {_name(worst)} ({percent(worst.probability)}), a condition that can be or become "
             "skin cancer: if in doubt, have it checked."
