@@ -50,7 +50,15 @@ from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality, high_fre
 from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
 from dermsight.inference.ood import OODGate
 from dermsight.inference.output import format_table, result_record
-from dermsight.inference.predictor import Predictor, decode, decode_side, match_detail, to_model_input, tta_views
+from dermsight.inference.predictor import (
+    Predictor,
+    centre_band,
+    decode,
+    decode_side,
+    match_detail,
+    to_model_input,
+    tta_views,
+)
 from dermsight.inference.types import PredictionResult
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
 from dermsight.models.bundle import DEFAULT_MODEL, read_extra, read_meta
@@ -257,6 +265,24 @@ def test_uncertain_flag_follows_the_percent_shown(calibrated):
     for top, uncertain in ((0.4996, False), (0.4949, True), (0.51, False), (0.3, True)):
         r = p._result(np.concatenate([[top], rest * (1 - top)]), None, {})
         assert r.predictions[0].probability == pytest.approx(top) and r.uncertain is uncertain
+
+
+def test_strips_longer_than_jpeg_allows_are_answered_on_the_centre_the_model_sees(calibrated):
+    # A 70000x150 PNG made a 500 in the web app: the JPEG round trip of match_detail cannot encode 65,500+ px.
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="torch", threads=1)
+    lesion = load_rgb(manifest["path"].iloc[-1])  # 200x150
+    strip = np.tile(lesion, (1, 350, 1))  # 150x70000: the quality gate looks at the whole photo
+    buf = io.BytesIO()
+    Image.fromarray(strip).save(buf, format="PNG")
+    wide = p.predict(buf.getvalue())
+    near = p.predict(np.ascontiguousarray(strip[:, 34_775:35_225]))  # 3:1 around the same centre
+    assert wide.status == near.status and wide.scores["ood"] == pytest.approx(near.scores["ood"], rel=0.05)
+    x_wide, x_near = (p.preprocess(p.decode(a)) for a in (buf.getvalue(), strip[:, 34_775:35_225]))
+    assert x_wide.shape == x_near.shape and np.abs(x_wide - x_near).mean() < 0.05
+    assert centre_band(strip).shape == (150, 600, 3) and centre_band(strip.transpose(1, 0, 2)).shape == (600, 150, 3)
+    ordinary = np.zeros((150, 600, 3), np.uint8)
+    assert centre_band(ordinary) is ordinary  # up to 4:1 nothing is cut
 
 
 def test_predict_accepts_bytes_paths_and_arrays_alike(calibrated):

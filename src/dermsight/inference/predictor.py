@@ -157,6 +157,27 @@ def decode(source: Source, side: int) -> np.ndarray:
     return load_rgb(source, short_side=side, resample=SERVE_RESAMPLE, slack=DECODE_SLACK)
 
 
+# The longest side kept, in multiples of the shorter one (see `centre_band`).
+MAX_ASPECT = 4
+
+
+def centre_band(image: np.ndarray) -> np.ndarray:
+    """``image`` cut to at most `MAX_ASPECT` times as long as it is wide, around its centre.
+
+    The model sees only the centre square of an image (its eval preset resizes the shorter side and crops the
+    centre), so this removes nothing it looks at. It keeps absurd strips within what the JPEG round trip of
+    `match_detail` can encode (65,500 px a side): a 100000x128 PNG made a 500 before."""
+    h, w = image.shape[:2]
+    longest = min(h, w) * MAX_ASPECT
+    if w > longest:
+        x0 = (w - longest) // 2
+        return image[:, x0 : x0 + longest]
+    if h > longest:
+        y0 = (h - longest) // 2
+        return image[y0 : y0 + longest]
+    return image
+
+
 def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     """Bring ``image`` to the level of detail of the model's training images: shorter side scaled down (never up) to
     ``meta.source_short_side``, then a JPEG round trip at ``meta.source_jpeg_quality`` (each step skipped when 0).
@@ -169,6 +190,7 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     The downscale is one Lanczos step from the decoded file (`decode`, `SERVE_RESAMPLE`): see there for why.
     """
     side, quality = meta.source_short_side, meta.source_jpeg_quality
+    image = centre_band(image)
     if side:
         image = shrink(image, side)
     if quality:
