@@ -578,6 +578,57 @@ def test_predict_cli_bad_model(tmp_path, capsys):
     assert rc == 2 and "error:" in capsys.readouterr().err
 
 
+def test_calibrate_and_tune_decision_never_rewrite_the_bundled_model(tmp_path, monkeypatch, capsys):
+    # Without --model and --out they wrote the app's shipped model in place (a review helper's finding).
+    import hashlib
+
+    from dermsight.models.bundle import DEFAULT_MODEL
+
+    monkeypatch.delenv("DERMSIGHT_MODEL", raising=False)
+    before = hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()
+    link = tmp_path / "same.safetensors"
+    link.symlink_to(DEFAULT_MODEL)
+    for argv in (
+        ["calibrate", "--data", str(tmp_path)],
+        ["tune-decision", "--data", str(tmp_path)],
+        ["calibrate", "--model", str(link), "--data", str(tmp_path)],
+        ["tune-decision", "--model", str(tmp_path / "other.safetensors"), "--out", str(link), "--data", "x"],
+    ):
+        assert main(argv) == 2, argv
+        assert "bundled default model, which is not rewritten in place: give --out FILE" in capsys.readouterr().err
+    # An --out that is a folder is refused before any scoring, not after it with a temporary file's name.
+    assert main(["tune-decision", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    assert hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest() == before
+
+
+def test_full_disk_and_read_only_folders_are_reported_not_called_bugs(monkeypatch, capsys):
+    import errno
+
+    import dermsight.cli as cli
+    from dermsight.inference.export import ExportError
+
+    def wrapped(args):  # export turns the OSError into its own error
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/model.onnx")
+        except OSError as e:
+            raise ExportError("ONNX export failed") from e
+
+    def in_words(args):  # safetensors says it only in words
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: No space left on device })")
+
+    for func, message in (
+        (wrapped, "error: cannot write (Read-only file system): /mnt/ro/model.onnx"),
+        (in_words, "error: cannot write (No space left on device)"),
+    ):
+        monkeypatch.setattr(cli, "cmd_export", func)
+        assert main(["export", "--out", "x.onnx"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "internal error" not in err
+    monkeypatch.setattr(cli, "cmd_export", lambda args: 1 / 0)
+    assert main(["export", "--out", "x.onnx"]) == 70 and "internal error" in capsys.readouterr().err
+
+
 def test_cli_refuses_unusable_paths_and_numbers_as_usage_errors(tmp_path, capsys):
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("x")

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 finished but some items were dropped (see the problems 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -54,6 +55,25 @@ def _output_file(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | No
         if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
             raise ValueError(f"--out {out} is one of this command's inputs; write the result to another file")
     return path
+
+
+def _model_and_out(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The model that ``calibrate`` or ``tune-decision`` reads (``--model``, else the default model) and the file it
+    writes (``--out``, else the model itself, None here). Both are checked before minutes of scoring.
+
+    The bundled default model is never rewritten in place: the app, ``predict`` and ``evaluate`` serve it, and a
+    calibration on some other split would silently replace the shipped one."""
+    from dermsight.models.bundle import DEFAULT_MODEL, default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    out = _output_file(args.out) if args.out else None
+    target = out or model
+    if target.exists() and DEFAULT_MODEL.exists() and target.samefile(DEFAULT_MODEL):
+        raise ValueError(
+            f"{target} is the bundled default model, which is not rewritten in place: give --out FILE, then use it "
+            "with --model FILE (or DERMSIGHT_MODEL=FILE for the app)"
+        )
+    return model, out
 
 
 def _print_table(df, title: str) -> None:  # pandas frame -> aligned text
@@ -298,15 +318,15 @@ def _warn_if_not_the_training_split(model: Path, data: str) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dermsight.inference.calibration import calibrate_model, list_images, report_lines
-    from dermsight.models.bundle import ModelLoadError, default_model_path
+    from dermsight.models.bundle import ModelLoadError
 
     try:
-        model = Path(args.model) if args.model else default_model_path()
+        model, out = _model_and_out(args)
         _warn_if_not_the_training_split(model, args.data)
         report = calibrate_model(
             model,
             Path(args.data),
-            Path(args.out) if args.out else None,
+            out,
             negatives=[p for d in args.negatives or () for p in list_images(d)],
             target_rejection=args.target_rejection,
             max_fit_images=args.max_fit_images,
@@ -372,11 +392,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_tune_decision(args: argparse.Namespace) -> int:
     from dermsight.inference.decision import report_lines, tune_decision
-    from dermsight.models.bundle import default_model_path
 
-    model = Path(args.model) if args.model else default_model_path()
+    model, out = _model_and_out(args)
     _warn_if_not_the_training_split(model, args.data)
-    report = tune_decision(model, args.data, args.out, report_dir=args.reports)
+    report = tune_decision(model, args.data, out, report_dir=args.reports)
     print("\n".join(report_lines(report)))
     return EXIT_OK
 
@@ -672,6 +691,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+_DISK_FULL_OR_READ_ONLY = {
+    errno.ENOSPC: "No space left on device",
+    errno.EROFS: "Read-only file system",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EFBIG: "File too large",
+}
+
+
+def _disk_error(e: BaseException | None) -> OSError | None:
+    """The full disk or read-only file system behind ``e``, or None. Export wraps the OSError in its own error, and
+    safetensors reports it only in words, so the cause chain and the message are both read."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_OR_READ_ONLY:
+            return e
+        for number, words in _DISK_FULL_OR_READ_ONLY.items():
+            if words in str(e):
+                return OSError(number, words)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -697,6 +739,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:
+        disk = _disk_error(e)
+        if disk is not None:
+            # The machine's state, not a bug: say what and where.
+            where = f": {disk.filename}" if disk.filename else ""
+            print(f"error: cannot write ({disk.strerror}){where}", file=sys.stderr)
+            return EXIT_USAGE
         if os.environ.get("DERMSIGHT_DEBUG"):
             raise
         print(
