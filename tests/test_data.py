@@ -24,9 +24,10 @@ from dermsight.data.manifest import (
     detect_format,
     load_manifest,
     read_isic2019,
+    save_manifest,
 )
 from dermsight.data.problems import DataError
-from dermsight.data.split import SplitConfig, check_split, groups, split_fingerprint, split_manifest
+from dermsight.data.split import SplitConfig, check_split, groups, split_changes, split_fingerprint, split_manifest
 
 # --------------------------------------------------------------------------------------------- broken-file factory
 
@@ -250,6 +251,37 @@ def test_cli_manifest_exit_code_and_problem_list(messy_dataset, tmp_path, capsys
     problems = pd.read_csv(out.with_name("m.problems.csv"))
     assert list(problems.columns) == ["item", "reason", "stage"] and len(problems) == 8
     assert len(load_manifest(out)) == 4
+
+
+def test_manifest_never_overwrites_its_source_labels_and_is_written_whole(messy_dataset, tmp_path, monkeypatch):
+    labels = messy_dataset / "labels.csv"
+    before = labels.read_bytes()
+    assert main(["data", "manifest", str(messy_dataset), "--out", str(labels)]) == 2
+    assert labels.read_bytes() == before
+    # A manifest written into the dataset folder is not one of its label files: writing it again is fine.
+    assert main(["data", "manifest", str(messy_dataset), "--out", str(messy_dataset / "manifest.csv")]) == 1
+    assert main(["data", "manifest", str(messy_dataset), "--out", str(messy_dataset / "manifest.csv")]) == 1
+    # A write that fails half-way (a full disk) leaves the previous manifest as it was, and no stray file.
+    out = messy_dataset / "manifest.csv"
+    previous = out.read_bytes()
+
+    def half_then_full(self, path, **kwargs):
+        Path(path).write_text("path,label\nimg/0.jpg,n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_full)
+    with pytest.raises(OSError):
+        save_manifest(load_manifest(out), out)
+    assert out.read_bytes() == previous and not list(messy_dataset.glob(".manifest.csv*"))
+
+
+def test_split_changes_counts_moved_added_and_gone_images():
+    before = pd.DataFrame({"path": ["a/1.jpg", "a/2.jpg", "a/3.jpg", "a/4.jpg"]})
+    before["split"] = ["train", "val", "test", "excluded"]
+    after = pd.DataFrame({"path": ["b/1.png", "b/2.png", "b/5.png", "b/4.png"]})  # ids are file names, not folders
+    after["split"] = ["train", "test", "val", "train"]
+    assert split_changes(before, after) == {"moved": 1, "added": 2, "gone": 1}  # 4 joined a split: added
+    assert split_changes(before, before) == {"moved": 0, "added": 0, "gone": 0}
 
 
 def test_csv_missing_required_column_is_a_clear_error(tmp_path, capsys):

@@ -165,6 +165,12 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
     # Resume continues from the last finished epoch instead of starting over.
     fit(tiny_config(tmp_path, data, epochs=3, resume=True), progress=False)
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
+    # Resuming onto another split (changed data or split settings redraw it) would score checkpoints on images the
+    # run trained on: refused, and the run's config and split are left as they were.
+    kept = {n: (run / n).read_bytes() for n in ("config.yaml", "split.csv", "log.csv")}
+    with pytest.raises(ValueError, match=r"cannot resume .*its data changed since the run started \([1-9]\d* image"):
+        fit(tiny_config(tmp_path, data, epochs=4, val=0.3, resume=True), progress=False)
+    assert kept == {n: (run / n).read_bytes() for n in kept}
 
     # Training again into the finished run without --resume would replace its model, config and split: refused
     # before anything is written.

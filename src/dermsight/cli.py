@@ -102,11 +102,15 @@ def problems_path(out: Path) -> Path:
 
 
 def cmd_data_manifest(args: argparse.Namespace) -> int:
-    from dermsight.data.manifest import build_manifest, class_counts, save_manifest
+    from dermsight.data.manifest import build_manifest, class_counts, label_files, save_manifest
 
     verify = "none" if args.no_verify else ("header" if args.quick else "full")
+    source = Path(args.source)
+    # The label files a source folder holds are read, so they are inputs too: `--out DATA/labels.csv` replaced the
+    # user's labels with the manifest (a review helper's finding).
+    _output_file(args.out, label_files(source))
     t0 = time.perf_counter()
-    ingest = build_manifest(Path(args.source), fmt=args.format, verify=verify)
+    ingest = build_manifest(source, fmt=args.format, verify=verify)
     out = save_manifest(ingest.manifest, Path(args.out))
     dt = time.perf_counter() - t0
     print(

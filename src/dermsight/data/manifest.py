@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dermsight.classes import HAM7, ISIC2019, UnknownLabelError, lookup, to_taxonomy
 from dermsight.data.images import ImageError, load_rgb, probe
 from dermsight.data.problems import DataError, Problem
+from dermsight.files import written_atomically
 
 MANIFEST_COLUMNS = (
     "path",  # absolute path of the image file
@@ -412,6 +413,18 @@ READERS: dict[str, Callable[[Path], Ingest]] = {
 }
 
 
+# The files the readers take labels and metadata from, in a dataset folder.
+LABEL_FILE_PATTERNS = ("labels.csv", "HAM10000_metadata.csv", "metadata.csv", "*GroundTruth*.csv", "*Metadata*.csv")
+
+
+def label_files(path: Path) -> list[Path]:
+    """The label and metadata files a dataset at ``path`` may be read from: the path itself when it is a file."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted({f for pattern in LABEL_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()})
+
+
 def detect_format(path: Path) -> str:
     """Guess the layout of ``path`` (a folder or a CSV); raise DataError with what was looked for."""
     path = Path(path)
@@ -513,9 +526,12 @@ def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", pro
 
 
 def save_manifest(manifest: pd.DataFrame, out: Path) -> Path:
+    """Write ``manifest`` as CSV, beside ``out`` and then renamed onto it: a full disk or an interrupt leaves the
+    previous file as it was, never a half-written one that reads as a shorter manifest."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(out, index=False)
+    with written_atomically(out, suffix=".csv") as tmp:
+        manifest.to_csv(tmp, index=False)
     return out
 
 

@@ -158,3 +158,15 @@ def split_fingerprint(df: pd.DataFrame, label: str | None = None) -> str:
         used = used[used[label].notna()]
     lines = sorted(f"{k}\t{s}" for k, s in zip(image_ids(used), used["split"], strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def split_changes(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, int]:
+    """How a split changed, image by image (keyed by `manifest.image_ids`): ``moved`` to another split, ``added``
+    to a split, ``gone`` from all of them. A lesion-grouped split is redrawn as a whole, so one image more or less
+    in the data can move a hundred others."""
+    a, b = ({k: s for k, s in zip(image_ids(d), d["split"], strict=True) if s in SPLITS} for d in (before, after))
+    return {
+        "moved": sum(a[k] != b[k] for k in a.keys() & b.keys()),
+        "added": len(b.keys() - a.keys()),
+        "gone": len(a.keys() - b.keys()),
+    }

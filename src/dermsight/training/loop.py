@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,9 +34,10 @@ from dermsight.data.manifest import (
     LABEL_COLUMNS,
     build_manifest,
     load_manifest,
+    save_manifest,
 )
 from dermsight.data.problems import DataError
-from dermsight.data.split import SplitConfig, check_split, split_fingerprint, split_manifest
+from dermsight.data.split import SplitConfig, check_split, split_changes, split_fingerprint, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import softmax
 from dermsight.files import written_atomically
@@ -434,6 +436,31 @@ def refuse_finished_run(run: Path, resume: bool) -> None:
         )
 
 
+def refuse_changed_split(run: Path, manifest: pd.DataFrame) -> None:
+    """Raise ValueError when resuming ``run`` would train on another split than it started with.
+
+    The split is drawn again from ``data`` on every start, so images added to or removed from the data since (or a
+    changed ``data:``) redraw it: one row removed from 280 moved 154 images, some from train into test, and the
+    resumed run then scored its checkpoints on images it had trained on. A run without split.csv has nothing to
+    compare (it never finished preparing its data)."""
+    saved = run / "split.csv"
+    if not (run / "last.pt").is_file() or not saved.is_file():
+        return
+    changes = split_changes(pd.read_csv(saved, dtype=str), manifest)  # ids stay text
+    if changes["moved"] or changes["added"]:
+        raise ValueError(
+            f"cannot resume {run}: its data changed since the run started ({changes['moved']} image(s) would move "
+            f"to another split, {changes['added']} added, {changes['gone']} gone), so training would go on with a "
+            "different split and score its checkpoints on images it trained on. Restore the data (its split.csv "
+            "lists the images), or train into another --out without --resume"
+        )
+    if changes["gone"]:
+        print(
+            f"warning: {changes['gone']} image(s) of {run}'s split are no longer in the data; resuming without them",
+            file=sys.stderr,
+        )
+
+
 def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/."""
     d, device = _init_distributed(cfg.device)
@@ -444,7 +471,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     _seed_everything(cfg.seed + d.rank)
     if d.main:
         refuse_finished_run(run, cfg.resume)
-        cfg.to_yaml(run / "config.yaml")
+        if not cfg.resume:  # a resumed run's config is written once its data is known to be the same
+            cfg.to_yaml(run / "config.yaml")
     writer_class = _tensorboard(cfg)  # before the data work, on every rank: a missing package fails fast
 
     # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
@@ -455,7 +483,10 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     if not d.main:
         data = prepare_data(cfg, progress=False)
     if d.main:
-        data.manifest.drop(columns=["cache_row"]).to_csv(run / "split.csv", index=False)
+        if cfg.resume:
+            refuse_changed_split(run, data.manifest)
+            cfg.to_yaml(run / "config.yaml")
+        save_manifest(data.manifest.drop(columns=["cache_row"]), run / "split.csv")
 
     train_df, val_df, test_df = (_subset(data, s) for s in ("train", "val", "test"))
     if len(train_df) == 0 or len(val_df) == 0:
