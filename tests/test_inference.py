@@ -702,6 +702,9 @@ def test_export_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "OK" in out and "3 image(s)" in out and "int8" in out
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file()
+    # A mistyped --check-images is a usage error with nothing written.
+    rc = main(["export", "--model", str(model_path), "--out", str(tmp_path / "n.onnx"), "--check-images", "nothere"])
+    assert rc == 2 and "nothere" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
 
 
 def test_cli_evaluate_end_to_end_on_a_folder_of_square_crops(calibrated, tmp_path, capsys):

@@ -303,13 +303,15 @@ def export_model(
     """`dermsight export`: export, check parity on ``check`` images (default: synthetic), optionally quantise."""
     model, meta = load_model(model_path)
     out = Path(out)
-    t0 = time.perf_counter()
-    export_onnx(model, meta, out)
-    seconds = time.perf_counter() - t0
+    # The check images first: a mistyped --check-images is a usage error with nothing written (it used to come after
+    # the export had replaced the file at --out).
     if check:
         x, y, what = parity_inputs(check, meta, max_check)
     else:
         x, y, what = model_inputs(meta, list(synthetic_images(8))), None, "8 synthetic images"
+    t0 = time.perf_counter()
+    export_onnx(model, meta, out)
+    seconds = time.perf_counter() - t0
     report = ExportReport(out, seconds, what, check_parity(model, meta, out, x, threads))
     if int8:
         report.int8 = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
