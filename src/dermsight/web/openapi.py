@@ -268,7 +268,24 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         },
                         "input_size": {"type": "integer"},
                         "temperature": {"type": "number"},
-                        "weights": {"type": "object"},
+                        "weights": {"type": "object", "description": "the (first) network's starting weights"},
+                        "started_from": {
+                            "type": "array",
+                            "description": "where each network started training, one entry per member",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "architecture": {"type": "string"},
+                                    "source": {"type": "string", "description": "hub, offline:<package>, file:, none"},
+                                    "description": {"type": "string"},
+                                },
+                            },
+                        },
+                        "tta_views": {
+                            "type": "integer",
+                            "enum": [1, 8],
+                            "description": "views averaged per prediction (8: the square's symmetries)",
+                        },
                         "training_data": {"type": "string"},
                         "split": {"type": "string"},
                         "metrics": {"type": "object", "description": "measured metrics per evaluated split"},

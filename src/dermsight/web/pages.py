@@ -36,7 +36,7 @@ def index():
 def analyse_page():
     enforce_rate_limit()
     check_csrf(request.form)
-    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"])
+    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form)
     analysis = analyse(_model(), data, explain=True)
     result = analysis.result
     knowledge = _knowledge()

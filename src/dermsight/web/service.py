@@ -127,16 +127,27 @@ class ModelService:
                 release_memory()
 
 
-def read_upload(files, max_bytes: int) -> bytes:
+def read_upload(files, max_bytes: int, form=None) -> bytes:
     """The uploaded image's bytes from the multipart ``files``, checked to be a supported image type by its bytes.
 
     Two inputs may share the field name (a file picker and a phone-camera input); the first non-empty one counts.
+    ``form`` (the request's text fields) only sharpens the message when no file came: an image sent as text.
     """
-    data = b""
+    data, named_empty = b"", False
     for storage in files.getlist(UPLOAD_FIELD):
         data = storage.read(max_bytes + 1)
         if data:
             break
+        named_empty = named_empty or bool(storage.filename)  # a chosen file of 0 bytes, not an empty picker
+    if not data and form is not None and form.get(UPLOAD_FIELD):
+        raise RequestRefused(
+            400,
+            f"The photo arrived as a text field, not as a file. Send it as a file upload in the '{UPLOAD_FIELD}' "
+            f"field (with curl: -F {UPLOAD_FIELD}=@photo.jpg, with the @).",
+            "not_a_file",
+        )
+    if not data and named_empty:
+        raise RequestRefused(400, "The file you chose is empty (0 bytes). Please choose the photo again.", "empty_file")
     if not data:
         raise RequestRefused(400, "No photo was received. Choose a photo (or take one) and try again.", "no_image")
     if len(data) > max_bytes:
