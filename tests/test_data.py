@@ -284,6 +284,36 @@ def test_split_changes_counts_moved_added_and_gone_images():
     assert split_changes(before, before) == {"moved": 0, "added": 0, "gone": 0}
 
 
+def test_an_id_that_names_several_images_is_a_problem_not_a_guess(tmp_path):
+    # Which of two same-named files an id alone resolved to depended on the folder walk; the explicit row for one of
+    # them was then dropped as "listed more than once" (a review helper's finding).
+    make_image(tmp_path / "x" / "ISIC_0024306.jpg", seed=1)
+    make_image(tmp_path / "y" / "ISIC_0024306.jpg", seed=2)
+    make_image(tmp_path / "y" / "ISIC_0000001.jpg", seed=3)
+    pd.DataFrame(
+        {"image": ["ISIC_0024306", "x/ISIC_0024306.jpg", "ISIC_0000001"], "label": ["nv", "bkl", "mel"]}
+    ).to_csv(tmp_path / "labels.csv", index=False)
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    kept = dict(zip(ingest.manifest["path"].map(lambda p: Path(p).relative_to(tmp_path).as_posix()),
+                    ingest.manifest["label"], strict=True))  # fmt: skip
+    assert kept == {"x/ISIC_0024306.jpg": "bkl", "y/ISIC_0000001.jpg": "mel"}
+    assert [(p.item, p.reason) for p in ingest.problems] == [
+        (
+            "ISIC_0024306",
+            f"2 images under {tmp_path.resolve()} are named ISIC_0024306 (x/ISIC_0024306.jpg, y/ISIC_0024306.jpg): "
+            "give its folder in the CSV",
+        )
+    ]
+    # The HAM10000 layout (ids in HAM10000_metadata.csv) is held to the same rule.
+    (tmp_path / "labels.csv").unlink()
+    pd.DataFrame(
+        {"image_id": ["ISIC_0024306", "ISIC_0000001"], "dx": ["nv", "mel"], "lesion_id": ["HAM_1", "HAM_2"]}
+    ).to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert list(ingest.manifest["image_id"]) == ["ISIC_0000001"]
+    assert len(ingest.problems) == 1 and "2 images under" in ingest.problems[0].reason
+
+
 def test_csv_missing_required_column_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("image,diagnosis\na.jpg,mel\n")
     with pytest.raises(DataError, match="missing required column"):

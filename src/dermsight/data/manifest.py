@@ -98,14 +98,35 @@ def walk(root: str | os.PathLike, skip: Callable[[str], bool] | None = None) -> 
         yield dirpath, sorted(filenames)
 
 
-def _index_images(root: Path) -> dict[str, Path]:
+class ImageIndex(dict[str, Path]):
+    """Image stem -> file for every image under a root, with ``duplicates``: the stems that name more than one file
+    there (their entry is the first found, which must not be used: which one that is depends on the folder walk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duplicates: dict[str, list[Path]] = {}
+
+    def ambiguity(self, key: str, root: Path) -> str | None:
+        """Why an image named only ``key`` cannot be told apart under ``root``, or None when it can."""
+        files = self.duplicates.get(key)
+        if not files:
+            return None
+        shown = ", ".join(str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        return f"{len(files)} images under {root} are named {key} ({shown}{more}): give its folder in the CSV"
+
+
+def _index_images(root: Path) -> ImageIndex:
     """Map image stem -> file for every image under root (the HAM10000 download splits images over two folders)."""
-    index: dict[str, Path] = {}
+    index = ImageIndex()
     for dirpath, filenames in walk(root):
         for name in filenames:
             p = Path(dirpath, name)
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                index.setdefault(p.stem, p.resolve())
+                real = p.resolve()
+                first = index.setdefault(p.stem, real)
+                if first != real:
+                    index.duplicates.setdefault(p.stem, [first]).append(real)
     return index
 
 
@@ -172,13 +193,19 @@ def _finish(rows: pd.DataFrame, source: str, problems: list[Problem], fmt: str, 
 
 
 def _attach_paths(
-    df: pd.DataFrame, ids: pd.Series, index: dict[str, Path], root: Path, problems: list[Problem]
+    df: pd.DataFrame, ids: pd.Series, index: ImageIndex, root: Path, problems: list[Problem]
 ) -> pd.Series:
     paths = ids.map(index)
+    for row, i in ids[paths.notna()].items():
+        why = index.ambiguity(str(i), root)
+        if why is not None:  # named by id alone, and more than one file has that name: no guess
+            problems.append(Problem(str(i), why, "read"))
+            paths[row] = pd.NA
     reason = f"image file not found under {root}"
     if not index:
         reason += " (the folder has no images at all: download them first, see `dermsight data download`)"
-    problems.extend(Problem(str(i), reason, "read") for i in ids[paths.isna() & ids.notna()])
+    unresolved = paths.isna() & ids.notna() & ~ids.map(lambda i: str(i) in index.duplicates)
+    problems.extend(Problem(str(i), reason, "read") for i in ids[unresolved])
     return paths
 
 
@@ -210,7 +237,15 @@ def read_labels_csv(csv_path: Path) -> Ingest:
         # as written, so the image check reports it as not found.
         index = _index_images(base)
         found = df.loc[missing, "image"].map(lambda v: index.get(_image_key(v)))
+        for row, name in df.loc[missing, "image"].items():
+            why = index.ambiguity(_image_key(name), base)
+            if why is not None:  # more than one file by that name: no guess (it depended on the folder walk)
+                problems.append(Problem(str(name), why, "read"))
+                found[row] = None
+                df.loc[row, "image"] = pd.NA
         rows.loc[missing, "path"] = found.where(found.notna(), rows.loc[missing, "path"])
+        ambiguous = df["image"].isna()
+        df, rows = df[~ambiguous], rows[~ambiguous]
     rows["image_id"] = _col(df, "image_id").fillna(rows["path"].map(lambda p: p.stem))
     rows["label"] = _labels(df["label"], rows["path"].map(str), problems)
     if "label_isic2019" in df:
