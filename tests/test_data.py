@@ -314,6 +314,25 @@ def test_an_id_that_names_several_images_is_a_problem_not_a_guess(tmp_path):
     assert len(ingest.problems) == 1 and "2 images under" in ingest.problems[0].reason
 
 
+@pytest.mark.parametrize(
+    ("encoding", "header", "sep"),
+    [
+        ("cp1252", "Image,Label,Lesion_ID", ","),
+        ("utf-16", "image\tlabel\tlesion_id", "\t"),
+        ("utf-8-sig", "IMAGE,label,lesion_id", ","),
+    ],
+)
+def test_labels_from_spreadsheets_read_in_any_case_and_common_encodings(tmp_path, encoding, header, sep):
+    # Excel's "CSV" is Windows-1252, its "Unicode text" UTF-16 with tabs, and headers are often capitalised.
+    make_image(tmp_path / "img" / "café.jpg", seed=1)
+    make_image(tmp_path / "img" / "b.jpg", seed=2)
+    text = "\n".join([header, sep.join(["img/café.jpg", "mel", "HAM_1"]), sep.join(["img/b.jpg", "nv", "HAM_2"])])
+    (tmp_path / "labels.csv").write_bytes((text + "\n").encode(encoding))
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert list(ingest.manifest["label"]) == ["mel", "nv"] and not ingest.problems
+    assert list(ingest.manifest["lesion_id"]) == ["HAM_1", "HAM_2"]
+
+
 def test_csv_missing_required_column_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("image,diagnosis\na.jpg,mel\n")
     with pytest.raises(DataError, match="missing required column"):

@@ -7,6 +7,7 @@ be used at all (a CSV missing a required column) raises `DataError` with the fil
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,13 +61,34 @@ class Ingest:
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
+def _csv_encoding(path: Path) -> str:
+    """UTF-16 when the file starts with its byte-order mark, else UTF-8 (a UTF-8 mark is skipped), else Windows-1252:
+    what spreadsheet programs save as "CSV" and "Unicode text" besides UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not merely a character cut at the end of the sample
+            return "cp1252"
+    return "utf-8-sig"
+
+
 def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     try:
-        # Ids must stay strings ("0001" is not 1); empty cells become NA, not the string "nan".
-        df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+        encoding = _csv_encoding(path)
+        # Ids must stay strings ("0001" is not 1); empty cells become NA, not the string "nan". The separator is
+        # sniffed only for UTF-16, which Excel's "Unicode text" writes with tabs.
+        sep = None if encoding == "utf-16" else ","
+        engine = "python" if sep is None else "c"  # only Python's parser sniffs
+        df = pd.read_csv(
+            path, dtype=str, keep_default_na=True, skipinitialspace=True, encoding=encoding, sep=sep, engine=engine
+        )
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
     df.columns = [str(c).strip() for c in df.columns]
     _require(df, path, required, what)
@@ -74,6 +96,15 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
 
 
 def _require(df: pd.DataFrame, path: Path, required: tuple[str, ...], what: str) -> None:
+    # Column names in another case ("Image,Label", as spreadsheets often capitalise them) are the same columns.
+    by_lower: dict[str, list[str]] = {}
+    for c in df.columns:
+        by_lower.setdefault(c.lower(), []).append(c)
+    renames = {
+        by_lower[c.lower()][0]: c for c in required if c not in df.columns and len(by_lower.get(c.lower(), [])) == 1
+    }
+    if renames:
+        df.columns = [renames.get(c, c) for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(
@@ -150,10 +181,15 @@ def _image_key(name: str) -> str:
 
 
 def _col(df: pd.DataFrame, *names: str) -> pd.Series:
-    """The first of ``names`` that the table has, else an all-missing column."""
+    """The first of ``names`` that the table has (in any case: "Lesion_ID" is lesion_id), else an all-missing
+    column."""
     for n in names:
         if n in df.columns:
             return df[n]
+    by_lower = {str(c).lower(): c for c in df.columns}
+    for n in names:
+        if n.lower() in by_lower:
+            return df[by_lower[n.lower()]]
     return pd.Series(pd.NA, index=df.index, dtype="object")
 
 
