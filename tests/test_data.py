@@ -348,6 +348,13 @@ def test_unknown_layout_and_missing_source_are_clear_errors(tmp_path, capsys):
     assert "cannot tell the dataset layout" in capsys.readouterr().err
     assert main(["data", "manifest", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    # Nothing usable is unusable input (exit 2), not a success; an empty manifest has nothing to split.
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "labels.csv").write_text("image,label\nmissing.jpg,nv\n")
+    assert main(["data", "manifest", str(tmp_path / "only"), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "error: no usable image in" in capsys.readouterr().err
+    assert main(["data", "split", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "lists no images: nothing to split" in capsys.readouterr().err
 
 
 def test_class_folders(tmp_path):

@@ -703,6 +703,10 @@ def test_evaluate_leaves_out_rows_no_class_can_hold(tmp_path, capsys):
     assert main(["evaluate", "--model", str(model), "--data", str(folder), "--out", str(out), "--bootstrap", "5"]) == 1
     assert "label UNK has no class in the ham7 taxonomy" in (out / "problems.csv").read_text()
     assert json.loads((out / "metrics.json").read_text())["n"] == 4
+    # Run again into the same folder without the UNK row: the earlier problem list does not linger beside it.
+    pd.DataFrame(rows[:4], columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    assert main(["evaluate", "--model", str(model), "--data", str(folder), "--out", str(out), "--bootstrap", "5"]) == 0
+    assert pd.read_csv(out / "problems.csv").empty
 
 
 def test_export_cli(tmp_path, capsys):

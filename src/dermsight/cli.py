@@ -124,7 +124,12 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
             "labels in the source (no row kept): "
             + ", ".join(f"{k} {v}" for k, v in sorted(ingest.labels_read.items(), key=lambda kv: -kv[1]))
         )
-    return _report_problems(ingest.problems, problems_path(out))
+    code = _report_problems(ingest.problems, problems_path(out))
+    if not len(ingest.manifest):
+        # Nothing to train or evaluate on is unusable input, not a success with some rows dropped.
+        print(f"error: no usable image in {source}: the manifest is empty", file=sys.stderr)
+        return EXIT_USAGE
+    return code
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
@@ -132,6 +137,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     from dermsight.data.split import SplitConfig, check_split, split_manifest
 
     df = load_manifest(Path(args.manifest))
+    if df.empty:
+        raise ValueError(f"{args.manifest} lists no images: nothing to split")
     if args.label not in df and args.label != "label_ham7":  # the default falls back to `label` (split_manifest)
         raise ValueError(f"{args.manifest} has no column {args.label!r} to stratify on")
     cfg = SplitConfig(val=args.val, test=args.test, seed=args.seed, folds=args.folds, label=args.label)
@@ -248,7 +255,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.gates:
         print(f"serving gates: {m['extra']['serving_gates']} (the metrics above count every image)")
     print(f"report: {ev.files['report']}")
-    return _report_problems(ev.problems, Path(args.out) / "problems.csv" if ev.problems else None)
+    # Written even when empty: a folder reused from an earlier run must not keep that run's problem list.
+    return _report_problems(ev.problems, Path(args.out) / "problems.csv")
 
 
 # --------------------------------------------------------------------------------------------------------- inference
