@@ -294,6 +294,8 @@ def test_strips_longer_than_jpeg_allows_are_answered_on_the_centre_the_model_see
     x_wide, x_near = (p.preprocess(p.decode(a)) for a in (buf.getvalue(), strip[:, 34_775:35_225]))
     assert x_wide.shape == x_near.shape and np.abs(x_wide - x_near).mean() < 0.05
     assert centre_band(strip).shape == (150, 600, 3) and centre_band(strip.transpose(1, 0, 2)).shape == (600, 150, 3)
+    # Decoding cuts the band already: the quality gate never holds the whole strip (150x400000 took 2.1 GB).
+    assert decode(buf.getvalue(), 150).shape == (150, 600, 3) and decode(strip, 150).shape == (150, 600, 3)
     ordinary = np.zeros((150, 600, 3), np.uint8)
     assert centre_band(ordinary) is ordinary  # up to 4:1 nothing is cut
 
