@@ -152,7 +152,8 @@ def test_gate_accepts_real_dermoscopy_in_every_shape():
 def test_read_labels_names_foreign_and_missing_labels():
     meta = ModelMeta.new("tf_efficientnet_lite0", "isic2019", WEIGHTS, input_size=64)
     df = pd.DataFrame({"label_isic2019": ["MEL", None, "UNK"]})  # HAM's akiec has no ISIC 2019 label
-    with pytest.raises(DataError, match=r"labels \(missing\), UNK are not classes"):
+    with pytest.raises(DataError, match=r"1 of 3 image\(s\) have no label_isic2019 label, which this isic2019 "
+                       r"model needs .*; labels UNK are not classes of this model \(its classes: MEL, NV"):  # fmt: skip
         read_labels(df, meta)
     assert read_labels(df, meta, strict=False) is None
     assert read_labels(df.head(1), meta).tolist() == [meta.classes.index("MEL")]

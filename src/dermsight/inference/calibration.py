@@ -259,9 +259,20 @@ def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.nd
     if y.isna().any():
         if not strict:
             return None
+        reasons = []
+        missing = int(df[col].isna().sum())
+        if missing:
+            # Typically data labelled in another taxonomy: HAM10000's akiec is AK or SCC in ISIC 2019, so a
+            # HAM-labelled split has no ISIC 2019 class for those rows.
+            reasons.append(
+                f"{missing} of {len(df)} image(s) have no {col} label, which this {meta.taxonomy} model needs (use "
+                f"data labelled in the {meta.taxonomy} taxonomy, such as the split of a run that trained this model)"
+            )
         # Not astype(str): pandas 3 keeps a missing label missing there, and join() then fails on it.
-        bad = sorted({"(missing)" if pd.isna(v) else str(v) for v in df.loc[y.isna(), col]})
-        raise DataError(f"labels {', '.join(bad)} are not classes of this model ({', '.join(meta.classes)})")
+        bad = sorted(str(v) for v in set(df.loc[y.isna(), col]) if not pd.isna(v))
+        if bad:
+            reasons.append(f"labels {', '.join(bad)} are not classes of this model")
+        raise DataError(f"{'; '.join(reasons)} (its classes: {', '.join(meta.classes)})")
     return y.to_numpy(int)
 
 
