@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import HAM, ISIC2019_META, make_image, needs_ham, needs_isic2019
+from dermsight.classes import ISIC2019
 from dermsight.cli import main
 from dermsight.data.cache import ImageCache, build_cache
 from dermsight.data.download import DownloadRequest, isic_command
@@ -300,10 +301,15 @@ def test_an_id_that_names_several_images_is_a_problem_not_a_guess(tmp_path):
     assert [(p.item, p.reason) for p in ingest.problems] == [
         (
             "ISIC_0024306",
-            f"2 images under {tmp_path.resolve()} are named ISIC_0024306 (x/ISIC_0024306.jpg, y/ISIC_0024306.jpg): "
-            "give its folder in the CSV",
+            f"2 different images under {tmp_path.resolve()} are named ISIC_0024306 (x/ISIC_0024306.jpg, "
+            "y/ISIC_0024306.jpg): name the file with its folder in a labels.csv, or keep one of them",
         )
     ]
+    # Byte-identical copies are one image (Kaggle's HAM10000 holds every image twice, in two folders).
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "ISIC_0000001.jpg").write_bytes((tmp_path / "y" / "ISIC_0000001.jpg").read_bytes())
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert "mel" in set(ingest.manifest["label"]) and len(ingest.problems) == 1
     # The HAM10000 layout (ids in HAM10000_metadata.csv) is held to the same rule.
     (tmp_path / "labels.csv").unlink()
     pd.DataFrame(
@@ -311,7 +317,7 @@ def test_an_id_that_names_several_images_is_a_problem_not_a_guess(tmp_path):
     ).to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
     ingest = build_manifest(tmp_path, verify="none", progress=False)
     assert list(ingest.manifest["image_id"]) == ["ISIC_0000001"]
-    assert len(ingest.problems) == 1 and "2 images under" in ingest.problems[0].reason
+    assert len(ingest.problems) == 1 and "2 different images under" in ingest.problems[0].reason
 
 
 @pytest.mark.parametrize(
@@ -333,6 +339,35 @@ def test_labels_from_spreadsheets_read_in_any_case_and_common_encodings(tmp_path
     assert list(ingest.manifest["lesion_id"]) == ["HAM_1", "HAM_2"]
 
 
+def test_late_windows_1252_bytes_and_lower_case_one_hot_ground_truth(tmp_path):
+    # A first accented character after the first megabyte (or at the very end) is still Windows-1252.
+    make_image(tmp_path / "img" / "a.jpg", seed=1)
+    rows = "".join(f"img/missing{i:06d}.jpg,nv\n" for i in range(50_000))
+    (tmp_path / "labels.csv").write_bytes(("image,label\n" + rows + "img/a.jpg,mel\n").encode() + b"# Ges\xe4\xdf\n")
+    assert (tmp_path / "labels.csv").stat().st_size > 1 << 20
+    ingest = build_manifest(tmp_path, verify="none", progress=False)  # files are not checked: all rows stay
+    assert len(ingest.manifest) == 50_001 and ingest.manifest["label"].iloc[-1] == "mel"
+    # ISIC's one-hot ground truth saved with lower-case class columns is still ISIC's.
+    one_hot = tmp_path / "gt"
+    make_image(one_hot / "ISIC_0000001.jpg", seed=2)
+    cols = [c.lower() for c in ISIC2019.codes]
+    pd.DataFrame([["ISIC_0000001", *[1.0 if c == "mel" else 0.0 for c in cols]]], columns=["image", *cols]).to_csv(
+        one_hot / "ISIC_2019_Training_GroundTruth.csv", index=False
+    )
+    ingest = build_manifest(one_hot, verify="none", progress=False)
+    assert list(ingest.manifest["label"]) == ["MEL"] and not ingest.problems
+
+
+def test_manifest_out_guard_covers_ground_truth_in_sub_folders(tmp_path):
+    gt = tmp_path / "src" / "labels" / "ISIC_2019_Training_GroundTruth.csv"
+    gt.parent.mkdir(parents=True)
+    make_image(tmp_path / "src" / "ISIC_0000001.jpg")
+    gt.write_text("image," + ",".join(ISIC2019.codes) + "\nISIC_0000001,1,0,0,0,0,0,0,0\n")
+    before = gt.read_bytes()
+    assert main(["data", "manifest", str(tmp_path / "src"), "--out", str(gt)]) == 2
+    assert gt.read_bytes() == before
+
+
 def test_csv_missing_required_column_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("image,diagnosis\na.jpg,mel\n")
     with pytest.raises(DataError, match="missing required column"):
@@ -351,9 +386,12 @@ def test_unknown_layout_and_missing_source_are_clear_errors(tmp_path, capsys):
     # Nothing usable is unusable input (exit 2), not a success; an empty manifest has nothing to split.
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "labels.csv").write_text("image,label\nmissing.jpg,nv\n")
+    (tmp_path / "m.csv").write_text("path,label\nimg/a.jpg,nv\n")  # a manifest from an earlier, good run
     assert main(["data", "manifest", str(tmp_path / "only"), "--out", str(tmp_path / "m.csv")]) == 2
     assert "error: no usable image in" in capsys.readouterr().err
-    assert main(["data", "split", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert (tmp_path / "m.csv").read_text() == "path,label\nimg/a.jpg,nv\n"  # not replaced by an empty one
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    assert main(["data", "split", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "s.csv")]) == 2
     assert "lists no images: nothing to split" in capsys.readouterr().err
 
 

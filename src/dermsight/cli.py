@@ -111,12 +111,13 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     _output_file(args.out, label_files(source))
     t0 = time.perf_counter()
     ingest = build_manifest(source, fmt=args.format, verify=verify)
-    out = save_manifest(ingest.manifest, Path(args.out))
+    out = Path(args.out)
+    if len(ingest.manifest):  # an empty result never replaces a manifest already there
+        save_manifest(ingest.manifest, out)
     dt = time.perf_counter() - t0
-    print(
-        f"format: {ingest.format}; {ingest.rows_read} row(s) read, {len(ingest.manifest)} kept "
-        f"({dt:.1f} s); manifest written to {out}"
-    )
+    written = f"manifest written to {out}" if len(ingest.manifest) else "no manifest written"
+    kept = len(ingest.manifest)
+    print(f"format: {ingest.format}; {ingest.rows_read} row(s) read, {kept} kept ({dt:.1f} s); {written}")
     if len(ingest.manifest):
         _print_table(class_counts(ingest.manifest), "class counts:")
     elif ingest.labels_read:
@@ -127,7 +128,7 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     code = _report_problems(ingest.problems, problems_path(out))
     if not len(ingest.manifest):
         # Nothing to train or evaluate on is unusable input, not a success with some rows dropped.
-        print(f"error: no usable image in {source}: the manifest is empty", file=sys.stderr)
+        print(f"error: no usable image in {source}, so no manifest was written", file=sys.stderr)
         return EXIT_USAGE
     return code
 

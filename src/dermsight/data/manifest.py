@@ -8,6 +8,7 @@ be used at all (a CSV missing a required column) raises `DataError` with the fil
 from __future__ import annotations
 
 import csv
+import filecmp
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -62,17 +63,16 @@ class Ingest:
 
 
 def _csv_encoding(path: Path) -> str:
-    """UTF-16 when the file starts with its byte-order mark, else UTF-8 (a UTF-8 mark is skipped), else Windows-1252:
-    what spreadsheet programs save as "CSV" and "Unicode text" besides UTF-8."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    """UTF-16 when the file starts with its byte-order mark, else UTF-8 (a UTF-8 mark is skipped) when all of it
+    decodes as UTF-8, else Windows-1252: what spreadsheet programs save as "Unicode text" and "CSV" besides UTF-8.
+    The whole file is checked (label files are a few MB at most): a first accented name can come late."""
+    data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "utf-16"
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # not merely a character cut at the end of the sample
-            return "cp1252"
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "cp1252"
     return "utf-8-sig"
 
 
@@ -131,20 +131,39 @@ def walk(root: str | os.PathLike, skip: Callable[[str], bool] | None = None) -> 
 
 class ImageIndex(dict[str, Path]):
     """Image stem -> file for every image under a root, with ``duplicates``: the stems that name more than one file
-    there (their entry is the first found, which must not be used: which one that is depends on the folder walk)."""
+    there. A stem whose files differ is ambiguous and must not be resolved (which file came first depends on the
+    folder walk); byte-identical copies are one image (Kaggle's HAM10000 holds every image in two folders)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.duplicates: dict[str, list[Path]] = {}
+        self._verdicts: dict[str, list[Path]] = {}
+
+    def _distinct(self, key: str) -> list[Path]:
+        """The files named ``key`` that differ from each other, compared by content when first asked (lazily: a
+        folder's index holds many images no CSV row names)."""
+        if key not in self._verdicts:
+            distinct: list[Path] = []
+            for f in self.duplicates.get(key, []):
+                if not any(filecmp.cmp(d, f, shallow=False) for d in distinct):
+                    distinct.append(f)
+            self._verdicts[key] = distinct
+        return self._verdicts[key]
+
+    def is_ambiguous(self, key: str) -> bool:
+        return key in self.duplicates and len(self._distinct(key)) > 1
 
     def ambiguity(self, key: str, root: Path) -> str | None:
         """Why an image named only ``key`` cannot be told apart under ``root``, or None when it can."""
-        files = self.duplicates.get(key)
-        if not files:
+        files = self._distinct(key) if key in self.duplicates else []
+        if len(files) < 2:
             return None
         shown = ", ".join(str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files[:3])
         more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        return f"{len(files)} images under {root} are named {key} ({shown}{more}): give its folder in the CSV"
+        return (
+            f"{len(files)} different images under {root} are named {key} ({shown}{more}): name the file with its "
+            "folder in a labels.csv, or keep one of them"
+        )
 
 
 def _index_images(root: Path) -> ImageIndex:
@@ -240,7 +259,7 @@ def _attach_paths(
     reason = f"image file not found under {root}"
     if not index:
         reason += " (the folder has no images at all: download them first, see `dermsight data download`)"
-    unresolved = paths.isna() & ids.notna() & ~ids.map(lambda i: str(i) in index.duplicates)
+    unresolved = paths.isna() & ids.notna() & ~ids.map(lambda i: index.is_ambiguous(str(i)))
     problems.extend(Problem(str(i), reason, "read") for i in ids[unresolved])
     return paths
 
@@ -333,13 +352,20 @@ def _find_one(root: Path, pattern: str) -> Path | None:
 
 
 def _onehot_classes(columns: pd.Index | set[str]) -> tuple[str, ...] | None:
-    """The one-hot class columns among ``columns``: ISIC 2019's (+ UNK if present), ISIC 2018's, or None."""
-    cols = {str(c).strip() for c in columns}
+    """The one-hot class columns among ``columns``, in upper case whatever case they are written in (see
+    `_upper_class_columns`): ISIC 2019's (+ UNK if present), ISIC 2018's, or None."""
+    cols = {str(c).strip().upper() for c in columns}
     if set(ISIC2019.codes) <= cols:
         return tuple(c for c in (*ISIC2019.codes, "UNK") if c in cols)
     if set(ISIC2018_COLUMNS) <= cols:
         return ISIC2018_COLUMNS
     return None
+
+
+def _upper_class_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its one-hot class columns named in upper case (a ground truth saved with "mel,nv,..." is ISIC's)."""
+    known = {*ISIC2019.codes, *ISIC2018_COLUMNS, "UNK"}
+    return df.rename(columns={c: str(c).strip().upper() for c in df.columns if str(c).strip().upper() in known})
 
 
 def read_isic2019(root: Path) -> Ingest:
@@ -356,8 +382,13 @@ def read_isic2019(root: Path) -> Ingest:
     found = _onehot_classes(gt.columns)
     if found is None:  # neither class set: report ISIC 2019's missing columns, naming both layouts
         layouts = f"ISIC 2019: {','.join(ISIC2019.codes)}; ISIC 2018: {','.join(ISIC2018_COLUMNS)}"
-        _require(gt, gt_path, ISIC2019.codes, f"a one-hot ground truth ({layouts})")  # always raises here
-    classes = list(found or ())
+        missing = [c for c in ISIC2019.codes if c not in {str(c).upper() for c in gt.columns}]
+        raise DataError(
+            f"{gt_path}: missing required column(s) {', '.join(missing)} for a one-hot ground truth ({layouts}) "
+            f"(found: {', '.join(map(str, gt.columns)) or 'none'})"
+        )
+    gt = _upper_class_columns(gt)
+    classes = list(found)
     problems: list[Problem] = []
     onehot = gt[classes].apply(pd.to_numeric, errors="coerce").fillna(0) > 0.5
     n_marked = onehot.sum(axis=1)
@@ -493,7 +524,10 @@ def label_files(path: Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         return [path]
-    return sorted({f for pattern in LABEL_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()})
+    # Top-level names, and ISIC's ground truth and metadata anywhere below (`read_isic2019` searches sub-folders).
+    found = {f for pattern in LABEL_FILE_PATTERNS for f in path.glob(pattern)}
+    found |= {f for pattern in ("*GroundTruth*.csv", "*Metadata*.csv") for f in path.rglob(pattern)}
+    return sorted(f for f in found if f.is_file())
 
 
 def detect_format(path: Path) -> str:
