@@ -194,7 +194,7 @@ def test_result_page_says_when_the_model_is_not_confident(client, fake):
     assert 'id="uncertain"' not in _form_post(client, _jpeg()).get_data(as_text=True)
     fake.probs, fake.uncertain = {"nv": 0.4, "bkl": 0.35, "df": 0.25}, True
     page = _form_post(client, _jpeg()).get_data(as_text=True)
-    assert 'id="uncertain"' in page and re.search(r"no condition\s+reaches 50%", page)
+    assert 'id="uncertain"' in page and re.search(r"no condition\s+is more likely than not \(none is over 50%\)", page)
 
 
 @pytest.mark.parametrize(
@@ -627,7 +627,6 @@ def test_advice_thresholds_compare_the_percents_people_see():
     three_tens = advise(_result({"nv": 0.7045, "mel": 0.0985, "bcc": 0.0985, "akiec": 0.0985}))
     assert three_tens.level == "see_doctor" and "together reach 30%" in three_tens.message
     assert advise(_result({"nv": 0.7151, "mel": 0.0949, "bcc": 0.0950, "akiec": 0.0950})).level == "monitor"  # 28%
-    # Uncertain is "no condition reaches 50%" on the page: a top class shown as 50% is not below it.
     assert not below(0.4996, UNCERTAIN_BELOW) and below(0.4949, UNCERTAIN_BELOW) and below(0.0, UNCERTAIN_BELOW)
     assert [whole_percent(p) for p in (0.097, 0.0949, 0.4996, 0.125, 1.0)] == [10, 9, 50, 12, 100]
     assert percent(0.097) == "10%" and percent(0.4996) == "50%"

@@ -47,7 +47,7 @@ from dermsight.inference.gate import (
     check_quality,
 )
 from dermsight.inference.ood import OODGate
-from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult, below
+from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
 from dermsight.transforms import EvalPreset, shades_of_gray
 
@@ -511,7 +511,7 @@ class Predictor:
             reason=None,
             predictions=preds,
             malignant=top.is_concerning,
-            uncertain=below(float(probs[order[0]]), UNCERTAIN_BELOW),
+            uncertain=bool(probs[order[0]] < UNCERTAIN_BELOW),  # raw, not as shown: 0.496 stays uncertain
             model=self._model_label(),
             image=image,
             concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
