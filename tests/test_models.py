@@ -166,16 +166,27 @@ def test_unreachable_hub_fails_fast_or_uses_the_local_cache(tmp_path, monkeypatc
 
 
 def test_hub_probe_leaves_proxies_and_offline_mode_to_the_download(monkeypatch):
-    # Behind a proxy a direct connection proves nothing, and HF_HUB_OFFLINE already answers at once.
+    # Behind a proxy a direct connection proves nothing, and HF_HUB_OFFLINE already answers at once. The proxies are
+    # those huggingface_hub's client uses (urllib's getproxies: the environment, or the system's on Windows/macOS).
     from huggingface_hub import constants
 
     monkeypatch.setattr(factory.socket, "create_connection", _no_route)
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    proxies: dict[str, str] = {}
+    monkeypatch.setattr(factory.urllib.request, "getproxies", lambda: proxies)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
     assert factory.hub_unreachable().startswith("huggingface.co:443 did not answer")
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    proxies["http"] = "http://proxy.example:3128"  # a proxy for another scheme than the endpoint's
+    assert factory.hub_unreachable().startswith("huggingface.co:443 did not answer")
+    proxies["https"] = "http://proxy.example:3128"
     assert factory.hub_unreachable() is None
-    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://hf-mirror.example")  # a mirror reached through the proxy
+    del proxies["https"]
+    assert factory.hub_unreachable() is None
+    proxies.clear()
+    assert factory.hub_unreachable().startswith("hf-mirror.example:80 did not answer")
+    proxies["all"] = "socks5://proxy.example:1080"
+    assert factory.hub_unreachable() is None
+    proxies.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert factory.hub_unreachable() is None
 

@@ -24,8 +24,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -288,18 +288,18 @@ def _load_offline(model: nn.Module, arch: str) -> WeightsInfo:
 # Without a network, huggingface_hub retries each request five times with back-off, and timm asks for two files: a
 # user waited 51 s for the error (measured). One TCP connection attempt answers sooner.
 HUB_PROBE_TIMEOUT_S = 5.0
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     """Why the model hub cannot be reached from this machine, or None when it can, or when only the download itself
-    can tell: behind a proxy (a direct connection proves nothing there) or in huggingface_hub's own offline mode."""
+    can tell: behind a proxy (a direct connection proves nothing there) or in huggingface_hub's own offline mode.
+    Proxies are the ones its HTTP client uses: `urllib.request.getproxies` (environment variables, and the system
+    settings on Windows and macOS)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
-        return None
     url = urlsplit(constants.ENDPOINT)
-    if not url.hostname:
+    proxies = urllib.request.getproxies()
+    if constants.HF_HUB_OFFLINE or not url.hostname or proxies.get(url.scheme) or proxies.get("all"):
         return None
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -312,7 +312,9 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
 @contextlib.contextmanager
 def _hub_offline(on: bool) -> Iterator[None]:
     """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) for one call: weights downloaded before come from the
-    local cache at once, and missing ones fail at once, instead of after a minute of retries."""
+    local cache at once, and missing ones fail at once, instead of after a minute of retries. The switch is
+    process-wide, so other Hugging Face downloads running at that moment in the same process (dermsight makes none
+    concurrently) would see it too; it is only switched on when the hub did not answer anyway."""
     if not on:
         yield
         return
