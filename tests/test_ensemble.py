@@ -219,6 +219,15 @@ def test_train_with_members_builds_a_calibrated_ensemble_and_resumes_finished_me
     before = (run / "seed4" / "model.safetensors").stat().st_mtime_ns
     train(tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, resume=True, calibrate=False))
     assert (run / "seed4" / "model.safetensors").stat().st_mtime_ns == before
+    # A member that had not started when the run stopped must still share the first member's split: with the
+    # split settings changed since (as with changed data), resuming is refused, and the run's config is left alone.
+    import shutil
+
+    shutil.rmtree(run / "seed5")
+    config = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match=r"the data changed since the ensemble's first member was trained \([1-9]"):
+        train(tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, resume=True, val=0.3))
+    assert (run / "config.yaml").read_bytes() == config and not (run / "seed5" / "model.safetensors").exists()
 
 
 def test_bundled_default_model_fits_the_size_cap_and_carries_its_fitted_contract():

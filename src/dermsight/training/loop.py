@@ -436,33 +436,37 @@ def refuse_finished_run(run: Path, resume: bool) -> None:
         )
 
 
-def refuse_changed_split(run: Path, manifest: pd.DataFrame) -> None:
-    """Raise ValueError when resuming ``run`` would train on another split than it started with.
+def refuse_changed_split(run: Path, manifest: pd.DataFrame, resuming: bool, same_split_as: Path | None = None) -> None:
+    """Raise ValueError when ``run`` would train on another split than it must: its own split.csv when it is
+    ``resuming`` from a checkpoint, and ``same_split_as`` (an ensemble's first member's split.csv) for the others.
 
     The split is drawn again from ``data`` on every start, so images added to or removed from the data since (or a
     changed ``data:``) redraw it: one row removed from 280 moved 154 images, some from train into test, and the
-    resumed run then scored its checkpoints on images it had trained on. A run without split.csv has nothing to
-    compare (it never finished preparing its data)."""
-    saved = run / "split.csv"
-    if not (run / "last.pt").is_file() or not saved.is_file():
-        return
-    changes = split_changes(pd.read_csv(saved, dtype=str), manifest)  # ids stay text
-    if changes["moved"] or changes["added"]:
-        raise ValueError(
-            f"cannot resume {run}: its data changed since the run started ({changes['moved']} image(s) would move "
-            f"to another split, {changes['added']} added, {changes['gone']} gone), so training would go on with a "
-            "different split and score its checkpoints on images it trained on. Restore the data (its split.csv "
-            "lists the images), or train into another --out without --resume"
+    resumed run then scored its checkpoints on images it had trained on (or an ensemble's members trained on each
+    other's test images). A run without split.csv has nothing to compare (it never finished preparing its data)."""
+    checks = []
+    if resuming and (run / "last.pt").is_file() and (run / "split.csv").is_file():
+        checks.append((run / "split.csv", f"cannot resume {run}: its data changed since the run started"))
+    if same_split_as is not None and same_split_as.is_file() and same_split_as != run / "split.csv":
+        checks.append(
+            (same_split_as, f"cannot train {run}: the data changed since the ensemble's first member was trained")
         )
-    if changes["gone"]:
-        print(
-            f"warning: {changes['gone']} image(s) of {run}'s split are no longer in the data; resuming without them",
-            file=sys.stderr,
-        )
+    for saved, why in checks:
+        changes = split_changes(pd.read_csv(saved, dtype=str), manifest)  # ids stay text
+        if changes["moved"] or changes["added"]:
+            raise ValueError(
+                f"{why} ({changes['moved']} image(s) would move to another split, {changes['added']} added, "
+                f"{changes['gone']} gone), so it would train on a different split and be scored on images it (or "
+                f"another member) trained on. Restore the data ({saved} lists the images), or train into another "
+                "--out without --resume"
+            )
+        if changes["gone"]:
+            print(f"warning: {changes['gone']} image(s) of {saved} are no longer in the data", file=sys.stderr)
 
 
-def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
-    """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/."""
+def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = None) -> FitResult:
+    """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/.
+    ``same_split_as``: a split.csv this run's split must equal (`train` passes an ensemble's first member's)."""
     d, device = _init_distributed(cfg.device)
     run = Path(cfg.out)
     progress = progress and d.main
@@ -483,8 +487,8 @@ def fit(cfg: TrainConfig, progress: bool = True) -> FitResult:
     if not d.main:
         data = prepare_data(cfg, progress=False)
     if d.main:
+        refuse_changed_split(run, data.manifest, cfg.resume, same_split_as)
         if cfg.resume:
-            refuse_changed_split(run, data.manifest)
             cfg.to_yaml(run / "config.yaml")
         save_manifest(data.manifest.drop(columns=["cache_row"]), run / "split.csv")
 
@@ -990,18 +994,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         refuse_finished_run(run, cfg.resume)
-        cfg.to_yaml(run / "config.yaml")
+        if not cfg.resume:  # a resumed ensemble's config is written once its members agree on the split
+            cfg.to_yaml(run / "config.yaml")
     paths = []
+    first_split = Path(cfg.member_config(0).out) / "split.csv"
     for i in range(cfg.members):
         member = cfg.member_config(i)
         done = Path(member.out) / "model.safetensors"
         if cfg.resume and done.is_file():
             print(f"member {cfg.member_name(i)} finished earlier: {done}")
         else:
-            fit(member, progress)
+            fit(member, progress, same_split_as=first_split if i else None)
         paths.append(done)
     if not main:
         return None
+    if cfg.resume:
+        cfg.to_yaml(run / "config.yaml")
 
     from dermsight.inference.calibration import read_split_manifest
     from dermsight.models.bundle import read_meta
