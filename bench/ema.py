@@ -25,9 +25,11 @@ SPLITS = ("val", "test")
 
 def score(run: Path) -> Path:
     """Val/test logits of both checkpoints of ``run`` into ``run/scores.npz``."""
+    import pandas as pd
     import torch
     from torch.utils.data import DataLoader
 
+    from dermsight.data.split import split_changes
     from dermsight.models.bundle import load_model
     from dermsight.training import TrainConfig
     from dermsight.training.loop import CachedImages, _subset, predict, prepare_data
@@ -35,7 +37,10 @@ def score(run: Path) -> Path:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig.from_yaml(run / "config.yaml")
-    data = prepare_data(cfg, progress=False)
+    data = prepare_data(cfg, progress=False)  # draws the split again from the config: it must be the run's own
+    changes = split_changes(pd.read_csv(run / "split.csv", dtype=str), data.manifest)
+    if changes["moved"] or changes["added"]:
+        raise SystemExit(f"{run}: the data no longer gives the run's split ({changes}); restore it to score the run")
     out: dict[str, np.ndarray] = {}
     for ck in CHECKPOINTS:
         path = run / f"{ck}.safetensors"
