@@ -358,6 +358,33 @@ def test_late_windows_1252_bytes_and_lower_case_one_hot_ground_truth(tmp_path):
     assert list(ingest.manifest["label"]) == ["MEL"] and not ingest.problems
 
 
+def test_score_columns_beside_a_label_are_not_a_one_hot_ground_truth(tmp_path):
+    # evaluate's predictions.csv names its score columns by class code (ISIC 2018's one-hot columns in lower case):
+    # with image and label present it is an image,label table, in any case ("Label").
+    for i in range(3):
+        make_image(tmp_path / f"{i}.jpg", seed=i)
+    scores = {c: [0.2, 0.1, 0.3] for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")}
+    table = pd.DataFrame({"image": ["0.jpg", "1.jpg", "2.jpg"], "Label": ["mel"] * 3, **scores})
+    table.to_csv(tmp_path / "predictions.csv", index=False)
+    assert detect_format(tmp_path / "predictions.csv") == "labels-csv"
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert list(ingest.manifest["label"]) == ["mel"] * 3 and not ingest.problems
+    # A UTF-16 file is recognised by its layout too, not only read.
+    (tmp_path / "u16.csv").write_bytes("image\tlabel\n0.jpg\tnv\n".encode("utf-16"))
+    assert detect_format(tmp_path / "u16.csv") == "labels-csv"
+
+
+def test_a_dangling_link_among_same_named_images_is_no_image(tmp_path):
+    # A git-annex/DataLad file not fetched yet is a link to nowhere: it must not stop the ingest.
+    make_image(tmp_path / "a" / "ISIC_0000001.jpg")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ISIC_0000001.jpg").symlink_to(tmp_path / "annex" / "not-fetched")
+    pd.DataFrame({"image": ["ISIC_0000001"], "label": ["nv"]}).to_csv(tmp_path / "labels.csv", index=False)
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert [Path(p).parent.name for p in ingest.manifest["path"]] == ["a"] and not ingest.problems
+
+
 def test_manifest_out_guard_covers_ground_truth_in_sub_folders(tmp_path):
     gt = tmp_path / "src" / "labels" / "ISIC_2019_Training_GroundTruth.csv"
     gt.parent.mkdir(parents=True)
@@ -390,6 +417,7 @@ def test_unknown_layout_and_missing_source_are_clear_errors(tmp_path, capsys):
     assert main(["data", "manifest", str(tmp_path / "only"), "--out", str(tmp_path / "m.csv")]) == 2
     assert "error: no usable image in" in capsys.readouterr().err
     assert (tmp_path / "m.csv").read_text() == "path,label\nimg/a.jpg,nv\n"  # not replaced by an empty one
+    assert not (tmp_path / "m.problems.csv").exists()  # nor given a problem list of the failed run beside it
     (tmp_path / "empty.csv").write_text("path,label\n")
     assert main(["data", "split", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "s.csv")]) == 2
     assert "lists no images: nothing to split" in capsys.readouterr().err

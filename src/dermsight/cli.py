@@ -111,22 +111,23 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     _output_file(args.out, label_files(source))
     t0 = time.perf_counter()
     ingest = build_manifest(source, fmt=args.format, verify=verify)
-    out = Path(args.out)
-    if len(ingest.manifest):  # an empty result never replaces a manifest already there
+    out, kept = Path(args.out), len(ingest.manifest)
+    if kept:  # an empty result never replaces a manifest already there
         save_manifest(ingest.manifest, out)
     dt = time.perf_counter() - t0
-    written = f"manifest written to {out}" if len(ingest.manifest) else "no manifest written"
-    kept = len(ingest.manifest)
+    written = f"manifest written to {out}" if kept else "no manifest written"
     print(f"format: {ingest.format}; {ingest.rows_read} row(s) read, {kept} kept ({dt:.1f} s); {written}")
-    if len(ingest.manifest):
+    if kept:
         _print_table(class_counts(ingest.manifest), "class counts:")
     elif ingest.labels_read:
         print(
             "labels in the source (no row kept): "
             + ", ".join(f"{k} {v}" for k, v in sorted(ingest.labels_read.items(), key=lambda kv: -kv[1]))
         )
-    code = _report_problems(ingest.problems, problems_path(out))
-    if not len(ingest.manifest):
+    # Nothing written when nothing was kept: not the manifest, and not a problem list that would sit beside an
+    # earlier run's manifest (the reasons are summarised below either way).
+    code = _report_problems(ingest.problems, problems_path(out) if kept else None)
+    if not kept:
         # Nothing to train or evaluate on is unusable input, not a success with some rows dropped.
         print(f"error: no usable image in {source}, so no manifest was written", file=sys.stderr)
         return EXIT_USAGE

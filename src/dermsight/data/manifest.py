@@ -129,6 +129,13 @@ def walk(root: str | os.PathLike, skip: Callable[[str], bool] | None = None) -> 
         yield dirpath, sorted(filenames)
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:  # one cannot be read (no permission): not known to be the same image
+        return False
+
+
 class ImageIndex(dict[str, Path]):
     """Image stem -> file for every image under a root, with ``duplicates``: the stems that name more than one file
     there. A stem whose files differ is ambiguous and must not be resolved (which file came first depends on the
@@ -145,7 +152,7 @@ class ImageIndex(dict[str, Path]):
         if key not in self._verdicts:
             distinct: list[Path] = []
             for f in self.duplicates.get(key, []):
-                if not any(filecmp.cmp(d, f, shallow=False) for d in distinct):
+                if not any(_same_bytes(d, f) for d in distinct):
                     distinct.append(f)
             self._verdicts[key] = distinct
         return self._verdicts[key]
@@ -174,6 +181,8 @@ def _index_images(root: Path) -> ImageIndex:
             p = Path(dirpath, name)
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 real = p.resolve()
+                if not real.is_file():  # a dangling link (a git-annex or DataLad file not fetched yet): no image
+                    continue
                 first = index.setdefault(p.stem, real)
                 if first != real:
                     index.duplicates.setdefault(p.stem, [first]).append(real)
@@ -272,7 +281,7 @@ def read_labels_csv(csv_path: Path) -> Ingest:
     csv_path = Path(csv_path)
     what = "a labels.csv (image,label)"
     df = _read_csv(csv_path, ("image",), what)
-    if "label" not in df.columns and _onehot_classes(df.columns):
+    if "label" not in {str(c).lower() for c in df.columns} and _onehot_classes(df.columns):
         return read_isic2019(csv_path)  # a labels.csv written one-hot, as ISIC's ground truth is
     _require(df, csv_path, ("label",), what)
     problems: list[Problem] = []
@@ -537,17 +546,23 @@ def detect_format(path: Path) -> str:
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
         try:
-            cols = set(pd.read_csv(path, nrows=0).columns.str.strip())
+            encoding = _csv_encoding(path)
+            sep = None if encoding == "utf-16" else ","
+            header = pd.read_csv(path, nrows=0, encoding=encoding, sep=sep, engine="python" if sep is None else "c")
+            cols = {str(c).strip() for c in header.columns}
         except Exception as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
+        lower = {c.lower() for c in cols}
+        # An image,label table first: per-class score columns beside a label (evaluate's predictions.csv names
+        # them by class code, which are ISIC 2018's one-hot columns in lower case) are not a one-hot ground truth.
+        if {"image", "label"} <= lower:
+            return "labels-csv"
         if _onehot_classes(cols):
             return "isic2019"
-        if {"image_id", "dx", "lesion_id"} <= cols:
+        if {"image_id", "dx", "lesion_id"} <= lower:
             return "ham10000"
-        if "isic_id" in cols:
+        if "isic_id" in lower:
             return "isic-archive"
-        if {"image", "label"} <= cols:
-            return "labels-csv"
         raise DataError(
             f"{path}: unrecognised CSV columns ({', '.join(sorted(cols))}); expected image,label or one of the "
             "HAM10000 / ISIC 2019 / ISIC Archive layouts"
