@@ -372,6 +372,19 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     assert "epoch 1/2" in proc.stdout and (Path(cfg.out) / "model.safetensors").is_file()
     assert "epoch 2/2" not in proc.stdout and "time limit" in proc.stdout and "(raw weights" in proc.stdout
     assert proc.stdout.count("model written to") == 1  # only rank 0 writes
+    # Resuming onto another split is refused on every rank with rank 0's reason, not on rank 0 alone.
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dermsight.cli", "train", "--config",
+         str(tmp_path / "ddp.yaml"), "--resume", "--set", "val=0.3"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("error: cannot resume") == 2, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dermsight.cli", "train", "--config",
+         str(tmp_path / "ddp.yaml")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("already holds a trained model") == 2, proc.stderr[-3000:]
 
 
 def test_train_with_missing_weights_is_a_clear_user_error(tmp_path, capsys):

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,6 +464,24 @@ def refuse_changed_split(run: Path, manifest: pd.DataFrame, resuming: bool, same
             print(f"warning: {changes['gone']} image(s) of {saved} are no longer in the data", file=sys.stderr)
 
 
+def _checked_on_rank_0(d: Dist, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and stop every rank with its ValueError, if it raises one. Rank 0 alone holds the
+    run folder's files for sure (other nodes may not see them), and a rank left going on alone would wait for the
+    others forever under a launcher that does not tear a failed job down (torchrun does)."""
+    refusal = None
+    if d.main:
+        try:
+            check()
+        except ValueError as e:
+            refusal = str(e)
+    if d.world > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
 def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = None) -> FitResult:
     """Train per ``cfg``; writes into ``cfg.out``: config.yaml, log.csv, last.pt, model.safetensors, val/, test/.
     ``same_split_as``: a split.csv this run's split must equal (`train` passes an ensemble's first member's)."""
@@ -473,10 +491,9 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed + d.rank)
-    if d.main:
-        refuse_finished_run(run, cfg.resume)
-        if not cfg.resume:  # a resumed run's config is written once its data is known to be the same
-            cfg.to_yaml(run / "config.yaml")
+    _checked_on_rank_0(d, lambda: refuse_finished_run(run, cfg.resume))
+    if d.main and not cfg.resume:  # a resumed run's config is written once its data is known to be the same
+        cfg.to_yaml(run / "config.yaml")
     writer_class = _tensorboard(cfg)  # before the data work, on every rank: a missing package fails fast
 
     # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
@@ -486,8 +503,8 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
         dist.barrier()
     if not d.main:
         data = prepare_data(cfg, progress=False)
+    _checked_on_rank_0(d, lambda: refuse_changed_split(run, data.manifest, cfg.resume, same_split_as))
     if d.main:
-        refuse_changed_split(run, data.manifest, cfg.resume, same_split_as)
         if cfg.resume:
             cfg.to_yaml(run / "config.yaml")
         save_manifest(data.manifest.drop(columns=["cache_row"]), run / "split.csv")
