@@ -713,6 +713,38 @@ def test_evaluate_leaves_out_rows_no_class_can_hold(tmp_path, capsys):
     assert pd.read_csv(out / "problems.csv").empty
 
 
+def test_scoring_taxonomy_leaves_unk_out_instead_of_switching_to_ham7():
+    from dermsight.evaluation.run import _targets
+
+    meta = ModelMeta.new("tf_efficientnet_lite0", "isic2019", WEIGHTS, input_size=64)
+    isic = pd.DataFrame({"label_isic2019": ["MEL", "NV", None], "label_ham7": ["mel", "nv", None]})  # UNK last
+    y, labels, taxonomy = _targets(isic, meta)
+    assert taxonomy == "isic2019" and list(y) == [labels.index("MEL"), labels.index("NV"), -1]
+    ham = pd.DataFrame({"label_isic2019": ["MEL", None], "label_ham7": ["mel", "akiec"]})  # akiec: AK or SCC
+    y, labels, taxonomy = _targets(ham, meta)
+    assert taxonomy == "ham7" and list(y) == [labels.index("mel"), labels.index("akiec")]
+
+
+def test_evaluate_a_hand_made_path_label_csv_from_another_folder(tmp_path, monkeypatch, capsys):
+    # A CSV of path,label (names as people write them) crashed with KeyError 'label_ham7', and relative paths were
+    # looked up from the working folder, not beside the CSV.
+    folder = tmp_path / "data"
+    for i in range(4):
+        make_image(folder / "images" / f"{i}.png", size=(200, 150), seed=i)
+    names = ["melanoma", "nv", "Basal cell carcinoma", "eczema"]
+    pd.DataFrame({"path": [f"images/{i}.png" for i in range(4)], "label": names}).to_csv(
+        folder / "list.csv", index=False
+    )
+    model = tiny_model(tmp_path / "m.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--model", str(model), "--data", str(folder / "list.csv"), "--out", str(out),
+               "--bootstrap", "5"])  # fmt: skip
+    assert rc == 1 and json.loads((out / "metrics.json").read_text())["n"] == 3
+    assert "eczema has no class in the ham7 taxonomy" in (out / "problems.csv").read_text()
+
+
 def test_export_cli(tmp_path, capsys):
     model_path = tiny_model(tmp_path / "m.safetensors")
     images = tmp_path / "imgs"

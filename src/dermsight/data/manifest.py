@@ -656,12 +656,40 @@ def save_manifest(manifest: pd.DataFrame, out: Path) -> Path:
 
 
 def load_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest written by `save_manifest` (or any CSV with at least ``path`` and ``label``)."""
-    df = _read_csv(Path(path), ("path", "label"), "a dermsight manifest")
+    """Read a manifest written by `save_manifest` (or any CSV with at least ``path`` and ``label``).
+
+    A hand-made one gets what `save_manifest` would have written: the per-taxonomy label columns, from ``label``
+    by the catalogue (names such as "melanoma" included; a label it does not know leaves them empty, which the
+    reader reports), and relative paths that exist beside the CSV but not from the working folder are taken from
+    beside the CSV (evaluate found no image at all when run from elsewhere)."""
+    path = Path(path)
+    df = _read_csv(path, ("path", "label"), "a dermsight manifest")
     for c in ("width", "height", "fold"):
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    base = path.resolve().parent
+
+    def locate(p: object) -> object:
+        if not isinstance(p, str) or Path(p).is_absolute() or Path(p).exists() or not (base / p).exists():
+            return p
+        return str(base / p)
+
+    df["path"] = df["path"].map(locate)
+    if "label_ham7" not in df or "label_isic2019" not in df:
+        codes = df["label"].map(_catalogue_code)
+        for col, taxonomy in (("label_ham7", HAM7), ("label_isic2019", ISIC2019)):
+            if col not in df:
+                df[col] = codes.map(lambda c, t=taxonomy: to_taxonomy(c, t) if isinstance(c, str) else pd.NA)
     return df
+
+
+def _catalogue_code(label: object) -> str | None:
+    if not isinstance(label, str):
+        return None
+    try:
+        return lookup(label).code
+    except UnknownLabelError:
+        return None
 
 
 def class_counts(manifest: pd.DataFrame, by: str | None = None, label: str = "label") -> pd.DataFrame:

@@ -64,7 +64,11 @@ def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[
     """Target indices in the scoring taxonomy (the model's when the data has it for every row, else HAM7), -1 for a
     row whose label has no class there (ISIC 2019's UNK, say)."""
     col = LABEL_COLUMNS[meta.taxonomy]
-    if col in manifest and manifest[col].notna().all():
+    # Rows with a class in no taxonomy (ISIC's UNK, "none of the others") are left out whichever is used: one of
+    # them must not move an ISIC 2019 evaluation into HAM7. Any other row without a class in the model's
+    # taxonomy (HAM's akiec for an ISIC 2019 model) means scoring in HAM7, where both have one.
+    other = manifest["label_ham7"].notna() if "label_ham7" in manifest else pd.Series(False, index=manifest.index)
+    if col in manifest and manifest[col].notna().any() and (manifest[col].notna() | ~other).all():
         labels = list(meta.classes)
         taxonomy = meta.taxonomy
     else:
