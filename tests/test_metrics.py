@@ -6,6 +6,7 @@ import json
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -120,16 +121,37 @@ def tied_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 3, size=n), templates[rng.integers(0, len(templates), size=n)]
 
 
-@pytest.mark.parametrize("case", ["continuous", "tied"])
+def _stratified_draws(y: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The case indices of each resample, drawn as the bootstrap's documented rule says: per class (of a group's
+    first case), as many groups as it has, with replacement, in the same order of random draws."""
+    cluster = pd.factorize(pd.Series(groups, dtype=object))[0]
+    first = np.unique(cluster, return_index=True)[1]
+    rng = np.random.default_rng(seed)
+    picks = [np.empty((n_boot, 0), int)]
+    for c in range(int(y.max()) + 1):
+        members = np.flatnonzero(y[first] == c)
+        if len(members):
+            picks.append(members[rng.integers(0, len(members), size=(n_boot, len(members)))])
+    chosen = np.concatenate(picks, axis=1)
+    return [np.concatenate([np.flatnonzero(cluster == g) for g in row]) for row in chosen]
+
+
+@pytest.mark.parametrize("case", ["continuous", "tied", "lesions"])
 def test_bootstrap_equals_naive_resampling(case):
     # The vectorised bootstrap must give the same numbers as scoring each resample with sklearn.
-    y, probs = synthetic(150, seed=3) if case == "continuous" else tied_scores(60)
-    labels = HAM7.codes if case == "continuous" else TOY_LABELS
+    y, probs = synthetic(150, seed=3) if case != "tied" else tied_scores(60)
+    labels = HAM7.codes if case != "tied" else TOY_LABELS
+    groups = None
+    if case == "lesions":  # lesions of one to three photos, all of one class
+        sizes = np.random.default_rng(5).integers(1, 4, size=len(y))
+        lesion = np.repeat(np.arange(len(y)), sizes)[: len(y)]
+        y = y[lesion]  # a lesion's photos share its label
+        groups = np.array([f"L{i}" for i in lesion], dtype=object)
     n_classes = len(labels)
     n_boot, seed = 40, 7
-    m = compute_metrics(y, probs, labels, n_bootstrap=n_boot, seed=seed)
+    m = compute_metrics(y, probs, labels, n_bootstrap=n_boot, seed=seed, groups=groups)
 
-    draws = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    draws = _stratified_draws(y, groups if groups is not None else np.arange(len(y)), n_boot, seed)
     naive: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "macro_auc": []}
     for idx in draws:
         yb, pb = y[idx], probs[idx]
@@ -138,11 +160,33 @@ def test_bootstrap_equals_naive_resampling(case):
             # A resample can miss a class that is still predicted; sklearn warns and drops it.
             warnings.simplefilter("ignore", UserWarning)
             naive["balanced_accuracy"].append(balanced_accuracy_score(yb, pb.argmax(axis=1)))
-        if len(np.unique(yb)) == n_classes:
-            naive["macro_auc"].append(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in range(n_classes)]))
+        present = np.unique(y)
+        if len(np.unique(yb)) == len(present):
+            naive["macro_auc"].append(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in present]))
     for name, values in naive.items():
         assert m["ci95"][name] == pytest.approx(list(np.percentile(values, [2.5, 97.5])))
-    assert m["bootstrap"]["valid_resamples"]["macro_auc"] == len(naive["macro_auc"])
+    assert m["bootstrap"]["valid_resamples"]["macro_auc"] == len(naive["macro_auc"]) == n_boot  # no class lost
+    assert n_classes >= len(np.unique(y))
+
+
+def test_bootstrap_keeps_rare_classes_and_draws_a_lesions_photos_together():
+    # One missed melanoma among 35 cases: resamples that dropped it put the point estimate on the lower bound.
+    y = np.repeat(np.arange(6), [6, 5, 5, 5, 5, 5])
+    pred = y.copy()
+    pred[0] = 1  # the melanoma called a naevus
+    probs = np.eye(7)[pred] * 0.9 + 0.1 / 7
+    m = compute_metrics(y, probs, HAM7.codes, n_bootstrap=400)
+    low, high = m["ci95"]["balanced_accuracy"]
+    assert low < m["balanced_accuracy"] <= high
+    # Three photos of each lesion are one case, not three: the interval is wider than counting photos.
+    y, probs = synthetic(120, seed=2)
+    tripled = compute_metrics(np.repeat(y, 3), np.repeat(probs, 3, axis=0), HAM7.codes, n_bootstrap=400)
+    lesions = compute_metrics(
+        np.repeat(y, 3), np.repeat(probs, 3, axis=0), HAM7.codes, n_bootstrap=400, groups=np.repeat(np.arange(120), 3)
+    )
+    width = {k: m["ci95"]["accuracy"][1] - m["ci95"]["accuracy"][0] for k, m in (("t", tripled), ("l", lesions))}
+    assert width["l"] > 1.4 * width["t"]  # about sqrt(3)
+    assert "groups of cases (120 groups" in lesions["bootstrap"]["method"]
 
 
 def test_confidence_intervals_contain_estimate_narrow_with_data_and_are_deterministic():

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -123,32 +124,51 @@ def _weighted_aucs(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
 
 
 def _bootstrap(
-    y: np.ndarray, p: np.ndarray, auc_classes: Sequence[int], n_bootstrap: int, seed: int
+    y: np.ndarray,
+    p: np.ndarray,
+    auc_classes: Sequence[int],
+    n_bootstrap: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and macro AUC of ``n_bootstrap`` case resamples (NaN where degenerate)."""
+    """Accuracy, balanced accuracy and macro AUC of ``n_bootstrap`` resamples (NaN where degenerate).
+
+    Stratified by class: each resample draws as many clusters of each class as the data has, so every class stays
+    present. Without strata a resample that lost a rare class averaged balanced accuracy over fewer classes, and a
+    test set with one missed melanoma got an interval whose lower end was the point estimate (a review helper's
+    case). Clustered by ``groups`` (lesion ids): the photos of one lesion are drawn together, since they are not
+    independent cases (HAM10000 has 1.34 photos a lesion, 1.8 for melanoma); resampling photos made the intervals
+    about 1.6 times too narrow. Without groups every case is its own cluster. A cluster joins the stratum of its
+    first case."""
     n, n_classes = p.shape
     rng = np.random.default_rng(seed)
     onehot = np.eye(n_classes)[y]
     hits = onehot * (p.argmax(axis=1) == y)[:, None]
+    cluster = np.arange(n) if groups is None else pd.factorize(pd.Series(groups, dtype=object))[0]
+    n_clusters = int(cluster.max()) + 1 if n else 0
+    first = np.unique(cluster, return_index=True)[1]
+    strata = [members for c in range(n_classes) if len(members := np.flatnonzero(y[first] == c))]
     out: dict[str, list[np.ndarray]] = {"accuracy": [], "balanced_accuracy": [], "macro_auc": []}
-    chunk = max(1, _BOOTSTRAP_CHUNK_ENTRIES // max(n, 1))
+    chunk = max(1, _BOOTSTRAP_CHUNK_ENTRIES // max(n, n_clusters, 1))
     for start in range(0, n_bootstrap, chunk):
         rows = min(chunk, n_bootstrap - start)
-        draws = rng.integers(0, n, size=(rows, n))
-        # Multiplicity of each case in each resample: every metric becomes a weighted sum over the cases.
-        flat = (np.arange(rows)[:, None] * n + draws).ravel()
-        w = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        # Multiplicity of each cluster in each resample, then of each case: every metric is a weighted sum.
+        counts = np.zeros(rows * n_clusters, np.int64)
+        for members in strata:
+            drawn = members[rng.integers(0, len(members), size=(rows, len(members)))]
+            counts += np.bincount((np.arange(rows)[:, None] * n_clusters + drawn).ravel(), minlength=rows * n_clusters)
+        w = counts.reshape(rows, n_clusters)[:, cluster].astype(np.float64)
         support = w @ onehot
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = (w @ hits) / support
         # Same rule as balanced_accuracy_score: classes absent from the resample do not count.
         present = support > 0
-        out["accuracy"].append((w @ hits).sum(axis=1) / n)
+        out["accuracy"].append((w @ hits).sum(axis=1) / w.sum(axis=1))
         out["balanced_accuracy"].append(np.where(present, recall, 0).sum(axis=1) / present.sum(axis=1))
         if auc_classes:
             aucs = np.stack([_weighted_aucs(p[:, k], y == k, w) for k in auc_classes], axis=1)
-            # A resample that loses every case of a rare class has no AUC for it; skip the resample rather
-            # than average over a different set of classes than the point estimate.
+            # A resample that loses every case of a class (possible only for a class whose cases sit in clusters
+            # of another stratum) has no AUC for it; skip the resample rather than average over other classes.
             out["macro_auc"].append(aucs.mean(axis=1))
         else:
             out["macro_auc"].append(np.full(rows, np.nan))
@@ -182,13 +202,15 @@ def compute_metrics(
     labels: Sequence[str],
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Sequence | np.ndarray | None = None,
 ) -> dict:
     """Score class probabilities against true class indices; returns a JSON-serialisable dict.
 
     Undefined values (recall of a class with no cases, AUC of a class with no cases) are ``None``, and each is
     explained in ``warnings``. ``macro_auc`` averages one-vs-rest AUCs over the classes present in ``y_true``;
     the others are listed in ``auc_excluded``. ``ci95`` holds bootstrap 95% percentile intervals from
-    ``n_bootstrap`` case resamples (``n_bootstrap=0`` skips them).
+    ``n_bootstrap`` resamples (``n_bootstrap=0`` skips them), stratified by class and, with ``groups`` (one id per
+    case, e.g. its lesion), drawing the cases of a group together (see `_bootstrap`).
     """
     labels = list(labels)
     conditions = [_condition(code) for code in labels]
@@ -267,12 +289,15 @@ def compute_metrics(
         "confusion_matrix": cm.tolist(),
     }
     if n_bootstrap > 0:
-        boot = _bootstrap(y, p, auc_classes, n_bootstrap, seed)
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"groups has {len(groups)} entries for {n} cases")
+        boot = _bootstrap(y, p, auc_classes, n_bootstrap, seed, None if groups is None else np.asarray(groups))
         result["ci95"] = {name: _percentile_ci(values) for name, values in boot.items()}
+        unit = "cases" if groups is None else f"groups of cases ({len(set(groups))} groups, e.g. lesions)"
         result["bootstrap"] = {
             "n_resamples": n_bootstrap,
             "seed": seed,
-            "method": "percentile, cases resampled with replacement",
+            "method": f"percentile, {unit} resampled with replacement within each class",
             "valid_resamples": {name: int(np.isfinite(values).sum()) for name, values in boot.items()},
         }
     else:

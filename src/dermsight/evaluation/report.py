@@ -144,7 +144,7 @@ def _markdown(metrics: dict, title: str, extra: dict | None, figures: dict[str, 
         boot = metrics["bootstrap"]
         lines += [
             "",
-            f"CIs: {boot['n_resamples']} bootstrap resamples of cases (seed {boot['seed']}), percentile.",
+            f"CIs: {boot['n_resamples']} bootstrap resamples (seed {boot['seed']}), {boot['method']}.",
         ]
     concerning = metrics.get("concerning")
     if concerning:

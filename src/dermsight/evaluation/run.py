@@ -225,7 +225,13 @@ def evaluate(
     if taxonomy != meta.taxonomy:
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
-    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap)
+    # Photos of one lesion are resampled together for the intervals (HAM10000 has several of many lesions); rows
+    # without a lesion id are their own group.
+    groups = None
+    if "lesion_id" in manifest and manifest["lesion_id"].notna().any():
+        ids = manifest["lesion_id"].astype(object)
+        groups = ids.where(ids.notna(), "image:" + manifest["path"].astype(str)).to_numpy()[ok]
+    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
     if gates:
         # Counted beside the metrics, which still cover every image (metrics.json "serving_gates").
         scored = [p for p, k in zip(paths, ok, strict=True) if k]
