@@ -5,9 +5,10 @@ default model is checked on (square centre crops of 4:3 dermoscopy frames), for 
     dermsight evaluate --data runs/test_square224 --out runs/eval_square224
 
 Writes DIR/images/<image_id>.png (lossless: no second JPEG pass on top of the source's) and DIR/labels.csv
-(`image,label`). Crops come from `dermsight.inference.calibration.square_crop`, the same function calibration uses
-for its `test_square224` figures. HAM10000 images here are 200x150, so the crops are enlarged 150 px squares, not
-the sharper crops of 600x450 originals; the model brings both to its training detail first (`match_detail`).
+(`image,label`, and `lesion_id` where the split has it). Crops come from
+`dermsight.inference.calibration.square_crop`, the same function calibration uses for its `test_square224` figures.
+HAM10000 images here are 200x150, so the crops are enlarged 150 px squares, not the sharper crops of 600x450
+originals; the model brings both to its training detail first (`match_detail`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         name = f"images/{Path(r.path).stem}.png"
         Image.fromarray(square_crop(image, args.size)).save(args.out / name)
-        labels.append((name, r.label))
-    pd.DataFrame(labels, columns=["image", "label"]).to_csv(args.out / "labels.csv", index=False)
+        labels.append((name, r.label, getattr(r, "lesion_id", None)))
+    table = pd.DataFrame(labels, columns=["image", "label", "lesion_id"])
+    if table["lesion_id"].isna().all():
+        table = table.drop(columns="lesion_id")
+    # lesion_id, where the split has it, lets `evaluate` resample a lesion's photos together for its intervals.
+    table.to_csv(args.out / "labels.csv", index=False)
     print(f"{len(labels)} square crops of {args.size} px in {args.out} ({skipped} skipped)")
     return 0
 

@@ -841,11 +841,12 @@ def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, c
     for i, split in enumerate(["train", "test", "test"]):
         path = tmp_path / f"src{i}.jpg"
         Image.fromarray(np.full((150, 200, 3), 40 * i, np.uint8)).save(path)
-        rows.append((str(path), "mel" if i else "nv", split))
-    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(tmp_path / "split.csv", index=False)
+        rows.append((str(path), "mel" if i else "nv", split, f"HAM_{i // 2}"))
+    pd.DataFrame(rows, columns=["path", "label", "split", "lesion_id"]).to_csv(tmp_path / "split.csv", index=False)
     assert script.main([str(tmp_path / "split.csv"), "--out", str(tmp_path / "sq")]) == 0
     labels = pd.read_csv(tmp_path / "sq" / "labels.csv")
     assert list(labels["image"]) == ["images/src1.png", "images/src2.png"] and set(labels["label"]) == {"mel"}
+    assert list(labels["lesion_id"]) == ["HAM_0", "HAM_1"]  # for evaluate's lesion-level intervals
     with Image.open(tmp_path / "sq" / "images" / "src2.png") as im:
         assert im.size == (224, 224) and im.getpixel((0, 0)) == (80, 80, 80)
     assert len(build_manifest(tmp_path / "sq", progress=False).manifest) == 2  # what `dermsight evaluate` reads
