@@ -223,6 +223,10 @@ def evaluate(
     adjusted = meta.adjust(logits)
     probs_raw, probs = softmax(adjusted), softmax(adjusted, meta.temperature)
     if taxonomy != meta.taxonomy:
+        # Scored in the coarser taxonomy on summed probabilities (AK + SCC -> akiec), and decided by their argmax:
+        # with calibrated probabilities that is the best decision among the coarse classes, which is what the
+        # metrics score. (An untrained 8-class model favours akiec this way, two outputs' worth of prior mass; the
+        # fine top-1 mapped down would hide that a trained model is sure it is one of AK or SCC.)
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
     # Photos of one lesion are resampled together for the intervals (HAM10000 has several of many lesions); rows
