@@ -383,7 +383,13 @@ def test_upload_mistakes_get_messages_that_name_them(fake):
     assert r.status_code == 400 and r.json["error"] == "empty_file" and "0 bytes" in r.json["message"]
     r = client.post("/api/v1/predict", data={"image": (io.BytesIO(b""), "")}, content_type="multipart/form-data")
     assert r.json["error"] == "no_image"  # an empty picker sends a part without a file name
-    assert fake.calls == 0
+    # Picker and camera both filled (possible without JavaScript): refused, not one of them used silently.
+    both = {"image": [(io.BytesIO(photo), "a.jpg"), (io.BytesIO(_jpeg(seed=2)), "b.jpg")]}
+    r = client.post("/api/v1/predict", data=both, content_type="multipart/form-data")
+    assert r.status_code == 400 and r.json["error"] == "two_photos"
+    one = {"image": [(io.BytesIO(b""), ""), (io.BytesIO(photo), "b.jpg")]}  # an empty picker beside the camera's
+    assert client.post("/api/v1/predict", data=one, content_type="multipart/form-data").status_code == 200
+    assert fake.calls == 1  # only that last request reached the model
 
 
 def test_api_heic_message_helps_iphone_users(client):

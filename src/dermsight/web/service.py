@@ -130,15 +130,22 @@ class ModelService:
 def read_upload(files, max_bytes: int, form=None) -> bytes:
     """The uploaded image's bytes from the multipart ``files``, checked to be a supported image type by its bytes.
 
-    Two inputs may share the field name (a file picker and a phone-camera input); the first non-empty one counts.
-    ``form`` (the request's text fields) only sharpens the message when no file came: an image sent as text.
+    Two inputs share the field name (a file picker and a phone-camera input); the page's script empties one when
+    the other is used, so only one may hold a photo: two are refused rather than one chosen silently (without
+    JavaScript both could be filled). ``form`` (the request's text fields) only sharpens the message when no file
+    came: an image sent as text.
     """
     data, named_empty = b"", False
     for storage in files.getlist(UPLOAD_FIELD):
-        data = storage.read(max_bytes + 1)
-        if data:
-            break
-        named_empty = named_empty or bool(storage.filename)  # a chosen file of 0 bytes, not an empty picker
+        part = storage.read(max_bytes + 1)
+        if part and data:
+            raise RequestRefused(
+                400,
+                "Two photos were sent (the file picker and the camera each had one). Please send one photo at a time.",
+                "two_photos",
+            )
+        data = data or part
+        named_empty = named_empty or (not part and bool(storage.filename))  # a chosen 0-byte file, not an empty picker
     if not data and form is not None and form.get(UPLOAD_FIELD):
         raise RequestRefused(
             400,
