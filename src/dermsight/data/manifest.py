@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import io
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -62,30 +64,30 @@ class Ingest:
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def _csv_encoding(path: Path) -> str:
-    """UTF-16 when the file starts with its byte-order mark, else UTF-8 (a UTF-8 mark is skipped) when all of it
-    decodes as UTF-8, else Windows-1252: what spreadsheet programs save as "Unicode text" and "CSV" besides UTF-8.
-    The whole file is checked (label files are a few MB at most): a first accented name can come late."""
+def _csv_text(path: Path) -> tuple[str, str | None]:
+    """The file's text and the separator to parse it with, the file read once. UTF-16 when it starts with its
+    byte-order mark (Excel's "Unicode text", tab-separated, so the separator is sniffed), else UTF-8 (a UTF-8 mark
+    is skipped) when all of it decodes as UTF-8, else Windows-1252 (what spreadsheets save as "CSV"). All of it is
+    checked: a first accented name can come late."""
     data = Path(path).read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
+        return data.decode("utf-16"), None
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8-sig"), ","
     except UnicodeDecodeError:
-        return "cp1252"
-    return "utf-8-sig"
+        return data.decode("cp1252"), ","
+
+
+def _parse_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """`pandas.read_csv` of the file per `_csv_text` (only Python's parser sniffs a separator)."""
+    text, sep = _csv_text(path)
+    return pd.read_csv(io.StringIO(text), sep=sep, engine="python" if sep is None else "c", **kwargs)
 
 
 def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     try:
-        encoding = _csv_encoding(path)
-        # Ids must stay strings ("0001" is not 1); empty cells become NA, not the string "nan". The separator is
-        # sniffed only for UTF-16, which Excel's "Unicode text" writes with tabs.
-        sep = None if encoding == "utf-16" else ","
-        engine = "python" if sep is None else "c"  # only Python's parser sniffs
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=True, skipinitialspace=True, encoding=encoding, sep=sep, engine=engine
-        )
+        # Ids must stay strings ("0001" is not 1); empty cells become NA, not the string "nan".
+        df = _parse_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as e:
@@ -156,9 +158,6 @@ class ImageIndex(dict[str, Path]):
                     distinct.append(f)
             self._verdicts[key] = distinct
         return self._verdicts[key]
-
-    def is_ambiguous(self, key: str) -> bool:
-        return key in self.duplicates and len(self._distinct(key)) > 1
 
     def ambiguity(self, key: str, root: Path) -> str | None:
         """Why an image named only ``key`` cannot be told apart under ``root``, or None when it can."""
@@ -260,7 +259,8 @@ def _attach_paths(
     df: pd.DataFrame, ids: pd.Series, index: ImageIndex, root: Path, problems: list[Problem]
 ) -> pd.Series:
     paths = ids.map(index)
-    for row, i in ids[paths.notna()].items():
+    found = paths.notna()
+    for row, i in ids[found].items():
         why = index.ambiguity(str(i), root)
         if why is not None:  # named by id alone, and more than one file has that name: no guess
             problems.append(Problem(str(i), why, "read"))
@@ -268,8 +268,7 @@ def _attach_paths(
     reason = f"image file not found under {root}"
     if not index:
         reason += " (the folder has no images at all: download them first, see `dermsight data download`)"
-    unresolved = paths.isna() & ids.notna() & ~ids.map(lambda i: index.is_ambiguous(str(i)))
-    problems.extend(Problem(str(i), reason, "read") for i in ids[unresolved])
+    problems.extend(Problem(str(i), reason, "read") for i in ids[~found & ids.notna()])
     return paths
 
 
@@ -301,15 +300,14 @@ def read_labels_csv(csv_path: Path) -> Ingest:
         # as written, so the image check reports it as not found.
         index = _index_images(base)
         found = df.loc[missing, "image"].map(lambda v: index.get(_image_key(v)))
+        rows.loc[missing, "path"] = found.where(found.notna(), rows.loc[missing, "path"])
+        ambiguous = []
         for row, name in df.loc[missing, "image"].items():
             why = index.ambiguity(_image_key(name), base)
             if why is not None:  # more than one file by that name: no guess (it depended on the folder walk)
                 problems.append(Problem(str(name), why, "read"))
-                found[row] = None
-                df.loc[row, "image"] = pd.NA
-        rows.loc[missing, "path"] = found.where(found.notna(), rows.loc[missing, "path"])
-        ambiguous = df["image"].isna()
-        df, rows = df[~ambiguous], rows[~ambiguous]
+                ambiguous.append(row)
+        df, rows = df.drop(index=ambiguous), rows.drop(index=ambiguous)
     rows["image_id"] = _col(df, "image_id").fillna(rows["path"].map(lambda p: p.stem))
     rows["label"] = _labels(df["label"], rows["path"].map(str), problems)
     if "label_isic2019" in df:
@@ -524,8 +522,10 @@ READERS: dict[str, Callable[[Path], Ingest]] = {
 }
 
 
-# The files the readers take labels and metadata from, in a dataset folder.
-LABEL_FILE_PATTERNS = ("labels.csv", "HAM10000_metadata.csv", "metadata.csv", "*GroundTruth*.csv", "*Metadata*.csv")
+# The files the readers take labels and metadata from, in a dataset folder: these names at its top, and ISIC's
+# ground truth and metadata anywhere below (`read_isic2019` searches sub-folders).
+LABEL_FILE_NAMES = ("labels.csv", "HAM10000_metadata.csv", "metadata.csv")
+LABEL_FILE_PATTERNS_BELOW = ("*GroundTruth*.csv", "*Metadata*.csv")
 
 
 def label_files(path: Path) -> list[Path]:
@@ -533,9 +533,8 @@ def label_files(path: Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         return [path]
-    # Top-level names, and ISIC's ground truth and metadata anywhere below (`read_isic2019` searches sub-folders).
-    found = {f for pattern in LABEL_FILE_PATTERNS for f in path.glob(pattern)}
-    found |= {f for pattern in ("*GroundTruth*.csv", "*Metadata*.csv") for f in path.rglob(pattern)}
+    found = {path / name for name in LABEL_FILE_NAMES}
+    found |= {f for pattern in LABEL_FILE_PATTERNS_BELOW for f in path.rglob(pattern)}
     return sorted(f for f in found if f.is_file())
 
 
@@ -546,10 +545,7 @@ def detect_format(path: Path) -> str:
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
         try:
-            encoding = _csv_encoding(path)
-            sep = None if encoding == "utf-16" else ","
-            header = pd.read_csv(path, nrows=0, encoding=encoding, sep=sep, engine="python" if sep is None else "c")
-            cols = {str(c).strip() for c in header.columns}
+            cols = {str(c).strip() for c in _parse_csv(path, nrows=0).columns}
         except Exception as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         lower = {c.lower() for c in cols}
@@ -676,20 +672,11 @@ def load_manifest(path: Path) -> pd.DataFrame:
 
     df["path"] = df["path"].map(locate)
     if "label_ham7" not in df or "label_isic2019" not in df:
-        codes = df["label"].map(_catalogue_code)
+        codes = _labels(df["label"], df["path"], [])  # unknown labels: no code, reported by the reader later
         for col, taxonomy in (("label_ham7", HAM7), ("label_isic2019", ISIC2019)):
             if col not in df:
                 df[col] = codes.map(lambda c, t=taxonomy: to_taxonomy(c, t) if isinstance(c, str) else pd.NA)
     return df
-
-
-def _catalogue_code(label: object) -> str | None:
-    if not isinstance(label, str):
-        return None
-    try:
-        return lookup(label).code
-    except UnknownLabelError:
-        return None
 
 
 def class_counts(manifest: pd.DataFrame, by: str | None = None, label: str = "label") -> pd.DataFrame:
