@@ -7,12 +7,13 @@ Nothing here writes an upload to disk or logs it, its name or its size.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import ctypes.util
 import io
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,30 +102,31 @@ class ModelService:
     def info(self) -> dict[str, Any]:
         return self.get().info()
 
-    def predict(self, data: bytes) -> PredictionResult:
-        predictor = self.get()
+    @contextlib.contextmanager
+    def _one_at_a_time(self) -> Iterator[None]:
+        """The worker's turn for inference or a full decode of an upload (both cost memory, and a worker is sized for
+        one at a time: eight page requests at once took a worker to 3.15 GB, measured), then the freed memory back
+        to the system."""
         with self._use_lock:
             try:
-                return predictor.predict(data)
+                yield
             finally:
                 release_memory()
+
+    def predict(self, data: bytes) -> PredictionResult:
+        predictor = self.get()
+        with self._one_at_a_time():
+            return predictor.predict(data)
 
     def explain(self, data: bytes) -> bytes:
         predictor = self.get()
-        with self._use_lock:
-            try:
-                return predictor.explain(data)
-            finally:
-                release_memory()
+        with self._one_at_a_time():
+            return predictor.explain(data)
 
     def display_photo(self, data: bytes) -> str:
-        """`display_photo` under the worker's lock: a full decode of an upload costs memory like inference does, and
-        a worker is sized for one at a time (eight page requests at once took a worker to 3.15 GB, measured)."""
-        with self._use_lock:
-            try:
-                return display_photo(data)
-            finally:
-                release_memory()
+        """`display_photo` in the worker's turn, like inference."""
+        with self._one_at_a_time():
+            return display_photo(data)
 
 
 def read_upload(files, max_bytes: int, form=None) -> bytes:
