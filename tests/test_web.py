@@ -159,12 +159,35 @@ def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client):
     page = r.get_data(as_text=True)
     assert r.status_code == 200
     assert r.headers["Cache-Control"] == "no-store"
-    assert "See a dermatologist soon" in page  # melanoma on top
+    assert "See a doctor within two weeks" in page  # melanoma on top (urgent)
     assert page.count("<meter") == 7 and "55%" in page
     assert re.search(r'<img src="data:image/png;base64,[^"]+"[^>]*id="heatmap"', page)  # photo beside heatmap
     assert page.count('class="card"') == 3  # mel, nv, bkl are >= 5%
     assert 'href="/conditions/mel"' in page
     assert "Not a medical device" in page
+
+
+def test_result_page_keeps_the_result_when_people_read_on(client):
+    # A reviewer pressed Back after "Read more about melanoma" and got "Confirm Form Resubmission": the result is a
+    # POST answer that is stored nowhere. Its links open new tabs, and the cards hold the condition details.
+    page = _form_post(client, _jpeg()).get_data(as_text=True)
+    main = page[page.index("<main") : page.index("</main>")]  # the site's own menu stays as menus are
+    links = re.findall(r'<a href="(/conditions/\w+|/about)"([^>]*)>', main)
+    assert links and all('target="_blank"' in attrs for _, attrs in links)
+    assert "open in a new tab" in page
+    assert page.count("<summary>Signs and symptoms</summary>") == 3 and "<summary>Treatment options</summary>" in page
+    assert "ABCDE warning signs" in page  # melanoma's symptoms, from the knowledge file
+    assert "<title>See a doctor within two weeks - your result" in page
+    # Screen readers hear each probability once (the meter's label), not twice.
+    assert re.search(r'<span class="prob-value" aria-hidden="true">55%</span>', page)
+
+
+def test_pages_say_the_model_learned_from_dermoscopy_and_carry_a_notice_landmark(client):
+    page = client.get("/").get_data(as_text=True)
+    assert re.search(r'id="dermoscopy-note">The model learned from <strong>dermoscopy</strong>', page)
+    assert '<aside class="disclaimer" id="disclaimer" aria-label="Medical notice">' in page
+    conditions = client.get("/conditions").get_data(as_text=True)
+    assert 'id="unnamed-note">The model in use names 7 conditions' in conditions
 
 
 def test_result_page_shows_the_photo_when_the_heatmap_fails(client, fake, caplog):
@@ -182,8 +205,9 @@ def test_rejected_photo_gets_reason_and_tips(client):
     r = _form_post(client, _jpeg(flat=True))
     page = r.get_data(as_text=True)
     assert r.status_code == 200
-    assert "We could not assess this photo" in page and "almost uniform" in page
-    assert "<h1>We could not check this photo</h1>" in page and "Your result" not in page
+    assert ">Try another photo</h2>" in page and "almost uniform" in page
+    assert "If the spot worries you, show it to a doctor" in page
+    assert "<h1>We could not check this photo</h1>" in page and "your result" not in page.lower()
     assert page.count("almost uniform") == 1  # the reason once, in the advice, not repeated below it
     assert "Tips for a photo we can assess" in page
     assert 'alt="The photo you uploaded"' in page
@@ -203,7 +227,7 @@ def test_result_page_says_when_the_model_is_not_confident(client, fake):
         (b"just some text, not a photo\n", "lesion.jpg", 415, "text file"),
         (b"%PDF-1.7\n%binary", "scan.pdf", 415, "PDF"),
         (b"GIF89a" + bytes(64), "a.gif", 415, "GIF"),
-        (b"\xff\xd8\xff\xe0" + bytes(200), "broken.jpg", 400, "could not read this image"),
+        (b"\xff\xd8\xff\xe0" + bytes(200), "broken.jpg", 400, "seems damaged or incomplete"),
         (b"", "empty.jpg", 400, "The file you chose is empty (0 bytes)"),
     ],
 )
@@ -242,8 +266,25 @@ def test_csrf_rejects_missing_or_wrong_token(client, fake, token):
     client.get("/")
     r = _form_post(client, _jpeg(), token=token)
     assert r.status_code == 400
-    assert "session has expired" in r.get_data(as_text=True)
+    page = r.get_data(as_text=True)
+    assert "session has expired" in page
+    # Not the photo's fault: the page says what to do, not "We could not use this photo".
+    assert "<h1>Please reload the page and send the photo again</h1>" in page and "Reload the upload page" in page
+    assert "Try another photo" not in page
     assert fake.calls == 0
+
+
+def test_error_pages_offer_the_way_that_fits(client):
+    page = client.get("/no/such/page").get_data(as_text=True)
+    assert "Go to the start page" in page and "Try another photo" not in page
+
+
+def test_an_oversized_image_is_not_called_damaged(client):
+    # The decompression-bomb guard refuses a valid file: "damaged, choose it again" would send people round in circles.
+    huge = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(huge, "PNG")
+    page = _form_post(client, huge.getvalue(), "huge.png").get_data(as_text=True)
+    assert "We could not use this image: image is 9000x9000 (81 MP)" in page and "damaged" not in page
 
 
 def test_csrf_rejects_a_post_without_session(app, fake):
@@ -608,31 +649,68 @@ def test_templates_and_static_files_are_package_data():
 # ------------------------------------------------------------------------------------------------------------ triage
 
 
+KNOWLEDGE = load_knowledge()
+
+
+def _advise(probs: dict[str, float], uncertain: bool = False):
+    return advise(_result(probs, uncertain), KNOWLEDGE)
+
+
 def test_triage_rules():
-    assert advise(_result({"mel": 0.6, "nv": 0.4})).level == "see_doctor"
-    assert advise(_result({"akiec": 0.6, "nv": 0.4})).level == "see_doctor"
-    assert advise(_result({"nv": 0.9, "mel": 0.1})).level == "monitor"
+    assert _advise({"mel": 0.6, "nv": 0.4}).level == "see_doctor"
+    assert _advise({"akiec": 0.6, "nv": 0.4}).level == "see_doctor"
+    assert _advise({"nv": 0.9, "mel": 0.1}).level == "monitor"
     # Below the threshold a malignant class is still named, not left to be found in the list.
-    calm = advise(_result({"nv": 0.79, "mel": 0.2, "bkl": 0.01}))
-    assert calm.level == "monitor" and "does not rule out melanoma (20%)" in calm.message
-    assert "rule out" not in advise(_result({"nv": 0.95, "mel": 0.05})).message
-    assert advise(_result({"nv": 0.5, "mel": 0.35, "bkl": 0.15})).level == "see_doctor"  # melanoma quite possible
-    assert advise(_result({"nv": 0.6, "mel": 0.2, "bcc": 0.15, "df": 0.05})).level == "see_doctor"  # 35% together
-    assert advise(_result({"nv": 0.4, "bkl": 0.35, "df": 0.25}, uncertain=True)).level == "see_doctor"
+    calm = _advise({"nv": 0.87, "mel": 0.08, "bkl": 0.05})
+    assert calm.level == "monitor" and "does not rule out melanoma (8%), a type of skin cancer" in calm.message
+    assert "rule out melanoma" not in _advise({"nv": 0.96, "mel": 0.04}).message
+    assert "No photo check can rule out skin cancer" in calm.message
+    assert _advise({"nv": 0.5, "mel": 0.35, "bkl": 0.15}).level == "see_doctor"  # melanoma quite possible
+    assert _advise({"nv": 0.8, "mel": 0.08, "bcc": 0.07, "df": 0.05}).level == "see_doctor"  # 15% together
+    assert _advise({"nv": 0.4, "bkl": 0.35, "df": 0.25}, uncertain=True).level == "see_doctor"
     rejected = PredictionResult("rejected", "the photo is blurred")
-    assert advise(rejected).level == "retake" and "The photo is blurred. Please" in advise(rejected).message
-    assert "at >99%" in advise(_result({"nv": 0.998, "mel": 0.002})).message
+    assert advise(rejected, KNOWLEDGE).level == "retake"
+    assert "The photo is blurred. Please" in advise(rejected, KNOWLEDGE).message
+    assert "at >99%" in _advise({"nv": 0.998, "mel": 0.002}).message
+
+
+def test_a_melanoma_at_23_percent_is_not_called_probably_harmless():
+    # A reviewer's case: a histology-confirmed melanoma from the full-resolution sample scored bkl 75%, mel 23% and
+    # got the green "Probably harmless". On val, the old 30% rule sent only 77% of melanomas to a doctor
+    # (`bench/triage.py`); the 15% rule sends 92%.
+    advice = _advise({"bkl": 0.75, "mel": 0.23, "nv": 0.02})
+    assert advice.level == "see_doctor" and "melanoma, 23%, a type of skin cancer" in advice.message
+    assert advice.title == "See a doctor within two weeks"  # melanoma's urgency in the knowledge file
+
+
+def test_advice_names_the_kind_of_condition_and_its_urgency():
+    bcc = _advise({"bcc": 0.97, "nv": 0.03})
+    assert bcc.title == "See a dermatologist soon"  # urgency "soon" in the knowledge file
+    assert "looks most like a basal cell carcinoma, at 97%: a type of skin cancer" in bcc.message
+    assert "in the coming weeks" in bcc.message and "turn out to be harmless" not in bcc.message
+    mel = _advise({"mel": 0.6, "nv": 0.4})
+    assert mel.title == "See a doctor within two weeks" and "within about two weeks" in mel.message
+    akiec = _advise({"akiec": 0.7, "bkl": 0.3})
+    assert "can become skin cancer or be an early one" in akiec.message
+    assert "looks most like an actinic keratosis / intraepithelial carcinoma" in akiec.message
+    # The ISIC 2019 classes read their own urgency: SCC is urgent, AK soon.
+    assert _advise({"SCC": 0.6, "NV": 0.4}).title == "See a doctor within two weeks"
+    assert _advise({"AK": 0.6, "NV": 0.4}).title == "See a dermatologist soon"
+    # The combined rule takes the urgency of the most probable concerning class.
+    mixed = _advise({"nv": 0.7, "bcc": 0.12, "mel": 0.1, "bkl": 0.08})
+    assert mixed.level == "see_doctor" and mixed.title == "See a dermatologist soon"
+    assert "most of all basal cell carcinoma, 12%" in mixed.message
 
 
 def test_advice_thresholds_compare_the_percents_people_see():
-    # A reviewer's cases: "Melanoma 10%" on the page (0.097) went unnamed in "Probably harmless", and three
-    # concerning classes each shown as 10% (0.2955 together) did not reach the 30% that sends people to a doctor.
-    shown_ten = advise(_result({"nv": 0.87, "mel": 0.097, "bkl": 0.033}))
-    assert shown_ten.level == "monitor" and "does not rule out melanoma (10%)" in shown_ten.message
-    assert "rule out" not in advise(_result({"nv": 0.905, "mel": 0.0949, "bkl": 0.0001})).message  # shown as 9%
-    three_tens = advise(_result({"nv": 0.7045, "mel": 0.0985, "bcc": 0.0985, "akiec": 0.0985}))
-    assert three_tens.level == "see_doctor" and "together reach 30%" in three_tens.message
-    assert advise(_result({"nv": 0.7151, "mel": 0.0949, "bcc": 0.0950, "akiec": 0.0950})).level == "monitor"  # 28%
+    # A reviewer's cases: "Melanoma 5%" on the page (0.047) must be named in "Probably harmless", and concerning
+    # classes each shown as 5% (0.147 together, shown 15%) must reach the 15% that sends people to a doctor.
+    shown_five = _advise({"nv": 0.92, "mel": 0.047, "bkl": 0.033})
+    assert shown_five.level == "monitor" and "does not rule out melanoma (5%)" in shown_five.message
+    assert "rule out melanoma" not in _advise({"nv": 0.9551, "mel": 0.0449}).message  # shown as 4%
+    three_fives = _advise({"nv": 0.8530, "mel": 0.049, "bcc": 0.049, "akiec": 0.049})
+    assert three_fives.level == "see_doctor" and "together reach 15%" in three_fives.message
+    assert _advise({"nv": 0.8575, "mel": 0.0475, "bcc": 0.0475, "akiec": 0.0475}).level == "monitor"  # 14%
     assert not below(0.4996, UNCERTAIN_BELOW) and below(0.4949, UNCERTAIN_BELOW) and below(0.0, UNCERTAIN_BELOW)
     assert [whole_percent(p) for p in (0.097, 0.0949, 0.4996, 0.125, 1.0)] == [10, 9, 50, 12, 100]
     assert percent(0.097) == "10%" and percent(0.4996) == "50%"

@@ -41,6 +41,12 @@ class ImageError(ValueError):
     """An image that cannot be used, with a reason fit to show a user."""
 
 
+class DamagedImageError(ImageError):
+    """The file says it is an image but its data cannot be decoded: corrupt, truncated (a copy or download that did
+    not finish). The web app tells people to choose or take the photo again, rather than that it is too large or of
+    the wrong kind."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     width: int  # after EXIF orientation
@@ -79,9 +85,9 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
             f"image dimensions are absurdly large (decompression bomb guard, limit {MAX_PIXELS // 10**6} MP)"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError("not an image, or an image format that cannot be identified") from None
+        raise DamagedImageError("not an image, or an image format that cannot be identified") from None
     except OSError as e:
-        raise ImageError(f"cannot read image: {e}") from None
+        raise DamagedImageError(f"cannot read image: {e}") from None
     if im.format not in ALLOWED_FORMATS:
         raise ImageError(f"unsupported image format {im.format}: use JPEG, PNG, WebP, BMP or TIFF")
     w, h = im.size
@@ -245,6 +251,6 @@ def load_rgb(
         raise
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports truncated and corrupt data as OSError ("image file is truncated", "broken data stream").
-        raise ImageError(f"corrupt or truncated image data: {e}") from None
+        raise DamagedImageError(f"corrupt or truncated image data: {e}") from None
     finally:
         im.close()

@@ -75,7 +75,7 @@ SERVE_RESAMPLE = Image.Resampling.LANCZOS
 DECODE_SLACK = 2
 NOT_A_LESION = (
     "this does not look like a close-up of a skin lesion; the model can only assess dermoscopy-style photos "
-    "of a single spot on the skin"
+    "of a single spot on the skin (close-ups taken through a dermatoscope, a skin magnifier with its own light)"
 )
 
 
@@ -250,6 +250,38 @@ def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> to
     colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
     parity check call it too."""
     return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))
+
+
+def prediction_result(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    names: Sequence[str],
+    model: str = "",
+    image: str | None = None,
+    scores: dict[str, float] | None = None,
+) -> PredictionResult:
+    """An accepted image's result from its calibrated probabilities (in ``classes`` order, catalogue codes, with their
+    display ``names``): sorted, with the flags the advice reads (`uncertain`, `concerning_probability`). One rule for
+    serving and for `bench/triage.py`, which replays the advice on evaluation's predictions."""
+    conds = [CONDITIONS[c] for c in classes]
+    order = np.argsort(-probs, kind="stable")
+    preds = [
+        ClassProbability(
+            code=conds[k].code, name=names[k], probability=float(probs[k]), malignancy=str(conds[k].malignancy)
+        )
+        for k in order
+    ]
+    return PredictionResult(
+        status="ok",
+        reason=None,
+        predictions=preds,
+        malignant=conds[int(order[0])].is_concerning,
+        uncertain=bool(probs[order[0]] < UNCERTAIN_BELOW),  # raw, not as shown: 0.496 stays uncertain
+        model=model,
+        image=image,
+        concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
+        scores=scores or {},
+    )
 
 
 class Predictor:
@@ -496,28 +528,8 @@ class Predictor:
         return PredictionResult(status="rejected", reason=reason, model=self._model_label(), image=image, scores=scores)
 
     def _result(self, probs: np.ndarray, image: str | None, scores: dict[str, float]) -> PredictionResult:
-        conds = [CONDITIONS[c] for c in self._meta.classes]
-        order = np.argsort(-probs, kind="stable")
-        preds = [
-            ClassProbability(
-                code=conds[k].code,
-                name=self._meta.class_names[k],
-                probability=float(probs[k]),
-                malignancy=str(conds[k].malignancy),
-            )
-            for k in order
-        ]
-        top = conds[int(order[0])]
-        return PredictionResult(
-            status="ok",
-            reason=None,
-            predictions=preds,
-            malignant=top.is_concerning,
-            uncertain=bool(probs[order[0]] < UNCERTAIN_BELOW),  # raw, not as shown: 0.496 stays uncertain
-            model=self._model_label(),
-            image=image,
-            concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
-            scores=scores,
+        return prediction_result(
+            probs, self._meta.classes, self._meta.class_names, model=self._model_label(), image=image, scores=scores
         )
 
     # ---------------------------------------------------------------------------------------------- explanation

@@ -29,7 +29,7 @@ def _model():
 def prediction_json(result: PredictionResult) -> dict[str, Any]:
     body = result.to_dict()
     body.pop("image", None)  # uploads have no name worth echoing; names are never kept
-    body["advice"] = advise(result).to_dict()
+    body["advice"] = advise(result, _knowledge()).to_dict()
     if result.status != "ok":
         body["tips"] = list(_knowledge().photo_tips)
     return body

@@ -48,7 +48,7 @@ def analyse_page():
     return render_template(
         "result.html",
         result=result,
-        advice=advise(result),
+        advice=advise(result, knowledge),
         photo_uri=analysis.photo_uri,
         heatmap_uri=analysis.heatmap_uri,
         cards=[c for c in cards if c is not None],

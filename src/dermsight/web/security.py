@@ -183,7 +183,7 @@ def sniff_image_type(data: bytes) -> str | None:
 def describe_unsupported(data: bytes) -> str:
     """A short, friendly guess at what an unsupported upload is, for the 415 message."""
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        return "a HEIC/HEIF or AVIF photo (the iPhone's default format)"
+        return "a HEIC/HEIF or AVIF photo (HEIC is the iPhone camera's default format)"
     if data.startswith((b"GIF87a", b"GIF89a")):
         return "a GIF"
     if data.startswith(b"%PDF"):

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.images import DamagedImageError, ImageError, load_rgb
 from dermsight.inference.types import PredictionResult
 from dermsight.web.security import RequestRefused, describe_unsupported, sniff_image_type
 
@@ -186,7 +186,15 @@ def too_large_message(max_bytes: int) -> str:
 
 
 def unreadable(e: ImageError) -> RequestRefused:
-    return RequestRefused(400, f"We could not read this image: {e}.", "unreadable_image")
+    if isinstance(e, DamagedImageError):
+        # People first, then the detail (which a developer or a bug report needs).
+        return RequestRefused(
+            400,
+            "This photo file seems damaged or incomplete (perhaps it did not finish copying or downloading). Please "
+            f"choose it again or take a new one. (Details: {e}.)",
+            "unreadable_image",
+        )
+    return RequestRefused(400, f"We could not use this image: {e}.", "unreadable_image")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@
         showError("This does not look like a JPEG, PNG, WebP, BMP or TIFF photo.");
       }
       caption.textContent = Math.max(1, Math.round(file.size / 1024)) + " KB";
+      preview.hidden = false;
       if (file.type && file.type.indexOf("image/") === 0) {
         previewUrl = URL.createObjectURL(file);
         preview.src = previewUrl;
@@ -42,6 +43,13 @@
         figure.hidden = true;
       }
     }
+    // Browsers cannot show every format the server reads (TIFF in most, HEIC anywhere but Safari): say so instead
+    // of a broken-image icon.
+    preview.addEventListener("error", function () {
+      if (!previewUrl) return;
+      preview.hidden = true;
+      caption.textContent += ": no preview in this browser. If it is a TIFF photo you can still send it.";
+    });
     picker.addEventListener("change", function () {
       if (camera) camera.value = "";
       show(chosen());
