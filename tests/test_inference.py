@@ -536,6 +536,22 @@ def test_gradcam_png_for_each_backbone(arch):
     assert np.abs(over.astype(int) - display.astype(int)).mean() > 5  # the heatmap is visible
 
 
+def test_overlay_keeps_cold_areas_as_they_are_and_outlines_the_hot_region():
+    # A reviewer: the uniform blend tinted the whole photo blue and hid the lesion under the hot spot, and red against
+    # blue alone does not read for colour-blind people. Cold pixels stay the photo; the hot region gets a white outline.
+    from dermsight.inference.explain import overlay
+
+    image = np.full((120, 120, 3), (150, 90, 70), np.uint8)
+    heat = np.zeros((12, 12), np.float32)
+    heat[4:8, 4:8] = 1.0
+    out = overlay(image, heat)
+    assert (out[:20, :20] == image[:20, :20]).all()  # far from the hot spot: the photo itself
+    centre = out[55:65, 55:65].astype(int)
+    assert np.abs(centre - image[55:65, 55:65]).mean() > 20  # the hot spot is coloured
+    white = out.min(axis=2) >= 200  # the photo and the colour map both have a dark channel here; the outline has none
+    assert white[30:90, 30:90].sum() > 100 and not white[:20, :20].any()  # an outline around it, nowhere else
+
+
 def test_predictor_explain(calibrated):
     path, _, manifest = calibrated
     p = Predictor.from_path(path, backend="onnx", threads=1)
