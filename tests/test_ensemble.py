@@ -97,12 +97,22 @@ def test_members_are_named_by_folder_and_file_or_by_file_alone(members, tmp_path
     report = combine([p.name for p in members], tmp_path / "ens2.safetensors")
     assert [m["model"] for m in report["members"]] == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
     # Runs in folders of the same name are told apart by their whole paths.
-    for run in ("a", "b"):
+    for run, member in (("a", members[0]), ("b", members[1])):
         (tmp_path / run / "seed0").mkdir(parents=True)
-        shutil.copy(members[0], tmp_path / run / "seed0" / "model.safetensors")
-    twins = [tmp_path / run / "seed0" / "model.safetensors" for run in ("a", "b")]
-    report = combine(twins, tmp_path / "ens3.safetensors")
-    assert [m["model"] for m in report["members"]] == [str(p) for p in twins]
+        shutil.copy(member, tmp_path / run / "seed0" / "model.safetensors")
+    same_names = [tmp_path / run / "seed0" / "model.safetensors" for run in ("a", "b")]
+    report = combine(same_names, tmp_path / "ens3.safetensors")
+    assert [m["model"] for m in report["members"]] == [str(p) for p in same_names]
+
+
+def test_the_same_weights_under_two_names_are_one_member(members, tmp_path):
+    # A reviewer's glob over run folders: each run's best.safetensors holds its model.safetensors' weights, and the
+    # "ensemble of 4" was two networks counted twice. The metadata may differ; the weights decide.
+    twin = tmp_path / "best.safetensors"
+    model, meta = load_model(members[0])
+    save_model(twin, model, replace(meta, metrics={"note": "another file, the same network"}))
+    with pytest.raises(ValueError, match="holds the same weights as"):
+        combine([members[0], members[1], twin], tmp_path / "ens.safetensors")
 
 
 def test_ensemble_serves_onnx_with_parity_and_explains(members, tmp_path):
@@ -147,17 +157,18 @@ def test_combine_refuses_mixed_recipes_single_models_and_nested_ensembles(member
     assert err.startswith("error:") and "input_size" in err and "Traceback" not in err
     # Runs of different splits (cross-validation folds, say) may be combined, but the user is told what that means.
     assert "different splits" not in capsys.readouterr().err
-    torch.manual_seed(0)
+    torch.manual_seed(5)  # not the members' seeds: the same weights would be refused as one network twice
     net, _ = create_model("tf_efficientnet_lite0", 7, weights="none")
     fold = save_model(tmp_path / "fold.safetensors", net, replace(read_meta(paths[2]), split="seed 1: train 9"))
     assert main(["ensemble", str(paths[0]), str(fold), "--out", str(tmp_path / "z.safetensors")]) == 0
     assert "trained on 2 different splits" in capsys.readouterr().err
     # Fingerprinted splits are told apart by their images; a run from before fingerprints by the rest of its record.
     split = "seed 0: train 9, val 3, test 3 images"
-    runs = [
-        save_model(tmp_path / f"r{i}.safetensors", net, replace(read_meta(paths[2]), split=s))
-        for i, s in enumerate([f"{split}; fingerprint {'a' * 16}", f"{split}; fingerprint {'b' * 16}", split])
-    ]
+    runs = []
+    for i, s in enumerate([f"{split}; fingerprint {'a' * 16}", f"{split}; fingerprint {'b' * 16}", split]):
+        torch.manual_seed(10 + i)  # three networks: one saved thrice would be refused as the same weights
+        net, _ = create_model("tf_efficientnet_lite0", 7, weights="none")
+        runs.append(save_model(tmp_path / f"r{i}.safetensors", net, replace(read_meta(paths[2]), split=s)))
     assert main(["ensemble", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "f.safetensors")]) == 0
     assert "trained on 2 different splits" in capsys.readouterr().err
     assert main(["ensemble", str(runs[0]), str(runs[2]), "--out", str(tmp_path / "g.safetensors")]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,7 +169,10 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
     # Resuming onto another split (changed data or split settings redraw it) would score checkpoints on images the
     # run trained on: refused, and the run's config and split are left as they were.
     kept = {n: (run / n).read_bytes() for n in ("config.yaml", "split.csv", "log.csv")}
-    with pytest.raises(ValueError, match=r"cannot resume .*its data changed since the run started \([1-9]\d* image"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume .*its data or split settings .* changed since it started \([1-9]\d* image",
+    ):
         fit(tiny_config(tmp_path, data, epochs=4, val=0.3, resume=True), progress=False)
     assert kept == {n: (run / n).read_bytes() for n in kept}
 
@@ -506,6 +510,11 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
     _, meta = load_model(t.model_path)
     with pytest.raises(ValueError, match="not this run's"):
         load_teacher(str(t.model_path), meta, ("a", "b"), torch.device("cpu"))
+    # A teacher that saw colour-normalised images would be shown raw ones.
+    with pytest.raises(ValueError, match="colour_constancy 0, this run uses 6"):
+        load_teacher(
+            str(t.model_path), dataclasses.replace(meta, colour_constancy=6), meta.classes, torch.device("cpu")
+        )
 
 
 @pytest.mark.parametrize(
@@ -631,3 +640,94 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     data = synthetic_dataset(tmp_path / "data")
     with pytest.raises(ValueError, match=r"dermsight\[tensorboard\]"):
         fit(tiny_config(tmp_path, data, tensorboard=True), progress=False)
+
+
+# ---------------------------------------------------------------------------------- a reviewer's training mistakes
+
+
+def test_resuming_a_finished_run_keeps_its_model_and_a_refused_resume_keeps_its_files(tmp_path, capsys):
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=2)
+    fit(cfg, progress=False)
+    run = Path(cfg.out)
+    kept = {n: (run / n).read_bytes() for n in ("model.safetensors", "config.yaml", "split.csv", "log.csv")}
+    # Nothing left to do: the model (and a calibration fitted into it since) is not rescored and replaced.
+    res = fit(tiny_config(tmp_path, data, epochs=2, resume=True), progress=False)
+    assert "finished earlier" in capsys.readouterr().out and res.model_path == run / "model.safetensors"
+    assert kept == {n: (run / n).read_bytes() for n in kept}
+    # Another run's checkpoint (another backbone) is refused, and this run's config still describes it.
+    with pytest.raises(ValueError, match="belongs to a different run"):
+        fit(tiny_config(tmp_path, data, epochs=3, resume=True, arch="mobilenetv2_100"), progress=False)
+    assert kept == {n: (run / n).read_bytes() for n in kept}
+    # An epoch logged but not checkpointed (stopped in between) is not logged twice once resumed.
+    with (run / "log.csv").open("a") as f:
+        f.write("3,1e-3,0.5,0.5,0.5,0.5,1.0\n")
+    fit(tiny_config(tmp_path, data, epochs=3, resume=True), progress=False)
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3]
+    assert (run / "split.csv").read_bytes() == kept["split.csv"]
+
+
+def test_a_one_class_val_split_and_missing_classes_finish_with_warnings(tmp_path, capsys):
+    data = synthetic_dataset(tmp_path / "data")
+    first = fit(tiny_config(tmp_path, data, epochs=1, out=str(tmp_path / "a")), progress=False)
+    split = pd.read_csv(first.run_dir / "split.csv")
+    split.loc[(split["split"] == "val") & (split["label"] == "mel"), "split"] = "train"
+    split.to_csv(tmp_path / "one_class_val.csv", index=False)
+    capsys.readouterr()
+    res = fit(tiny_config(tmp_path, tmp_path / "one_class_val.csv", epochs=1, out=str(tmp_path / "b")), progress=False)
+    out, err = capsys.readouterr()
+    assert res.model_path.is_file() and re.search(r"val: balanced accuracy [\d.]+, .*macro AUC n/a", out)
+    assert "the training split has no image of akiec, bcc, bkl, df, vasc" in err
+    assert "the val split has no image of akiec, bcc, bkl, df, mel, vasc" in err
+
+
+def test_a_run_folder_as_data_means_its_split(tmp_path, capsys):
+    data = synthetic_dataset(tmp_path / "data")
+    first = fit(tiny_config(tmp_path, data, epochs=1), progress=False)
+    prepared = prepare_data(tiny_config(tmp_path, first.run_dir, out=str(tmp_path / "b")), progress=False)
+    assert "is a training run's folder; using its split" in capsys.readouterr().out
+    split = pd.read_csv(first.run_dir / "split.csv")
+    assert sorted(prepared.manifest["split"]) == sorted(split["split"]) and len(prepared.manifest) == len(split)
+
+
+def test_a_bad_member_fails_before_any_member_trains(tmp_path):
+    from dermsight.training import train
+
+    data = synthetic_dataset(tmp_path / "data")
+    missing = str(tmp_path / "nothere.pth")
+    cfg = tiny_config(tmp_path, data, epochs=1, member_overrides=[{"seed": 0}, {"seed": 1, "weights": missing}])
+    with pytest.raises(Exception, match=r"member tf_efficientnet_lite0_seed1: .*not found"):
+        train(cfg, progress=False)
+    assert not list(Path(cfg.out).rglob("*.safetensors")) and not list(Path(cfg.out).rglob("last.pt"))
+
+
+def test_config_mistakes_people_make(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = TrainConfig(out="~/runs/x", data="~/ham", cache_dir="~/cache")
+    assert (cfg.out, cfg.data, cfg.cache_dir) == tuple(str(tmp_path / "home" / p) for p in ("runs/x", "ham", "cache"))
+    with pytest.raises(ValueError, match=r"cache_size \(128\) must be at least input_size / crop_pct \(256\)"):
+        TrainConfig(input_size=224, crop_pct=0.875, cache_size=128)
+    with pytest.raises(ValueError, match=r"write 0\.001 or 1\.0e-3"):
+        TrainConfig(lr="1e-3")
+    with pytest.raises(ValueError, match="quote dates"):
+        TrainConfig(notes={"when": __import__("datetime").date(2024, 1, 1)})
+    with pytest.raises(ValueError, match="unknown arch 'resnet5'"):
+        TrainConfig(arch="resnet5")
+    # PowerShell's `>` writes UTF-16 with a BOM.
+    path = tmp_path / "ps.yaml"
+    path.write_bytes("epochs: 3\nout: runs/ps\n".encode("utf-16"))
+    assert TrainConfig.from_yaml(path).epochs == 3
+    path.write_bytes(b"epochs: 3\n\xff\xfe\xfa")
+    with pytest.raises(ValueError, match="not a text file in UTF-8 or UTF-16"):
+        TrainConfig.from_yaml(path)
+
+
+def test_export_and_model_card_do_not_write_over_a_model_file(tmp_path, capsys):
+    from dermsight.cli import main
+
+    victim = tmp_path / "other_run.safetensors"
+    victim.write_bytes(b"a model someone trained")
+    assert main(["export", "--out", str(victim)]) == 2
+    assert main(["model-card", "--out", str(victim)]) == 2
+    assert "is a model file's name" in capsys.readouterr().err
+    assert victim.read_bytes() == b"a model someone trained"

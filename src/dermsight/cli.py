@@ -45,12 +45,18 @@ def _share(text: str) -> float:
     return value
 
 
-def _output_file(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+def _output_file(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), writes: str | None = None
+) -> Path:
     """``out`` as a file this command may write: not a folder, and none of the files the command reads (writing the
-    result over its own input would destroy what the user had). Raises ValueError (a usage error, exit 2)."""
+    result over its own input would destroy what the user had). ``writes``: what the command writes when that is not
+    a model (ONNX, Markdown); a model's name (.safetensors) is then refused, since an ONNX file or a model card
+    written there replaced another run's model without a word. Raises ValueError (a usage error, exit 2)."""
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name inside it")
+    if writes and path.suffix.lower() == ".safetensors":
+        raise ValueError(f"--out {out} is a model file's name, and this command writes {writes}; give another name")
     for source in inputs:
         if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
             raise ValueError(f"--out {out} is one of this command's inputs; write the result to another file")
@@ -308,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model_path = Path(args.model) if args.model else default_model_path()
         report, meta = export_model(
             model_path,
-            _output_file(args.out, [model_path]),
+            _output_file(args.out, [model_path], writes="an ONNX model (.onnx)"),
             args.check_images or (),
             args.max_check,
             args.int8,
@@ -419,6 +425,8 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
     out = _output_file(args.out, args.models)
     _warn_if_splits_differ(args.models)
+    # Its greedy choice is made on --data's val split: another split's "val" can hold the runs' training images.
+    _warn_if_not_the_training_split(Path(args.models[0]), args.data)
     report = make_soup(args.models, args.data, out, greedy=not args.uniform, device=args.device)
     print("\n".join(report_lines(report)))
     return EXIT_OK
@@ -472,7 +480,7 @@ def cmd_model_card(args: argparse.Namespace) -> int:
         read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce, notes=tuple(args.note)
     )
     if args.out:
-        out = _output_file(args.out, [path])
+        out = _output_file(args.out, [path], writes="Markdown (.md)")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"model card written to {args.out}")

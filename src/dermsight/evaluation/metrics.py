@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -384,6 +385,19 @@ def map_labels(
         missing = sorted({from_labels[k] for k in np.asarray(y_true)[mapped < 0]})
         raise ValueError(f"classes {missing} have no counterpart in {to_labels}")
     return mapped
+
+
+def headline(m: dict[str, Any]) -> str:
+    """One line of `compute_metrics`'s figures for a terminal. A figure that is undefined on these images (macro AUC
+    when only one class is present) reads "n/a" instead of crashing the end of a training run."""
+
+    def num(key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.3f}"
+
+    return (
+        f"balanced accuracy {num('balanced_accuracy')}, accuracy {num('accuracy')}, macro AUC {num('macro_auc')}, "
+        f"ECE {num('ece')} (n={m['n']})"
+    )
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

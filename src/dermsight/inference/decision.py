@@ -24,6 +24,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from dermsight.data.manifest import LABEL_COLUMNS
 from dermsight.data.problems import DataError
+from dermsight.evaluation.metrics import headline
 from dermsight.evaluation.run import evaluate, model_logits
 from dermsight.inference.calibration import fit_temperature, read_labels, read_split_manifest
 from dermsight.models.bundle import ModelMeta, load_model, update_meta
@@ -138,9 +139,6 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     for name in ("val", "test"):
         m = report["metrics"].get(name)
         if m:
-            lines.append(
-                f"  {name}: balanced accuracy {m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, "
-                f"macro AUC {m['macro_auc']:.3f}, ECE {m['ece']:.3f} (n={m['n']})"
-            )
+            lines.append(f"  {name}: {headline(m)}")
     lines.append(f"written to {report['model']}; reports in {report['reports']}")
     return lines

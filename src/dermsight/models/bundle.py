@@ -6,6 +6,7 @@ Training, evaluation, export and serving read everything from that one file; `lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -264,6 +265,14 @@ def read_runs(
             raise ValueError(f"{p} is given twice (as {seen[key]}); {what} needs distinct runs")
         seen[key] = p
     metas = [read_meta(p) for p in paths]
+    # A run's best.safetensors holds its model.safetensors' weights (without the final metrics): a glob over run
+    # folders gave "an ensemble of 4" of two networks, each counted twice.
+    twins: dict[str, Path] = {}
+    for p in paths:
+        digest = weights_digest(p)
+        if digest in twins:
+            raise ValueError(f"{p} holds the same weights as {twins[digest]}; {what} needs distinct runs")
+        twins[digest] = p
     for p, m in zip(paths, metas, strict=True):
         if m.members > 1:
             raise ValueError(f"{p} is an ensemble; {what} is made of single models: pass the runs' own model files")
@@ -272,6 +281,17 @@ def read_runs(
         if diff:
             raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; {what} needs runs of one recipe")
     return paths, names, metas
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file's tensors (names and bytes), whatever its metadata says."""
+    h = hashlib.sha256()
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key)
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_model(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
@@ -122,6 +124,7 @@ class TrainConfig:
         # Types first: YAML reads `epochs: "3"` as a string and `calibrate: "no"` as a (truthy) string, and the
         # range checks below would then fail with a TypeError, or not at all.
         self._check_types()
+        self._expand_home()
         self._check_ranges()
         if self.imbalance not in IMBALANCE:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
@@ -154,14 +157,30 @@ class TrainConfig:
         for name, hint in _hints().items():
             value = getattr(self, name)
             if not _is_a(value, hint):
-                raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}")
+                hint_text = ""
+                if isinstance(value, str) and _is_a(1.0, hint) and _parses_as_float(value):
+                    # YAML 1.1 reads 1e-3 (no dot) as text; people cannot tell from "got '1e-3'".
+                    hint_text = " (YAML reads a number like 1e-3 as text: write 0.001 or 1.0e-3)"
+                raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}{hint_text}")
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    def _expand_home(self) -> None:
+        # `out: ~/runs/x` would otherwise train into a folder literally named "~" under the current one (and a later
+        # `rm -rf ~` to clean it up is a disaster); `data: ~/ham10000` would not be found.
+        for name in ("data", "out", "cache_dir", "teacher", "weights"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
 
     def _check_ranges(self) -> None:
         for name in ("data", "out"):  # empty: `--set out=` would write the run into the current folder
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} must name a path, got {getattr(self, name)!r}")
+        from dermsight.models.factory import ARCHS  # here: the factory imports timm, which this module need not
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHS)}")
         if self.taxonomy not in TAXONOMIES:
             raise ValueError(f"taxonomy must be one of {', '.join(TAXONOMIES)}, got {self.taxonomy!r}")
         if self.device not in DEVICES:
@@ -175,6 +194,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a whole number of pixels >= {MIN_SIDE}, got {getattr(self, name)}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        resize = round(self.input_size / self.crop_pct)  # the eval preset's shorter side (`EvalPreset`)
+        if self.cache_size < resize:
+            # The cache would hold images smaller than the model's view of them: training and scoring would see
+            # enlarged, blurred copies, while serving feeds the real detail.
+            raise ValueError(
+                f"cache_size ({self.cache_size}) must be at least input_size / crop_pct ({resize}): the cache keeps "
+                "each image's shorter side at cache_size, and the model looks at it at that size"
+            )
+        try:
+            json.dumps(self.notes)
+        except (TypeError, ValueError) as e:
+            # Stored in the model's JSON metadata; YAML turns `when: 2024-01-01` into a date, which JSON cannot hold.
+            raise ValueError(f"notes must hold text, numbers, lists and mappings only (quote dates): {e}") from None
         if not 0 <= self.drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if not 0 <= self.label_smoothing < 1:
@@ -197,9 +229,6 @@ class TrainConfig:
             raise ValueError("member_overrides describes an ensemble: give at least two members")
         if self.members not in (1, n):
             raise ValueError(f"members is {self.members} but member_overrides lists {n}: drop one of them")
-        # A bad backbone would otherwise surface only when its turn comes, after the members before it trained.
-        from dermsight.models.factory import ARCHS
-
         known = {f.name for f in fields(self)}
         for i, o in enumerate(self.member_overrides):
             if not isinstance(o, dict):
@@ -211,12 +240,10 @@ class TrainConfig:
                     f"member_overrides[{i}]: "
                     + (f"unknown option(s) {', '.join(unknown)}" if unknown else f"{', '.join(bad)} cannot differ")
                 )
-            try:  # each member's config must be valid on its own
-                member = replace(self, **o, member_overrides=[])
+            try:  # each member's config must be valid on its own (a bad backbone included, before any member trains)
+                replace(self, **o, member_overrides=[])
             except ValueError as e:
                 raise ValueError(f"member_overrides[{i}]: {e}") from None
-            if member.arch not in ARCHS:
-                raise ValueError(f"member_overrides[{i}]: unknown arch {member.arch!r}; known: {', '.join(ARCHS)}")
         names = [self.member_name(i) for i in range(n)]
         if len(set(names)) < n:
             raise ValueError(f"member_overrides: two members would share a folder ({', '.join(names)})")
@@ -238,7 +265,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(_config_text(Path(path))) or {}
         except FileNotFoundError:
             raise ValueError(f"{path}: config file not found") from None
         except yaml.YAMLError as e:
@@ -304,6 +331,23 @@ _KINDS = {
     list: "a list",
     dict: "a mapping",
 }
+
+
+def _config_text(path: Path) -> str:
+    """The config file's text: UTF-8 (a BOM allowed), or UTF-16 with its BOM (Windows PowerShell's `>` writes that)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file in UTF-8 or UTF-16 ({e.reason} at byte {e.start})") from None
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @cache

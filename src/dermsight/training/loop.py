@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,10 @@ from dermsight.data.manifest import (
 from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, split_changes, split_fingerprint, split_manifest
 from dermsight.evaluation import compute_metrics, write_report
-from dermsight.evaluation.metrics import softmax
+from dermsight.evaluation.metrics import headline, softmax
 from dermsight.files import written_atomically
-from dermsight.models.bundle import ModelMeta, load_model, save_model
-from dermsight.models.factory import create_model, freeze_backbone, unfreeze
+from dermsight.models.bundle import ModelLoadError, ModelMeta, load_model, read_meta, save_model
+from dermsight.models.factory import WeightsError, create_model, freeze_backbone, unfreeze
 from dermsight.training.config import TrainConfig
 from dermsight.transforms import BatchTrainAugment, EvalPreset, TrainPreset, shades_of_gray
 
@@ -158,6 +158,10 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     """Manifest (read or built) -> lesion-grouped split (unless given) -> decode-once cache."""
     src = Path(cfg.data)
+    if src.is_dir() and (src / "split.csv").is_file() and (src / "config.yaml").is_file():
+        # A run folder, as `soup`, `calibrate` and `tune-decision` take it: its split, not its report images.
+        src = src / "split.csv"
+        print(f"data: {cfg.data} is a training run's folder; using its split, {src}")
     if src.is_file() and src.suffix == ".csv" and "split" in pd.read_csv(src, nrows=0).columns:
         manifest = load_manifest(src)
     else:
@@ -353,11 +357,41 @@ class DistillationLoss(nn.Module):
         return self.weight * kd + (1 - self.weight) * self.base(logits, target)
 
 
+def start_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelMeta, nn.Module | None]:
+    """The network ``cfg`` trains, from its starting weights, its contract (the data and split are filled in once
+    known) and the frozen teacher, if any. Raises what `create_model` and `load_teacher` raise."""
+    classes = TAXONOMIES[cfg.taxonomy].codes
+    model, winfo = create_model(cfg.arch, len(classes), weights=cfg.weights, drop_rate=cfg.drop_rate)
+    meta = ModelMeta.new(
+        cfg.arch,
+        cfg.taxonomy,
+        winfo,
+        input_size=cfg.input_size,
+        crop_pct=cfg.crop_pct,
+        colour_constancy=cfg.colour_constancy,
+        config=asdict(cfg),
+    )
+    teacher = load_teacher(cfg.teacher, meta, classes, device) if cfg.teacher else None
+    return model, meta, teacher
+
+
 def load_teacher(path: str, meta: ModelMeta, classes: tuple[str, ...], device: torch.device) -> nn.Module:
     """The frozen teacher network; it must score the same classes from the same normalised input."""
     teacher, tmeta = load_model(path, device=device)
     if tuple(tmeta.classes) != tuple(classes):
         raise ValueError(f"teacher {path} scores {', '.join(tmeta.classes)}, not this run's {', '.join(classes)}")
+    if tmeta.colour_constancy != meta.colour_constancy:
+        # The teacher would see images unlike the ones it learned from, and teach from its answers to them.
+        raise ValueError(
+            f"teacher {path} was trained with colour_constancy {tmeta.colour_constancy}, this run uses "
+            f"{meta.colour_constancy}: distil with the teacher's setting"
+        )
+    if (tmeta.input_size, tmeta.crop_pct) != (meta.input_size, meta.crop_pct):
+        print(
+            f"warning: teacher {path} was trained at {tmeta.input_size} px (crop_pct {tmeta.crop_pct}), this run at "
+            f"{meta.input_size} px (crop_pct {meta.crop_pct}): it scores images at a size it did not learn",
+            file=sys.stderr,
+        )
     if tuple(tmeta.mean) != tuple(meta.mean) or tuple(tmeta.std) != tuple(meta.std):
         raise ValueError(
             f"teacher {path} expects inputs normalised with mean {tmeta.mean} / std {tmeta.std}, this run's "
@@ -446,7 +480,8 @@ def refuse_changed_split(run: Path, manifest: pd.DataFrame, resuming: bool, same
     other's test images). A run without split.csv has nothing to compare (it never finished preparing its data)."""
     checks = []
     if resuming and (run / "last.pt").is_file() and (run / "split.csv").is_file():
-        checks.append((run / "split.csv", f"cannot resume {run}: its data changed since the run started"))
+        why = f"cannot resume {run}: its data or split settings (data, val, test, split_seed) changed since it started"
+        checks.append((run / "split.csv", why))
     if same_split_as is not None and same_split_as.is_file() and same_split_as != run / "split.csv":
         checks.append(
             (same_split_as, f"cannot train {run}: the data changed since the ensemble's first member was trained")
@@ -464,22 +499,48 @@ def refuse_changed_split(run: Path, manifest: pd.DataFrame, resuming: bool, same
             print(f"warning: {changes['gone']} image(s) of {saved} are no longer in the data", file=sys.stderr)
 
 
+def _from_rank_0(d: Dist, value: Callable[[], Any]) -> Any:
+    """``value()`` computed on rank 0 and given to every rank. Rank 0 alone holds the run folder's files for sure
+    (other nodes may not see them), and ranks that decided differently would wait for each other forever."""
+    result = value() if d.main else None
+    if d.world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
 def _checked_on_rank_0(d: Dist, check: Callable[[], None]) -> None:
-    """Run ``check`` on rank 0 and stop every rank with its ValueError, if it raises one. Rank 0 alone holds the
-    run folder's files for sure (other nodes may not see them), and a rank left going on alone would wait for the
-    others forever under a launcher that does not tear a failed job down (torchrun does)."""
-    refusal = None
-    if d.main:
+    """Run ``check`` on rank 0 and stop every rank with its ValueError, if it raises one (a rank left going on alone
+    would wait for the others forever under a launcher that does not tear a failed job down; torchrun does)."""
+
+    def refusal() -> str | None:
         try:
             check()
         except ValueError as e:
-            refusal = str(e)
-    if d.world > 1:
-        box = [refusal]
-        dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
-    if refusal is not None:
-        raise ValueError(refusal)
+            return str(e)
+        return None
+
+    why = _from_rank_0(d, refusal)
+    if why is not None:
+        raise ValueError(why)
+
+
+def finished_earlier(run: Path, cfg: TrainConfig) -> ModelMeta | None:
+    """The metadata of ``run``'s model when ``cfg`` resumes a run that already finished with these settings, else
+    None. Resuming it would redo the final scoring and replace model.safetensors, losing a calibration fitted since
+    (`dermsight calibrate --negatives`). A run stopped by its time budget, or resumed with more epochs, goes on."""
+    path = run / "model.safetensors"
+    if not (cfg.resume and path.is_file()):
+        return None
+    try:
+        meta = read_meta(path)
+    except ModelLoadError:
+        return None
+    was = meta.config or {}
+    stopped_by_time = "time_limit" in (meta.metrics or {})
+    same_length = was.get("epochs") == cfg.epochs and was.get("swa_epochs", 0) == cfg.swa_epochs
+    return meta if same_length and not stopped_by_time else None
 
 
 def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = None) -> FitResult:
@@ -492,9 +553,26 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed + d.rank)
     _checked_on_rank_0(d, lambda: refuse_finished_run(run, cfg.resume))
+    done = _from_rank_0(d, lambda: finished_earlier(run, cfg) is not None)
+    if done:
+        if d.world > 1:
+            dist.destroy_process_group()
+        if not d.main:
+            return None  # type: ignore[return-value]  # as on every rank but 0
+        meta = read_meta(run / "model.safetensors")
+        print(
+            f"{run} finished earlier (its model.safetensors is kept as it is): nothing to resume. Raise --epochs to "
+            "train it further"
+        )
+        m = meta.metrics or {}
+        return FitResult(run / "model.safetensors", int(m.get("best_epoch", 0)), m.get("val", {}), m.get("test"), run)
     if d.main and not cfg.resume:  # a resumed run's config is written once its data is known to be the same
         cfg.to_yaml(run / "config.yaml")
     writer_class = _tensorboard(cfg)  # before the data work, on every rank: a missing package fails fast
+    # The network, its starting weights and the teacher before the data work too: an unknown backbone, weights that
+    # cannot be had (no network for the hub, a missing file) or an unfit teacher then fail in seconds, not after
+    # minutes of preparing data.
+    model, meta, teacher = start_model(cfg, device)
 
     # Rank 0 builds the manifest, split and cache; the others then find the finished cache and reuse it.
     if d.main:
@@ -504,24 +582,26 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
     if not d.main:
         data = prepare_data(cfg, progress=False)
     _checked_on_rank_0(d, lambda: refuse_changed_split(run, data.manifest, cfg.resume, same_split_as))
-    if d.main:
-        if cfg.resume:
-            cfg.to_yaml(run / "config.yaml")
-        save_manifest(data.manifest.drop(columns=["cache_row"]), run / "split.csv")
-
     train_df, val_df, test_df = (_subset(data, s) for s in ("train", "val", "test"))
     if len(train_df) == 0 or len(val_df) == 0:
         raise ValueError("the split has no training or no validation images")
+    if d.main and not (cfg.resume and (run / "split.csv").is_file()):
+        # A resumed run keeps the split.csv it started with (`refuse_changed_split` has checked that it still holds):
+        # images gone from the data since must not rewrite the record of which image was in which split.
+        save_manifest(data.manifest.drop(columns=["cache_row"]), run / "split.csv")
     n_classes = len(data.classes)
+    if d.main:
+        # A hand-made split, or data of a few classes, trains a model of every class of the taxonomy all the same.
+        for name, df, what in (
+            ("training", train_df, "the model cannot learn to name them"),
+            ("val", val_df, "checkpoints are chosen on the other classes alone"),
+        ):
+            missing = [c for i, c in enumerate(data.classes) if not (df["target"] == i).any()]
+            if missing:
+                print(f"warning: the {name} split has no image of {', '.join(missing)}: {what}", file=sys.stderr)
 
-    model, winfo = create_model(cfg.arch, n_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
-    meta = ModelMeta.new(
-        cfg.arch,
-        cfg.taxonomy,
-        winfo,
-        input_size=cfg.input_size,
-        crop_pct=cfg.crop_pct,
-        colour_constancy=cfg.colour_constancy,
+    meta = replace(
+        meta,
         training_data=f"{cfg.data} ({len(data.manifest)} images)",
         split=(
             f"lesion/patient-grouped, stratified (StratifiedGroupKFold), seed {cfg.split_seed}: "
@@ -530,7 +610,6 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
             # same sizes (`inference.calibration.split_mismatch`).
             f"fingerprint {split_fingerprint(data.manifest, LABEL_COLUMNS[cfg.taxonomy])}"
         ),
-        config=asdict(cfg),
     )
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = None
@@ -572,9 +651,7 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
     val_dl = eval_loader(val_df)
     weight = torch.tensor(cw, dtype=torch.float32, device=device) if cfg.imbalance == "loss" else None
     criterion: nn.Module = WeightedCrossEntropy(weight, cfg.label_smoothing).to(device)
-    teacher = None
-    if cfg.teacher:
-        teacher = load_teacher(cfg.teacher, meta, tuple(data.classes), device)
+    if teacher is not None:
         criterion = DistillationLoss(criterion, cfg.distil_weight, cfg.distil_temperature)
 
     net: nn.Module = model
@@ -591,6 +668,10 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
         progress, teacher, world=d.world, ema=ema,
     )  # fmt: skip
     start, swa_state = loop.begin(cfg.resume)
+    if d.main and cfg.resume:
+        # Only now: a checkpoint of another run (another arch, say) is refused by `begin`, and that run's config.yaml
+        # must then still describe it.
+        cfg.to_yaml(run / "config.yaml")
     if writer_class is not None and d.main:
         # A resumed run drops what a crash left logged after its last checkpoint (purge_step), as log.csv does.
         loop.writer = writer_class(log_dir=str(run / "tensorboard"), purge_step=start + 1 if start else None)
@@ -767,6 +848,14 @@ class _Epochs:
                         pass
             if self.main:
                 print(f"resumed from {self.last} at epoch {start}")
+        if self.main and start and self.log_path.exists():
+            # A run stopped between logging an epoch and checkpointing it logs that epoch again when resumed.
+            with self.log_path.open(newline="") as f:
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= start]
+            if len(kept) < len(rows):
+                with written_atomically(self.log_path) as tmp, Path(tmp).open("w", newline="") as f:
+                    csv.writer(f).writerows(kept)
         if self.main and (start == 0 or not self.log_path.exists()):
             fields = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "seconds"]
             if self.ema is not None:  # the val_* columns are the average's; these, the raw weights' for comparison
@@ -908,7 +997,6 @@ def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split
     ``split_at``: the run folder that holds the split, for the retry hint."""
     from dermsight.inference import decision
     from dermsight.inference.calibration import calibrate_model, report_lines
-    from dermsight.models.bundle import read_meta
 
     try:
         print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
@@ -988,10 +1076,7 @@ def _finish(
     chosen = "the weight average (SWA)" if swa_chosen else f"best epoch {best_epoch + 1}"
     print(f"{chosen}; model written to {model_path}")
     for name, m in out.items():
-        print(
-            f"{name}: balanced accuracy {m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, "
-            f"macro AUC {m['macro_auc']:.3f}, ECE {m['ece']:.3f} (n={m['n']})"
-        )
+        print(f"{name}: {headline(m)}")
     return FitResult(model_path, best_epoch + 1, out.get("val", {}), out.get("test"), run)
 
 
@@ -1013,12 +1098,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
         refuse_finished_run(run, cfg.resume)
         if not cfg.resume:  # a resumed ensemble's config is written once its members agree on the split
             cfg.to_yaml(run / "config.yaml")
+    # Every member's start first (backbone, weights, teacher): a bad one fails now, not after the members before it
+    # trained (about 48 minutes each on a 2-core CPU).
+    for i in range(cfg.members):
+        member = cfg.member_config(i)
+        if finished_earlier(Path(member.out), member) is None:
+            try:
+                start_model(member, torch.device("cpu"))
+            except (ValueError, WeightsError, ModelLoadError) as e:
+                raise type(e)(f"member {cfg.member_name(i)}: {e}") from None
     paths = []
     first_split = Path(cfg.member_config(0).out) / "split.csv"
     for i in range(cfg.members):
         member = cfg.member_config(i)
         done = Path(member.out) / "model.safetensors"
-        if cfg.resume and done.is_file():
+        if finished_earlier(done.parent, member) is not None:
             print(f"member {cfg.member_name(i)} finished earlier: {done}")
         else:
             fit(member, progress, same_split_as=first_split if i else None)
@@ -1029,7 +1123,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
         cfg.to_yaml(run / "config.yaml")
 
     from dermsight.inference.calibration import read_split_manifest
-    from dermsight.models.bundle import read_meta
     from dermsight.models.ensemble import combine
 
     model_path = Path(combine(paths, run / "model.safetensors")["model"])
