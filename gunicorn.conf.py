@@ -9,13 +9,20 @@ the app's DERMSIGHT_* variables (see the README).
 
 import os
 
+from dermsight.web.app import config_from_env
 from dermsight.web.server import default_workers, gunicorn_options, import_inference_stack, prepare_environment
 
-_options = gunicorn_options(
-    host=os.environ.get("GUNICORN_HOST", "0.0.0.0"),
-    port=int(os.environ.get("PORT", "8000")),
-    workers=int(os.environ.get("WEB_CONCURRENCY") or default_workers()),
-)
+# A malformed setting is one line here, before gunicorn forks, not a traceback from every worker.
+try:
+    config_from_env()
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+try:
+    _port, _workers = int(os.environ.get("PORT", "8000")), int(os.environ.get("WEB_CONCURRENCY") or default_workers())
+except ValueError:
+    raise SystemExit("error: PORT and WEB_CONCURRENCY must be whole numbers") from None
+
+_options = gunicorn_options(host=os.environ.get("GUNICORN_HOST", "0.0.0.0"), port=_port, workers=_workers)
 bind = _options["bind"]
 workers = _options["workers"]
 worker_class = _options["worker_class"]

@@ -601,6 +601,29 @@ def test_config_from_env():
     assert "Strict-Transport-Security" in r.headers and "Secure" in r.headers["Set-Cookie"]
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("DERMSIGHT_MAX_UPLOAD_MB", "ten", "expected a number of at least 0.01, got 'ten'"),
+        ("DERMSIGHT_THREADS", "two", "expected a whole number of at least 1"),
+        ("DERMSIGHT_THREADS", "0", "expected a whole number of at least 1"),
+        ("DERMSIGHT_PROXY_COUNT", "one", "expected a whole number of at least 0"),
+        ("DERMSIGHT_BACKEND", "gpu", "expected auto, onnx or torch"),
+        ("DERMSIGHT_RATE_LIMIT", "thirty", "expected REQUESTS/SECONDS"),
+    ],
+)
+def test_a_malformed_setting_is_one_line_before_any_worker_starts(name, value, said, monkeypatch, capsys):
+    # A reviewer's `DERMSIGHT_MAX_UPLOAD_MB=ten dermsight serve`: a traceback from every worker, then gunicorn gave up.
+    from dermsight.cli import main
+
+    with pytest.raises(ValueError, match=f"{name}: .*{re.escape(said)}"):
+        config_from_env({name: value})
+    monkeypatch.setenv(name, value)
+    assert main(["serve", "--port", "1"]) == 2  # refused before it tries to listen
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {name}: ") and "Traceback" not in err
+
+
 def test_gunicorn_options_share_cores_between_workers():
     assert threads_per_worker(4, cpus=16) == 4 and threads_per_worker(4, cpus=2) == 1
     opts = gunicorn_options("0.0.0.0", 8123, workers=3)

@@ -384,15 +384,17 @@ def _cannot_listen(host: str, port: int) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
+    from dermsight.web.app import config_from_env
     from dermsight.web.knowledge import KnowledgeError, load_knowledge
     from dermsight.web.server import default_workers, serve
 
-    # Check the model and the knowledge file here, once, so a mistake is one clear line rather than every worker
-    # failing to boot.
+    # Check the model, the knowledge file and the DERMSIGHT_* settings here, once, so a mistake is one clear line
+    # rather than every worker failing to boot.
     try:
+        config_from_env()
         meta = read_meta(Path(args.model) if args.model else default_model_path())
         load_knowledge()
-    except (ModelLoadError, KnowledgeError) as e:
+    except (ModelLoadError, KnowledgeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     problem = _cannot_listen(args.host, args.port)

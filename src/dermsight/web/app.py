@@ -46,27 +46,50 @@ DEFAULTS: dict[str, Any] = {
 
 
 def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Settings from ``DERMSIGHT_*`` variables; only those set are returned."""
+    """Settings from ``DERMSIGHT_*`` variables; only those set are returned. A value that cannot be one raises
+    ValueError naming the variable: `dermsight serve` and gunicorn.conf.py check this once, before any worker starts
+    (otherwise every worker failed to boot with a traceback, and gunicorn gave up)."""
     env = os.environ if environ is None else environ
     cfg: dict[str, Any] = {}
+
+    def number(name: str, kind: type, at_least: float) -> Any:
+        text = env[name].strip()
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= at_least or value != value:  # the last: nan
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{name}: expected {what} of at least {at_least:g}, got {text!r}")
+        return value
+
+    def flag(name: str) -> bool:
+        return env[name].strip().lower() in ("1", "true", "yes", "on")
+
     if env.get("DERMSIGHT_SECRET_KEY"):
         cfg["SECRET_KEY"] = env["DERMSIGHT_SECRET_KEY"]
     if env.get("DERMSIGHT_MODEL"):
         cfg["MODEL"] = env["DERMSIGHT_MODEL"]
     if env.get("DERMSIGHT_BACKEND"):
-        cfg["BACKEND"] = env["DERMSIGHT_BACKEND"]
+        cfg["BACKEND"] = env["DERMSIGHT_BACKEND"].strip().lower()
+        if cfg["BACKEND"] not in ("auto", "onnx", "torch"):
+            raise ValueError(f"DERMSIGHT_BACKEND: expected auto, onnx or torch, got {env['DERMSIGHT_BACKEND']!r}")
     if env.get("DERMSIGHT_THREADS"):
-        cfg["THREADS"] = int(env["DERMSIGHT_THREADS"])
+        cfg["THREADS"] = number("DERMSIGHT_THREADS", int, 1)
     if env.get("DERMSIGHT_MAX_UPLOAD_MB"):
-        cfg["MAX_CONTENT_LENGTH"] = int(float(env["DERMSIGHT_MAX_UPLOAD_MB"]) * 2**20)
+        cfg["MAX_CONTENT_LENGTH"] = int(number("DERMSIGHT_MAX_UPLOAD_MB", float, 0.01) * 2**20)
     if env.get("DERMSIGHT_RATE_LIMIT"):
         cfg["RATE_LIMIT"] = env["DERMSIGHT_RATE_LIMIT"]
+        try:
+            parse_rate_limit(cfg["RATE_LIMIT"])
+        except ValueError as e:
+            raise ValueError(f"DERMSIGHT_RATE_LIMIT: {e}") from None
     if env.get("DERMSIGHT_PROXY_COUNT"):
-        cfg["PROXY_COUNT"] = int(env["DERMSIGHT_PROXY_COUNT"])
+        cfg["PROXY_COUNT"] = number("DERMSIGHT_PROXY_COUNT", int, 0)
     if env.get("DERMSIGHT_HTTPS"):
-        cfg["HTTPS"] = env["DERMSIGHT_HTTPS"].lower() in ("1", "true", "yes", "on")
+        cfg["HTTPS"] = flag("DERMSIGHT_HTTPS")
     if env.get("DERMSIGHT_LOAD_MODEL_AT_START"):
-        cfg["LOAD_MODEL_AT_START"] = env["DERMSIGHT_LOAD_MODEL_AT_START"].lower() in ("1", "true", "yes", "on")
+        cfg["LOAD_MODEL_AT_START"] = flag("DERMSIGHT_LOAD_MODEL_AT_START")
     return cfg
 
 
