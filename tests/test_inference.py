@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -592,17 +593,38 @@ def test_predict_cli_table(calibrated, capsys):
     path, _, manifest = calibrated
     rc = main(["predict", *manifest["path"].iloc[-2:], "--model", str(path), "--backend", "torch", "--threads", "1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "top class" in out and "not a diagnosis" in out and "concern: the top class" in out
+    assert rc == 0 and "top class" in out and "not a diagnosis" in out and "advice, as the web app gives it" in out
+    assert re.search(r"  (see a doctor|monitor) ", out)
     assert manifest["path"].iloc[-1].rsplit("/", 1)[-1] in out
 
 
-def test_predict_table_explains_the_concern_column_only_when_it_is_filled():
+def test_predict_gives_the_web_apps_advice(calibrated, capsys, monkeypatch):
+    # A reviewer: `predict` said "concern no" for nv 56% / mel 44%, which the app sends to a doctor (44% together).
+    from dermsight.inference import predictor as predictor_module
+
+    path, _, manifest = calibrated
+    real = predictor_module.Predictor._result
+
+    def mole_or_melanoma(self, probs, image, scores):
+        order = list(self.meta.classes)
+        probs = np.zeros(len(order), np.float32)
+        probs[order.index("nv")], probs[order.index("mel")] = 0.56, 0.44
+        return real(self, probs, image, scores)
+
+    monkeypatch.setattr(predictor_module.Predictor, "_result", mole_or_melanoma)
+    rc = main(["predict", manifest["path"].iloc[-1], "--model", str(path), "--json", "--threads", "1"])
+    record = json.loads(capsys.readouterr().out)[0]
+    assert rc == 0 and record["malignant"] is False
+    assert record["advice"]["level"] == "see_doctor" and "together reach 44%" in record["advice"]["message"]
+
+
+def test_predict_table_explains_the_advice_column_only_when_it_is_filled():
     refused = [
         result_record("a.jpg", ImageError("not an image")),
         result_record("b.png", PredictionResult("rejected", "blurred")),
     ]
     table = format_table(refused)
-    assert "not a diagnosis" in table and "concern:" not in table
+    assert "not a diagnosis" in table and "advice, as" not in table
 
 
 def test_predict_cli_bad_model(tmp_path, capsys):

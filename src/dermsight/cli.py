@@ -277,7 +277,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dermsight.inference.output import format_table, result_record
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import ModelLoadError
+    from dermsight.web.knowledge import load_knowledge
+    from dermsight.web.triage import advise
 
+    knowledge = load_knowledge()
     try:
         predictor = Predictor.from_path(args.model, backend=args.backend, threads=args.threads)
     except ModelLoadError as e:
@@ -290,7 +293,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(args.images), 32):  # 32 images decoded and held at once
         batch = args.images[start : start + 32]
         for image, result in zip(batch, predictor.predict_batch(batch, tta=args.tta), strict=True):
-            record = result_record(image, result)
+            advice = None if isinstance(result, ImageError) else advise(result, knowledge).to_dict()
+            record = result_record(image, result, advice)
             if isinstance(result, ImageError):
                 failed += 1
                 print(f"error: {image}: {result}", file=sys.stderr)

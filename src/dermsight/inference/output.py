@@ -9,26 +9,37 @@ from typing import Any
 from dermsight.data.images import ImageError
 from dermsight.inference.types import PredictionResult
 
-CONCERN_NOTE = "concern: the top class is malignant or pre-malignant."
+# The advice column is the web app's rule (`dermsight.web.triage.advise`), so the CLI and the app never disagree.
+ADVICE_NOTE = (
+    "advice, as the web app gives it: see a doctor when the top class is malignant or pre-malignant, when such "
+    "classes together reach 15%, or when the model is uncertain (top class under 50%); otherwise monitor."
+)
+_ADVICE = {"see_doctor": "see a doctor", "monitor": "monitor"}
 DISCLAIMER = (
     "These are a model's estimates from one image, not a diagnosis; see a doctor about any lesion that worries you."
 )
 
 
-def result_record(image: str, result: PredictionResult | ImageError) -> dict[str, Any]:
+def result_record(
+    image: str, result: PredictionResult | ImageError, advice: dict[str, str] | None = None
+) -> dict[str, Any]:
     """``image``, ``status`` ("ok", "rejected", or "error" for a file that could not be read), ``reason``,
-    ``predictions`` ([{code, name, probability}], highest first), ``malignant``, then the remaining result fields."""
+    ``predictions`` ([{code, name, probability}], highest first), ``malignant``, ``advice`` (the web app's
+    {level, title, message} for the result, as its API gives it), then the remaining result fields."""
     if isinstance(result, ImageError):
-        return {"image": image, "status": "error", "reason": str(result), "predictions": [], "malignant": None}
+        return {
+            "image": image, "status": "error", "reason": str(result), "predictions": [], "malignant": None,
+            "advice": None,
+        }  # fmt: skip
     d = result.to_dict()
     head = {k: d.pop(k) for k in ("status", "reason", "predictions", "malignant")}
     d.pop("image", None)
-    return {"image": image, **head, **d}
+    return {"image": image, **head, "advice": advice, **d}
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
     width = min(40, max(len("image"), *(len(Path(r["image"]).name) for r in records)))
-    lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'concern':<7}  next"]
+    lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'advice':<12}  next"]
     for r in records:
         name = Path(r["image"]).name[:width]
         if r["status"] != "ok":
@@ -38,10 +49,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         label = f"{top['code']} {top['name']}"[:38]
         others = ", ".join(f"{p['code']} {p['probability']:.1%}" for p in rest)
         flag = "  (uncertain)" if r.get("uncertain") else ""
-        concern = "yes" if r["malignant"] else "no"
+        advice = _ADVICE.get(r["advice"]["level"], r["advice"]["level"])
         lines.append(
-            f"{name:<{width}}  {'ok':<8}  {label:<38}  {top['probability']:>6.1%}  {concern:<7}  {others}{flag}"
+            f"{name:<{width}}  {'ok':<8}  {label:<38}  {top['probability']:>6.1%}  {advice:<12}  {others}{flag}"
         )
-    # The concern column is explained only where a row has one (every image refused or unreadable: no column).
-    notes = f"{CONCERN_NOTE} {DISCLAIMER}" if any(r["status"] == "ok" for r in records) else DISCLAIMER
+    # The advice column is explained only where a row has one (every image refused or unreadable: no column).
+    notes = f"{ADVICE_NOTE} {DISCLAIMER}" if any(r["status"] == "ok" for r in records) else DISCLAIMER
     return "\n".join([*lines, "", notes])
