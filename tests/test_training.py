@@ -688,6 +688,11 @@ def test_a_run_folder_as_data_means_its_split(tmp_path, capsys):
     assert "is a training run's folder; using its split" in capsys.readouterr().out
     split = pd.read_csv(first.run_dir / "split.csv")
     assert sorted(prepared.manifest["split"]) == sorted(split["split"]) and len(prepared.manifest) == len(split)
+    # evaluate too: it read the folder as a dataset (its report PNGs and .npz files as unlabelled images).
+    from dermsight.evaluation.run import read_labelled
+
+    test, problems = read_labelled(first.run_dir, "test")
+    assert len(test) == (split["split"] == "test").sum() and not problems
 
 
 def test_a_bad_member_fails_before_any_member_trains(tmp_path):

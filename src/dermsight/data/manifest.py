@@ -651,6 +651,15 @@ def save_manifest(manifest: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+def run_split(path: str | os.PathLike) -> Path | None:
+    """``path``/split.csv when ``path`` is a training run's folder (it holds split.csv and config.yaml), else None.
+    Commands that take data accept a run folder to mean its split (`soup`, `calibrate` and `tune-decision` did; read
+    as a dataset folder, its report images and predictions were taken for unlabelled images)."""
+    path = Path(path)
+    split = path / "split.csv"
+    return split if path.is_dir() and split.is_file() and (path / "config.yaml").is_file() else None
+
+
 def load_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest written by `save_manifest` (or any CSV with at least ``path`` and ``label``).
 

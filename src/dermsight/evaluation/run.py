@@ -25,6 +25,7 @@ from dermsight.data.manifest import (
     build_manifest,
     image_ids,
     load_manifest,
+    run_split,
 )
 from dermsight.data.problems import DataError, Problem, summarise
 from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
@@ -42,7 +43,7 @@ class Evaluation:
 
 def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, list[Problem]]:
     """A manifest of labelled images from a dataset folder/CSV or a (split) manifest, optionally one split."""
-    data = Path(data)
+    data = run_split(data) or Path(data)  # a training run's folder means its split
     problems: list[Problem] = []
     if data.is_file() and data.suffix == ".csv" and "path" in pd.read_csv(data, nrows=0).columns:
         manifest = load_manifest(data)

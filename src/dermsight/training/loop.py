@@ -34,6 +34,7 @@ from dermsight.data.manifest import (
     LABEL_COLUMNS,
     build_manifest,
     load_manifest,
+    run_split,
     save_manifest,
 )
 from dermsight.data.problems import DataError
@@ -158,9 +159,8 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     """Manifest (read or built) -> lesion-grouped split (unless given) -> decode-once cache."""
     src = Path(cfg.data)
-    if src.is_dir() and (src / "split.csv").is_file() and (src / "config.yaml").is_file():
-        # A run folder, as `soup`, `calibrate` and `tune-decision` take it: its split, not its report images.
-        src = src / "split.csv"
+    if run_split(src) is not None:
+        src = run_split(src)
         print(f"data: {cfg.data} is a training run's folder; using its split, {src}")
     if src.is_file() and src.suffix == ".csv" and "split" in pd.read_csv(src, nrows=0).columns:
         manifest = load_manifest(src)
