@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: app test install browser lint clean
+.PHONY: app test install browser lint clean model-card
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: install browser lint
 
 app: install
 	$(BIN)/dermsight serve --host $(HOST) --port $(PORT)
+
+# MODEL_CARD.md, rendered from the bundled model's metadata plus the notes it cannot hold (a test checks that this
+# command reproduces the file as committed).
+model-card: install
+	$(BIN)/dermsight model-card --name default.safetensors --reproduce "dermsight train --config configs/default.yaml" --notes docs/model_card_notes.md --out MODEL_CARD.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

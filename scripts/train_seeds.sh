@@ -24,7 +24,8 @@ CALIBRATE=${CALIBRATE:-1}
 PARALLEL=${PARALLEL:-1}
 COMBINE=${COMBINE:-soup}
 case "$COMBINE" in soup|ensemble) ;; *) echo "COMBINE must be soup or ensemble, got $COMBINE"; exit 2;; esac
-PY=${PYTHON:-python3}
+# The project's .venv when there is one (what `make app` / `make test` install into), else the python3 on PATH.
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUNS"
 

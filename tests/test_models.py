@@ -336,3 +336,21 @@ def test_update_meta_keeps_weights_and_extra_tensors(tmp_path):
     reloaded, _ = load_model(path)
     for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_make_model_card_reproduces_the_committed_model_card(tmp_path):
+    # MODEL_CARD.md had hand-added paragraphs that `dermsight model-card --out MODEL_CARD.md`, as documented, dropped.
+    # The Makefile's command, run as written, must give the committed file.
+    import shlex
+
+    from conftest import ROOT
+    from dermsight.cli import main
+
+    recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "dermsight model-card" in line)
+    args = shlex.split(recipe.split("$(BIN)/dermsight", 1)[1])
+    out = args.index("--out") + 1
+    assert args[out] == "MODEL_CARD.md"
+    args[out] = str(tmp_path / "card.md")
+    args[args.index("--notes") + 1] = str(ROOT / args[args.index("--notes") + 1])
+    assert main(args) == 0
+    assert (tmp_path / "card.md").read_text() == (ROOT / "MODEL_CARD.md").read_text()

@@ -482,8 +482,17 @@ def cmd_model_card(args: argparse.Namespace) -> int:
     from dermsight.models.card import render_model_card
 
     path = Path(args.model) if args.model else default_model_path()
+    notes = list(args.note)
+    if args.notes:
+        try:
+            text = Path(args.notes).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--notes {args.notes}: cannot read it ({e.strerror or e})") from None
+        # Paragraphs as written (blank lines between), without the file's own comments for whoever edits it.
+        text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+        notes += [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
     text = render_model_card(
-        read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce, notes=tuple(args.note)
+        read_meta(path), model_file=args.name or path.name, reproduce=args.reproduce, notes=tuple(notes)
     )
     if args.out:
         out = _output_file(args.out, [path], writes="Markdown (.md)")
@@ -616,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--name", help="how to call the file in the card")
     mc.add_argument("--reproduce", default="", help="the command that reproduces the model")
     mc.add_argument("--note", action="append", default=[], help="a paragraph to add (repeatable)")
+    mc.add_argument("--notes", help="a Markdown file of paragraphs to add after --note's (HTML comments left out)")
     mc.set_defaults(func=cmd_model_card)
 
     def inference_options(sp: argparse.ArgumentParser) -> None:

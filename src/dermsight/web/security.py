@@ -195,7 +195,7 @@ def describe_unsupported(data: bytes) -> str:
     head = data[:512]
     if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         return "a text file"
-    return "not an image format we can read"
+    return "in a format we do not recognise"
 
 
 def enforce_rate_limit() -> None:
