@@ -321,7 +321,9 @@ def test_batch_keeps_going_past_unreadable_files(calibrated, tmp_path):
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     good = manifest["path"].iloc[-1]
     out = p.predict_batch([good, broken, tmp_path / "missing.png", good])
-    assert [type(r).__name__ for r in out] == ["PredictionResult", "ImageError", "ImageError", "PredictionResult"]
+    assert [type(r).__name__ for r in out] == [
+        "PredictionResult", "DamagedImageError", "ImageError", "PredictionResult",  # broken data, then a missing file
+    ]  # fmt: skip
     assert out[0].predictions == out[3].predictions
     with pytest.raises(ImageError):
         p.predict(broken)

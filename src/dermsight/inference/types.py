@@ -13,8 +13,8 @@ UNCERTAIN_BELOW = 0.5
 
 def whole_percent(p: float) -> int:
     """``p`` as the whole percent people are shown. The thresholds that send people to a doctor or name a concerning
-    class compare this where rounding makes them more cautious (a concerning class named from 10%, concerning
-    classes together from 30%): a result showing "Melanoma 10%" must not be passed over because it was 0.097. The
+    class compare this where rounding makes them more cautious (a concerning class named from 5%, concerning
+    classes together from 15%): a result showing "Melanoma 10%" must not be passed over because it was 0.097. The
     uncertain flag keeps the raw probability, which is the cautious side there (0.496, shown as 50%, is uncertain)."""
     return round(p * 100)
 

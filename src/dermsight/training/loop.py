@@ -477,9 +477,11 @@ def refuse_changed_split(run: Path, manifest: pd.DataFrame, resuming: bool, same
     The split is drawn again from ``data`` on every start, so images added to or removed from the data since (or a
     changed ``data:``) redraw it: one row removed from 280 moved 154 images, some from train into test, and the
     resumed run then scored its checkpoints on images it had trained on (or an ensemble's members trained on each
-    other's test images). A run without split.csv has nothing to compare (it never finished preparing its data)."""
+    other's test images). A run without split.csv has nothing to compare (it never finished preparing its data); one
+    with split.csv but no checkpoint yet keeps that split.csv (`fit`), so it is compared too."""
     checks = []
-    if resuming and (run / "last.pt").is_file() and (run / "split.csv").is_file():
+    # split.csv, not last.pt: a run stopped in its first epoch has no checkpoint yet, but it keeps that split.csv.
+    if resuming and (run / "split.csv").is_file():
         why = f"cannot resume {run}: its data or split settings (data, val, test, split_seed) changed since it started"
         checks.append((run / "split.csv", why))
     if same_split_as is not None and same_split_as.is_file() and same_split_as != run / "split.csv":
@@ -1098,11 +1100,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
         refuse_finished_run(run, cfg.resume)
         if not cfg.resume:  # a resumed ensemble's config is written once its members agree on the split
             cfg.to_yaml(run / "config.yaml")
+    members = [cfg.member_config(i) for i in range(cfg.members)]
+    finished = [finished_earlier(Path(m.out), m) is not None for m in members]
+    if all(finished) and cfg.resume and (run / "model.safetensors").is_file() and (run / "metrics.json").is_file():
+        # Combining and calibrating again would replace the ensemble's model, and a calibration fitted into it since.
+        if main:
+            print(f"{run} finished earlier (its model.safetensors is kept as it is): nothing to resume")
+        return run / "model.safetensors" if main else None
     # Every member's start first (backbone, weights, teacher): a bad one fails now, not after the members before it
     # trained (about 48 minutes each on a 2-core CPU).
-    for i in range(cfg.members):
-        member = cfg.member_config(i)
-        if finished_earlier(Path(member.out), member) is None:
+    for i, member in enumerate(members):
+        if not finished[i]:
             try:
                 start_model(member, torch.device("cpu"))
             except (ValueError, WeightsError, ModelLoadError) as e:

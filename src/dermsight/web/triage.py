@@ -13,8 +13,8 @@ from dermsight.inference.types import PredictionResult, below, whole_percent
 from dermsight.web.knowledge import Knowledge
 
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
-# first. Chosen on the val split (`bench/triage.py`): the lowest whole percent step that sends at least 90% of its
-# melanomas to a doctor. At 30% a quarter of them got "Probably harmless" (val: 77% of melanomas referred, 17% of
+# first. Chosen on the val split (`bench/triage.py`): the highest of 30, 25, 20, 15 and 10% that sends at least 90% of
+# its melanomas to a doctor. At 30% a quarter of them got "Probably harmless" (val: 77% of melanomas referred, 17% of
 # benign lesions); at 15%, 92% and 30%. The test split was scored after the choice (README, "Web application").
 CONCERN_PROBABILITY = 0.15
 # Below that, a malignant or pre-malignant class this probable is still named in the "keep an eye on it" advice: a
@@ -89,16 +89,27 @@ def _kind(p) -> str:
     return _KIND.get(CONDITIONS[p.code].malignancy, "a condition that can be or become skin cancer")
 
 
-def _when(code: str, knowledge: Knowledge) -> tuple[str, str]:
-    """(heading, what to do) for a concerning class, by its urgency in the knowledge file; "routine" never applies
-    to a class that sends people to a doctor, so it reads as "soon"."""
-    info = knowledge.get(code)
-    return _WHEN.get(info.urgency if info is not None else "soon", _WHEN["soon"])
+def _when(codes: list[str], knowledge: Knowledge) -> tuple[str, str]:
+    """(heading, what to do) for concerning classes: the most urgent one's, by the knowledge file ("routine" never
+    applies to a class that sends people to a doctor, so it reads as "soon"). Melanoma at 14% beside a pre-cancer at
+    16% is still "within two weeks"."""
+    urgencies = {info.urgency for info in (knowledge.get(c) for c in codes) if info is not None}
+    return _WHEN["urgent"] if "urgent" in urgencies else _WHEN["soon"]
+
+
+def _possible(preds: list) -> str:
+    """ "melanoma (14%)", "melanoma (14%) or basal cell carcinoma (6%)": the concerning classes worth naming."""
+    named = [f"{_name(p)} ({percent(p.probability)})" for p in preds]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
 
 
 def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = CONCERN_PROBABILITY) -> Advice:
     """The advice for ``result``. ``knowledge`` gives each class's urgency; ``concern_at`` is the share of malignant
-    and pre-malignant classes together that sends people to a doctor (`bench/triage.py` varies it)."""
+    and pre-malignant classes together that sends people to a doctor (`bench/triage.py` varies it).
+
+    In order: a concerning top class, then the concerning share, then an uncertain model send people to a doctor; the
+    share comes before "uncertain" so that nv 45% / mel 40% is not advised more mildly than nv 55% / mel 40%. Every
+    concerning class shown at `MENTION_PROBABILITY` or more is named, and the most urgent of them sets the heading."""
     top = result.top
     if result.status != "ok" or top is None:
         return Advice(
@@ -107,38 +118,40 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
             sentence(result.reason or "the photo could not be assessed") + " Please try another photo. If the spot "
             "worries you, show it to a doctor whatever this tool says.",
         )
+    concerning = [p for p in result.predictions if _concerning(p.code)]  # most probable first
+    named = [p for p in concerning if not below(p.probability, MENTION_PROBABILITY)]
     if _concerning(top.code):
-        title, action = _when(top.code, knowledge)
+        others = [p for p in named if p.code != top.code]
+        title, action = _when([top.code] + [p.code for p in others], knowledge)
+        also = f" Also possible: {_possible(others)}." if others else ""
         return Advice(
             "see_doctor",
             title,
-            f"The photo looks most like {_like(top)}, at {percent(top.probability)}: {_kind(top)}. Please {action} "
-            "and show them this spot. Only a doctor can diagnose it.",
+            f"The photo looks most like {_like(top)}, at {percent(top.probability)}: {_kind(top)}.{also} Please "
+            f"{action} and show them this spot. Only a doctor can diagnose it.",
         )
+    concern = concerning_probability(result)
+    if concerning and not below(concern, concern_at):
+        shown = named or concerning[:1]
+        title, action = _when([p.code for p in shown], knowledge)
+        return Advice(
+            "see_doctor",
+            title,
+            f"The photo looks most like {_like(top)}, at {percent(top.probability)}, but skin cancers and conditions "
+            f"that can become one together reach {percent(concern)}: {_possible(shown)}. Please {action} and show "
+            "them this spot.",
+        )
+    caveat = ""
+    if named:
+        kind = f", {_kind(named[0])}" if len(named) == 1 else ", each a skin cancer or a pre-cancer"
+        caveat = f" It does not rule out {_possible(named)}{kind}: if in doubt, have it checked."
     if result.uncertain:
         return Advice(
             "see_doctor",
             "See a dermatologist soon: the result is uncertain",
             f"The model is not confident about this photo: its best guess, {_name(top)}, is only "
-            f"{percent(top.probability)}. An uncertain result cannot rule anything out: please have the spot checked "
-            "by a doctor or dermatologist.",
-        )
-    concern = concerning_probability(result)
-    worst = next((p for p in result.predictions if _concerning(p.code)), None)
-    if worst is not None and not below(concern, concern_at):
-        title, action = _when(worst.code, knowledge)
-        return Advice(
-            "see_doctor",
-            title,
-            f"The photo looks most like {_like(top)}, at {percent(top.probability)}, but skin cancers and conditions "
-            f"that can become one together reach {percent(concern)} (most of all {_name(worst)}, "
-            f"{percent(worst.probability)}, {_kind(worst)}). Please {action} and show them this spot.",
-        )
-    caveat = ""
-    if worst is not None and not below(worst.probability, MENTION_PROBABILITY):
-        caveat = (
-            f" It does not rule out {_name(worst)} ({percent(worst.probability)}), {_kind(worst)}: if in doubt, have "
-            "it checked."
+            f"{percent(top.probability)}.{caveat} An uncertain result cannot rule anything out: please have the spot "
+            "checked by a doctor or dermatologist.",
         )
     return Advice(
         "monitor",
