@@ -667,6 +667,21 @@ def test_resuming_a_finished_run_keeps_its_model_and_a_refused_resume_keeps_its_
     assert (run / "split.csv").read_bytes() == kept["split.csv"]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_only_onto_its_split(tmp_path):
+    # A reviewer's leak: a run stopped in epoch 1 has split.csv but no last.pt; resumed with another split_seed it
+    # trained on the new split and kept the old split.csv, whose test images it had trained on.
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=1)
+    fit(cfg, progress=False)
+    run = Path(cfg.out)
+    for name in ("last.pt", "best.safetensors", "model.safetensors", "metrics.json"):
+        (run / name).unlink(missing_ok=True)
+    kept = (run / "split.csv").read_bytes()
+    with pytest.raises(ValueError, match="its data or split settings"):
+        fit(tiny_config(tmp_path, data, epochs=1, split_seed=7, resume=True), progress=False)
+    assert (run / "split.csv").read_bytes() == kept
+
+
 def test_a_one_class_val_split_and_missing_classes_finish_with_warnings(tmp_path, capsys):
     data = synthetic_dataset(tmp_path / "data")
     first = fit(tiny_config(tmp_path, data, epochs=1, out=str(tmp_path / "a")), progress=False)
@@ -693,6 +708,8 @@ def test_a_run_folder_as_data_means_its_split(tmp_path, capsys):
 
     test, problems = read_labelled(first.run_dir, "test")
     assert len(test) == (split["split"] == "test").sum() and not problems
+    with pytest.raises(DataError, match="say which of its splits to score"):
+        read_labelled(first.run_dir)  # every split, the run's training images included
 
 
 def test_a_bad_member_fails_before_any_member_trains(tmp_path):
@@ -736,3 +753,18 @@ def test_export_and_model_card_do_not_write_over_a_model_file(tmp_path, capsys):
     assert main(["model-card", "--out", str(victim)]) == 2
     assert "is a model file's name" in capsys.readouterr().err
     assert victim.read_bytes() == b"a model someone trained"
+
+
+def test_resuming_a_finished_ensemble_keeps_its_model(tmp_path, capsys):
+    # Combining and calibrating again replaced the ensemble's model (and a calibration fitted into it since).
+    from dermsight.models.bundle import read_meta, update_meta
+    from dermsight.training import train
+
+    data = synthetic_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, epochs=1, members=2, tune_decision=False)
+    path = train(cfg, progress=False)
+    update_meta(path, dataclasses.replace(read_meta(path), temperature=1.2345))
+    kept = path.read_bytes()
+    assert train(dataclasses.replace(cfg, resume=True), progress=False) == path
+    assert "finished earlier" in capsys.readouterr().out
+    assert path.read_bytes() == kept and read_meta(path).temperature == 1.2345

@@ -610,6 +610,8 @@ def test_config_from_env():
         ("DERMSIGHT_PROXY_COUNT", "one", "expected a whole number of at least 0"),
         ("DERMSIGHT_BACKEND", "gpu", "expected auto, onnx or torch"),
         ("DERMSIGHT_RATE_LIMIT", "thirty", "expected REQUESTS/SECONDS"),
+        ("DERMSIGHT_MAX_UPLOAD_MB", "inf", "expected a number of at least 0.01, got 'inf'"),
+        ("DERMSIGHT_HTTPS", "ture", "expected on or off"),
     ],
 )
 def test_a_malformed_setting_is_one_line_before_any_worker_starts(name, value, said, monkeypatch, capsys):

@@ -43,7 +43,11 @@ class Evaluation:
 
 def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, list[Problem]]:
     """A manifest of labelled images from a dataset folder/CSV or a (split) manifest, optionally one split."""
-    data = run_split(data) or Path(data)  # a training run's folder means its split
+    run = run_split(data)
+    if run is not None and split is None:
+        # All of a run's split would score it on the images it trained on.
+        raise DataError(f"{data} is a training run's folder: say which of its splits to score (--split test or val)")
+    data = run or Path(data)  # a training run's folder means its split
     problems: list[Problem] = []
     if data.is_file() and data.suffix == ".csv" and "path" in pd.read_csv(data, nrows=0).columns:
         manifest = load_manifest(data)

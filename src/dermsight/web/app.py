@@ -58,13 +58,17 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value >= at_least or value != value:  # the last: nan
+        if value is None or not at_least <= value < float("inf"):  # nan fails this too
             what = "a whole number" if kind is int else "a number"
             raise ValueError(f"{name}: expected {what} of at least {at_least:g}, got {text!r}")
         return value
 
     def flag(name: str) -> bool:
-        return env[name].strip().lower() in ("1", "true", "yes", "on")
+        # Strict: a typo ("ture") read as off would quietly drop HSTS and secure cookies.
+        text = env[name].strip().lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"{name}: expected on or off (1/0, true/false, yes/no), got {env[name]!r}")
+        return text in ("1", "true", "yes", "on")
 
     if env.get("DERMSIGHT_SECRET_KEY"):
         cfg["SECRET_KEY"] = env["DERMSIGHT_SECRET_KEY"]
