@@ -28,7 +28,11 @@ _KIND = {
 }
 _WHEN = {
     "urgent": ("See a doctor within two weeks", "see a doctor or dermatologist within about two weeks"),
-    "soon": ("See a dermatologist soon", "book an appointment with a doctor or dermatologist in the coming weeks"),
+    # "doctor", not "dermatologist": in many health systems people see a GP first.
+    "soon": (
+        "See a doctor in the coming weeks",
+        "book an appointment with a doctor or dermatologist in the coming weeks",
+    ),
 }
 
 
@@ -146,17 +150,19 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
         kind = f", {_kind(named[0])}" if len(named) == 1 else ", each a skin cancer or a pre-cancer"
         caveat = f" It does not rule out {_possible(named)}{kind}: if in doubt, have it checked."
     if result.uncertain:
+        title, action = _when([p.code for p in named], knowledge)  # "within two weeks" when melanoma is named
         return Advice(
             "see_doctor",
-            "See a dermatologist soon: the result is uncertain",
+            f"{title}: the result is uncertain",
             f"The model is not confident about this photo: its best guess, {_name(top)}, is only "
-            f"{percent(top.probability)}.{caveat} An uncertain result cannot rule anything out: please have the spot "
-            "checked by a doctor or dermatologist.",
+            f"{percent(top.probability)}.{caveat} An uncertain result cannot rule anything out: please {action} and "
+            "show them this spot.",
         )
     return Advice(
         "monitor",
-        "Probably harmless: keep an eye on it",
+        "Probably harmless, but not ruled out: keep an eye on it" if named else "Probably harmless: keep an eye on it",
         f"The photo looks most like {_like(top)}, at {percent(top.probability)}, which is usually harmless.{caveat} "
         "No photo check can rule out skin cancer: see a doctor if the spot changes in size, shape or colour, bleeds, "
-        "itches, or worries you.",
+        "itches, grows into a lump, is a sore that has not healed within four weeks, is new and you are over about "
+        "40, or worries you.",
     )
