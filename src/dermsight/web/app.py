@@ -98,7 +98,7 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path == "/healthz"
+    return request.path.startswith("/api/") or request.path in ("/api", "/healthz")
 
 
 def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> Flask:

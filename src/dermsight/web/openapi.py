@@ -6,6 +6,14 @@ from typing import Any
 
 from dermsight import __version__
 from dermsight.classes import CONDITIONS, Malignancy
+from dermsight.web.service import human_size
+
+# Every `error` code the app answers with (app.py's handlers, security.py and service.py's refusals).
+ERROR_CODES = (
+    "no_image", "not_a_file", "empty_file", "two_photos", "unreadable_image", "bad_request", "csrf_failed",
+    "not_found", "method_not_allowed", "too_large", "form_too_large", "unsupported_type", "rate_limited",
+    "internal_error",
+)  # fmt: skip
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -20,6 +28,17 @@ def _ok(description: str, schema: str) -> dict[str, Any]:
         "description": description,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
     }
+
+
+def _everywhere(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation also answers 405 (another method; `Allow` lists the right ones) and 500."""
+    not_allowed = _error("This address does not accept that method; `Allow` lists the ones it does.")
+    not_allowed["headers"] = {"Allow": {"schema": {"type": "string"}, "description": "e.g. OPTIONS, POST"}}
+    for item in paths.values():
+        for operation in item.values():
+            operation["responses"].setdefault("405", not_allowed)
+            operation["responses"].setdefault("500", _error("Internal error (no details are given out)."))
+    return paths
 
 
 def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
@@ -39,89 +58,101 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "servers": [{"url": "/"}],
-        "paths": {
-            "/api/v1/predict": {
-                "post": {
-                    "operationId": "predict",
-                    "summary": "Classify one photo of a skin lesion",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image"],
-                                    "properties": {
-                                        "image": {
-                                            "type": "string",
-                                            "format": "binary",
-                                            "description": (
-                                                "JPEG, PNG, WebP, BMP or TIFF (checked from the bytes), at most "
-                                                f"{max_upload_bytes // 2**20} MB for the whole request"
-                                            ),
-                                        }
+        "paths": _everywhere(
+            {
+                "/api/v1/predict": {
+                    "post": {
+                        "operationId": "predict",
+                        "summary": "Classify one photo of a skin lesion",
+                        "requestBody": {
+                            "required": True,
+                            "content": {
+                                "multipart/form-data": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["image"],
+                                        "properties": {
+                                            "image": {
+                                                "type": "string",
+                                                "format": "binary",
+                                                "description": (
+                                                    "JPEG, PNG, WebP, BMP or TIFF (checked from the bytes), at most "
+                                                    f"{human_size(max_upload_bytes)} for the whole request"
+                                                ),
+                                            }
+                                        },
                                     },
-                                },
-                                "encoding": {"image": {"contentType": "image/*"}},
-                            }
+                                    "encoding": {"image": {"contentType": "image/*"}},
+                                }
+                            },
                         },
-                    },
-                    "responses": {
-                        "200": _ok(
-                            "The assessment. `status` is `rejected`, with a `reason` and photo `tips`, when the "
-                            "image is readable but cannot be assessed (blurred, not skin, ...).",
-                            "Prediction",
-                        ),
-                        "400": _error("No image field, or the image is unreadable or corrupt."),
-                        "413": _error("The request is larger than the upload limit."),
-                        "415": _error("The file is not a supported image type."),
-                        "429": too_many,
-                        "500": _error("Internal error (no details are given out)."),
-                    },
-                }
-            },
-            "/api/v1/conditions": {
-                "get": {
-                    "operationId": "listConditions",
-                    "summary": "Every condition dermsight knows, in brief",
-                    "responses": {"200": _ok("The condition list.", "ConditionList")},
-                }
-            },
-            "/api/v1/conditions/{code}": {
-                "get": {
-                    "operationId": "getCondition",
-                    "summary": "What a condition is, its symptoms, causes, treatment and when to see a doctor",
-                    "parameters": [
-                        {"name": "code", "in": "path", "required": True, "schema": {"type": "string", "enum": codes}}
-                    ],
-                    "responses": {
-                        "200": _ok("The condition.", "Condition"),
-                        "404": _error("No condition has this code."),
-                    },
-                }
-            },
-            "/api/v1/model": {
-                "get": {
-                    "operationId": "getModel",
-                    "summary": "The served model's card: classes, training data, measured metrics",
-                    "responses": {"200": _ok("The model card.", "Model")},
-                }
-            },
-            "/api/v1/openapi.json": {
-                "get": {
-                    "operationId": "getOpenAPI",
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "Liveness check (does not load the model)",
-                    "responses": {"200": _ok("The server is up.", "Health")},
-                }
-            },
-        },
+                        "responses": {
+                            "200": _ok(
+                                "The assessment. `status` is `rejected`, with a `reason` and photo `tips`, when the "
+                                "image is readable but cannot be assessed (blurred, not skin, ...).",
+                                "Prediction",
+                            ),
+                            "400": _error("No image field, or the image is unreadable or corrupt."),
+                            "413": _error(
+                                "The request is larger than the upload limit (`too_large`), or its text fields are too "
+                                "large or too many, as when an image is sent as a text field (`form_too_large`)."
+                            ),
+                            "415": _error("The file is not a supported image type."),
+                            "429": too_many,
+                        },
+                    }
+                },
+                "/api/v1/conditions": {
+                    "get": {
+                        "operationId": "listConditions",
+                        "summary": "Every condition dermsight knows, in brief",
+                        "responses": {"200": _ok("The condition list.", "ConditionList")},
+                    }
+                },
+                "/api/v1/conditions/{code}": {
+                    "get": {
+                        "operationId": "getCondition",
+                        "summary": "What a condition is, its symptoms, causes, treatment and when to see a doctor",
+                        "parameters": [
+                            {
+                                "name": "code",
+                                "in": "path",
+                                "required": True,
+                                "description": "a class code, in any case (`scc` is `SCC`)",
+                                "schema": {"type": "string", "examples": codes},
+                            }
+                        ],
+                        "responses": {
+                            "200": _ok("The condition.", "Condition"),
+                            "404": _error("No condition has this code."),
+                        },
+                    }
+                },
+                "/api/v1/model": {
+                    "get": {
+                        "operationId": "getModel",
+                        "summary": "The served model's card: classes, training data, measured metrics",
+                        "responses": {"200": _ok("The model card.", "Model")},
+                    }
+                },
+                "/api/v1/openapi.json": {
+                    "get": {
+                        "operationId": "getOpenAPI",
+                        "summary": "This document",
+                        "responses": {
+                            "200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}
+                        },
+                    }
+                },
+                "/healthz": {
+                    "get": {
+                        "operationId": "health",
+                        "summary": "Liveness check (does not load the model)",
+                        "responses": {"200": _ok("The server is up.", "Health")},
+                    }
+                },
+            }
+        ),
         "components": {
             "schemas": {
                 "Error": {
@@ -131,8 +162,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "status": {"const": "error"},
                         "error": {
                             "type": "string",
-                            "description": "stable code, e.g. unreadable_image, too_large, unsupported_type, "
-                            "rate_limited, no_image, not_found",
+                            "enum": list(ERROR_CODES),
+                            "description": "stable code (csrf_failed only on the web form, never on the API)",
                         },
                         "message": {"type": "string", "description": "a sentence fit to show a user"},
                         "tips": {"type": "array", "items": {"type": "string"}},
@@ -158,28 +189,43 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                 },
                 "Prediction": {
                     "type": "object",
-                    "required": ["status", "reason", "predictions", "malignant", "model"],
+                    "required": [
+                        "status",
+                        "reason",
+                        "predictions",
+                        "malignant",
+                        "uncertain",
+                        "concerning_probability",
+                        "scores",
+                        "model",
+                        "advice",
+                    ],
                     "properties": {
                         "status": {"type": "string", "enum": ["ok", "rejected"]},
                         "reason": {"type": ["string", "null"], "description": "why the image was rejected"},
                         "predictions": {
                             "type": "array",
-                            "description": "every class, most probable first",
+                            "description": "every class, most probable first; empty when rejected",
                             "items": {"$ref": "#/components/schemas/ClassProbability"},
                         },
                         "malignant": {
                             "type": ["boolean", "null"],
                             "description": "top class malignant or pre-malignant; null when rejected",
                         },
-                        "uncertain": {"type": "boolean", "description": "the model is not confident"},
+                        "uncertain": {
+                            "type": "boolean",
+                            "description": "the model is not confident (top class under 50%); false when rejected",
+                        },
                         "concerning_probability": {
                             "type": ["number", "null"],
-                            "description": "sum of the probabilities of the malignant and pre-malignant classes",
+                            "description": "sum of the probabilities of the malignant and pre-malignant classes; "
+                            "null when rejected",
                         },
                         "scores": {
                             "type": "object",
                             "additionalProperties": {"type": "number"},
-                            "description": "image-quality and out-of-distribution measurements behind the result",
+                            "description": "image-quality and out-of-distribution measurements behind the result "
+                            "(no out-of-distribution ones when the image-quality checks refused the photo)",
                         },
                         "model": {"type": "string"},
                         "advice": {"$ref": "#/components/schemas/Advice"},
@@ -291,6 +337,21 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "metrics": {"type": "object", "description": "measured metrics per evaluated split"},
                         "created": {"type": "string"},
                         "dermsight_version": {"type": "string"},
+                        "threads": {"type": "integer", "description": "intra-op threads of this worker"},
+                        "ood": {
+                            "type": ["object", "null"],
+                            "description": "the not-a-lesion gate's statistics and threshold; null without a gate",
+                        },
+                        "quality_gate": {"type": "object", "description": "the image-quality checks' thresholds"},
+                        "source_short_side": {
+                            "type": "integer",
+                            "description": "inputs are brought to the training images' detail: this shorter side",
+                        },
+                        "source_jpeg_quality": {"type": "integer", "description": "and this JPEG quality (0: none)"},
+                        "colour_constancy": {
+                            "type": "integer",
+                            "description": "Shades of Gray p applied to every input (0: none)",
+                        },
                     },
                 },
                 "Health": {
