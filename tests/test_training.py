@@ -710,6 +710,9 @@ def test_a_run_folder_as_data_means_its_split(tmp_path, capsys):
     assert len(test) == (split["split"] == "test").sum() and not problems
     with pytest.raises(DataError, match="say which of its splits to score"):
         read_labelled(first.run_dir)  # every split, the run's training images included
+    capsys.readouterr()
+    whole, _ = read_labelled(first.run_dir / "split.csv")  # the manifest itself: allowed, with a warning
+    assert len(whole) == len(split) and "scored whole, its train split included" in capsys.readouterr().err
 
 
 def test_a_bad_member_fails_before_any_member_trains(tmp_path):

@@ -7,6 +7,7 @@ probabilities into akiec (HAM's akiec cannot be split into the two).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,13 @@ def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, l
         if "split" not in manifest:
             raise DataError(f"{data}: no `split` column, so --split {split} cannot be applied")
         manifest = manifest[manifest["split"] == split]
+    elif "split" in manifest and manifest["split"].eq("train").any():
+        # Allowed (the manifest may be scored whole on purpose), but such figures include trained-on images.
+        print(
+            f"warning: {data} is a split manifest scored whole, its train split included; add --split test (or val) "
+            "to score held-out images only",
+            file=sys.stderr,
+        )
     if manifest.empty:
         # Say why every row went (files not found, unknown labels...), not just that none is left.
         why = f"\n{summarise(problems)}" if problems else ""

@@ -24,9 +24,9 @@ reason to ignore a lesion that changes, bleeds, itches or worries you.
 - HAM10000 is a collection of common *pigmented* lesions: few of its melanomas are pink or skin-coloured
   (amelanotic), and it was not built for spots under nails or on the mouth, genitals or eyes. Do not use the model
   for those.
-- It misses melanomas. Even on held-out images like its training data, the web app's advice told some melanomas
-  "probably harmless" (the bundled model: about 1 in 10 of the test split's, `bench/triage.md`); on other images it
-  is likely to miss more. A "probably harmless" answer is never a reason not to see a doctor.
+- It misses melanomas. Even on held-out images like its training data, the web app's advice tells some melanomas
+  "probably harmless" (`bench/triage.py` measures how many); on other images it is likely to miss more. A "probably
+  harmless" answer is never a reason not to see a doctor.
 - Seven classes only (HAM10000): actinic keratosis / intraepithelial carcinoma, basal cell carcinoma, benign
   keratosis-like lesions, dermatofibroma, melanoma, melanocytic nevus, vascular lesions. Any other condition (eczema,
   psoriasis, infections, rarer tumours) is forced into one of these seven or rejected.

@@ -1102,7 +1102,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
             cfg.to_yaml(run / "config.yaml")
     members = [cfg.member_config(i) for i in range(cfg.members)]
     finished = [finished_earlier(Path(m.out), m) is not None for m in members]
-    if all(finished) and cfg.resume and (run / "model.safetensors").is_file() and (run / "metrics.json").is_file():
+    ensemble = run / "model.safetensors"
+    if (
+        all(finished)
+        and cfg.resume
+        and ensemble.is_file()
+        and (run / "metrics.json").is_file()
+        and read_meta(ensemble).members == len(members)  # not when the member list changed since
+    ):
         # Combining and calibrating again would replace the ensemble's model, and a calibration fitted into it since.
         if main:
             print(f"{run} finished earlier (its model.safetensors is kept as it is): nothing to resume")

@@ -52,15 +52,16 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if environ is None else environ
     cfg: dict[str, Any] = {}
 
-    def number(name: str, kind: type, at_least: float) -> Any:
+    def number(name: str, kind: type, at_least: float, at_most: float = float("inf")) -> Any:
         text = env[name].strip()
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not at_least <= value < float("inf"):  # nan fails this too
+        if value is None or not at_least <= value <= at_most or value == float("inf"):  # nan fails this too
             what = "a whole number" if kind is int else "a number"
-            raise ValueError(f"{name}: expected {what} of at least {at_least:g}, got {text!r}")
+            upto = f" and at most {at_most:g}" if at_most < float("inf") else ""
+            raise ValueError(f"{name}: expected {what} of at least {at_least:g}{upto}, got {text!r}")
         return value
 
     def flag(name: str) -> bool:
@@ -81,7 +82,8 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     if env.get("DERMSIGHT_THREADS"):
         cfg["THREADS"] = number("DERMSIGHT_THREADS", int, 1)
     if env.get("DERMSIGHT_MAX_UPLOAD_MB"):
-        cfg["MAX_CONTENT_LENGTH"] = int(number("DERMSIGHT_MAX_UPLOAD_MB", float, 0.01) * 2**20)
+        # At most 1 GB: a photo over 64 MB is refused anyway (data.images.MAX_FILE_BYTES), and 1e308 overflowed.
+        cfg["MAX_CONTENT_LENGTH"] = int(number("DERMSIGHT_MAX_UPLOAD_MB", float, 0.01, at_most=1024) * 2**20)
     if env.get("DERMSIGHT_RATE_LIMIT"):
         cfg["RATE_LIMIT"] = env["DERMSIGHT_RATE_LIMIT"]
         try:

@@ -10,7 +10,7 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 from dermsight.inference.types import UNCERTAIN_BELOW
 from dermsight.web.security import check_csrf, enforce_rate_limit
 from dermsight.web.service import ACCEPT, analyse, read_upload
-from dermsight.web.triage import advise
+from dermsight.web.triage import advise, worth_naming
 
 pages = Blueprint("pages", __name__)
 
@@ -40,11 +40,12 @@ def analyse_page():
     analysis = analyse(_model(), data, explain=True)
     result = analysis.result
     knowledge = _knowledge()
-    cards = [
-        knowledge.get(p.code)
-        for i, p in enumerate(result.predictions[:MAX_CARDS])
-        if i == 0 or p.probability >= CARD_MIN_PROBABILITY
-    ]
+    # The top class, every cancer or pre-cancer the advice names (its heading may come from one that ranks fourth),
+    # then the other likely classes, up to MAX_CARDS unless the named ones need more.
+    named = worth_naming(result)
+    likely = [p for p in result.predictions if p.probability >= CARD_MIN_PROBABILITY]
+    order = list(dict.fromkeys(p.code for p in [*result.predictions[:1], *named, *likely]))
+    cards = [knowledge.get(code) for code in order[: max(MAX_CARDS, 1 + len(named))]]
     return render_template(
         "result.html",
         result=result,

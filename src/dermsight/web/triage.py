@@ -101,10 +101,28 @@ def _when(codes: list[str], knowledge: Knowledge) -> tuple[str, str]:
     return _WHEN["urgent"] if "urgent" in urgencies else _WHEN["soon"]
 
 
-def _possible(preds: list) -> str:
+def _listed(preds: list, conjunction: str = "or") -> str:
     """ "melanoma (14%)", "melanoma (14%) or basal cell carcinoma (6%)": the concerning classes worth naming."""
     named = [f"{_name(p)} ({percent(p.probability)})" for p in preds]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + f" {conjunction} " + named[-1]
+
+
+def _kinds(preds: list) -> str:
+    """What the listed classes are, after a comma: "a type of skin cancer", "each a type of skin cancer", ..."""
+    if len(preds) == 1:
+        return _kind(preds[0])
+    kinds = {CONDITIONS[p.code].malignancy for p in preds}
+    if kinds == {Malignancy.MALIGNANT}:
+        return "each a type of skin cancer"
+    if kinds == {Malignancy.PREMALIGNANT}:
+        return "each a pre-cancer or an early skin cancer"
+    return "skin cancers or pre-cancers"
+
+
+def worth_naming(result: PredictionResult) -> list:
+    """The malignant and pre-malignant classes shown at `MENTION_PROBABILITY` or more, most probable first: the
+    advice names each, and the result page gives each a card."""
+    return [p for p in result.predictions if _concerning(p.code) and not below(p.probability, MENTION_PROBABILITY)]
 
 
 def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = CONCERN_PROBABILITY) -> Advice:
@@ -123,11 +141,11 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
             "worries you, show it to a doctor whatever this tool says.",
         )
     concerning = [p for p in result.predictions if _concerning(p.code)]  # most probable first
-    named = [p for p in concerning if not below(p.probability, MENTION_PROBABILITY)]
+    named = worth_naming(result)
     if _concerning(top.code):
         others = [p for p in named if p.code != top.code]
         title, action = _when([top.code] + [p.code for p in others], knowledge)
-        also = f" Also possible: {_possible(others)}." if others else ""
+        also = f" Also possible: {_listed(others)}, {_kinds(others)}." if others else ""
         return Advice(
             "see_doctor",
             title,
@@ -136,19 +154,23 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
         )
     concern = concerning_probability(result)
     if concerning and not below(concern, concern_at):
-        shown = named or concerning[:1]
-        title, action = _when([p.code for p in shown], knowledge)
+        # Spread thin (ISIC 2019's four concerning classes at 4% each), none is named; all of them set the heading.
+        parts = (
+            f"{_listed(named, 'and')}, {_kinds(named)}"
+            if named
+            else f"spread over {len(concerning)} of them, none at {percent(MENTION_PROBABILITY)} or more"
+        )
+        title, action = _when([p.code for p in (named or concerning)], knowledge)
         return Advice(
             "see_doctor",
             title,
             f"The photo looks most like {_like(top)}, at {percent(top.probability)}, but skin cancers and conditions "
-            f"that can become one together reach {percent(concern)}: {_possible(shown)}. Please {action} and show "
-            "them this spot.",
+            f"that can become one together reach {percent(concern)}: {parts}. Please {action} and show them this "
+            "spot.",
         )
     caveat = ""
     if named:
-        kind = f", {_kind(named[0])}" if len(named) == 1 else ", each a skin cancer or a pre-cancer"
-        caveat = f" It does not rule out {_possible(named)}{kind}: if in doubt, have it checked."
+        caveat = f" It does not rule out {_listed(named)}, {_kinds(named)}: if in doubt, have it checked."
     if result.uncertain:
         title, action = _when([p.code for p in named], knowledge)  # "within two weeks" when melanoma is named
         return Advice(
