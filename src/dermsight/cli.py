@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dermsight.inference.types import BACKENDS  # light: the result types, no torch
+
 EXIT_OK, EXIT_DROPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
 
@@ -278,7 +280,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import ModelLoadError
     from dermsight.web.knowledge import load_knowledge
-    from dermsight.web.triage import advise
+    from dermsight.web.triage import RULE, advise
 
     knowledge = load_knowledge()
     try:
@@ -306,7 +308,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 written.add(out)
                 record["explanation"] = str(out)
             records.append(record)
-    print(json.dumps(records, indent=2) if args.json else format_table(records))
+    print(json.dumps(records, indent=2) if args.json else format_table(records, advice_rule=RULE))
     return EXIT_DROPPED if failed else EXIT_OK
 
 
@@ -631,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     def inference_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--backend",
-            choices=("auto", "onnx", "torch"),
+            choices=BACKENDS,
             default="auto",
             help="ONNX Runtime, PyTorch, or auto: ONNX Runtime with PyTorch as the fallback (default)",
         )

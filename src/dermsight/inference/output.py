@@ -9,11 +9,6 @@ from typing import Any
 from dermsight.data.images import ImageError
 from dermsight.inference.types import PredictionResult
 
-# The advice column is the web app's rule (`dermsight.web.triage.advise`), so the CLI and the app never disagree.
-ADVICE_NOTE = (
-    "advice, as the web app gives it: see a doctor when the top class is malignant or pre-malignant, when such "
-    "classes together reach 15%, or when the model is uncertain (top class under 50%); otherwise monitor."
-)
 _ADVICE = {"see_doctor": "see a doctor", "monitor": "monitor"}
 DISCLAIMER = (
     "These are a model's estimates from one image, not a diagnosis; see a doctor about any lesion that worries you."
@@ -37,7 +32,9 @@ def result_record(
     return {"image": image, **head, "advice": advice, **d}
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
+def format_table(records: list[dict[str, Any]], advice_rule: str = "") -> str:
+    """The records as a table. ``advice_rule``: the web app's rule in words (`dermsight.web.triage.RULE`), which the
+    advice column follows, so the CLI and the app never disagree; it is explained under the table."""
     width = min(40, max(len("image"), *(len(Path(r["image"]).name) for r in records)))
     lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'advice':<12}  next"]
     for r in records:
@@ -54,5 +51,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
             f"{name:<{width}}  {'ok':<8}  {label:<38}  {top['probability']:>6.1%}  {advice:<12}  {others}{flag}"
         )
     # The advice column is explained only where a row has one (every image refused or unreadable: no column).
-    notes = f"{ADVICE_NOTE} {DISCLAIMER}" if any(r["status"] == "ok" for r in records) else DISCLAIMER
+    explained = advice_rule and any(r["status"] == "ok" for r in records)
+    notes = f"advice, as the web app gives it: {advice_rule} {DISCLAIMER}" if explained else DISCLAIMER
     return "\n".join([*lines, "", notes])

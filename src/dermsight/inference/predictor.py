@@ -47,7 +47,7 @@ from dermsight.inference.gate import (
     check_quality,
 )
 from dermsight.inference.ood import OODGate
-from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult
+from dermsight.inference.types import BACKENDS, UNCERTAIN_BELOW, ClassProbability, PredictionResult
 from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
 from dermsight.transforms import EvalPreset, shades_of_gray
 
@@ -331,7 +331,7 @@ class Predictor:
         ``onnx_path``: use this ONNX file instead of the cached export (benchmarks, parity checks). ``meta``: use
         this contract instead of the file's (calibration tries one before writing it); the OOD gate is then off.
         """
-        if backend not in ("auto", "onnx", "torch"):
+        if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: expected auto, onnx or torch")
         model_path = Path(path) if path is not None else default_model_path()
         file_meta = read_meta(model_path)

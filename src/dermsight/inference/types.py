@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Status = Literal["ok", "rejected"]
+# The inference backends a Predictor can run (`BackendName`), here so the web app's settings check needs no torch.
+BACKENDS = ("auto", "onnx", "torch")
 # Below this calibrated top-class probability the result is flagged `uncertain`: the model's best guess is less
 # likely than all other classes together, which is not an answer to act on.
 UNCERTAIN_BELOW = 0.5

@@ -555,18 +555,17 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed + d.rank)
     _checked_on_rank_0(d, lambda: refuse_finished_run(run, cfg.resume))
-    done = _from_rank_0(d, lambda: finished_earlier(run, cfg) is not None)
-    if done:
+    earlier = finished_earlier(run, cfg) if d.main else None
+    if _from_rank_0(d, lambda: earlier is not None):
         if d.world > 1:
             dist.destroy_process_group()
-        if not d.main:
+        if earlier is None:
             return None  # type: ignore[return-value]  # as on every rank but 0
-        meta = read_meta(run / "model.safetensors")
         print(
             f"{run} finished earlier (its model.safetensors is kept as it is): nothing to resume. Raise --epochs to "
             "train it further"
         )
-        m = meta.metrics or {}
+        m = earlier.metrics or {}
         return FitResult(run / "model.safetensors", int(m.get("best_epoch", 0)), m.get("val", {}), m.get("test"), run)
     if d.main and not cfg.resume:  # a resumed run's config is written once its data is known to be the same
         cfg.to_yaml(run / "config.yaml")
@@ -1123,11 +1122,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
             except (ValueError, WeightsError, ModelLoadError) as e:
                 raise type(e)(f"member {cfg.member_name(i)}: {e}") from None
     paths = []
-    first_split = Path(cfg.member_config(0).out) / "split.csv"
-    for i in range(cfg.members):
-        member = cfg.member_config(i)
+    first_split = Path(members[0].out) / "split.csv"
+    for i, member in enumerate(members):
         done = Path(member.out) / "model.safetensors"
-        if finished_earlier(done.parent, member) is not None:
+        if finished[i]:  # checked above; training the members before it changes nothing in its folder
             print(f"member {cfg.member_name(i)} finished earlier: {done}")
         else:
             fit(member, progress, same_split_as=first_split if i else None)

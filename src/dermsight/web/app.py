@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from dermsight import __version__
+from dermsight.inference.types import BACKENDS
 from dermsight.web.knowledge import load_knowledge
 from dermsight.web.security import (
     InMemoryRequest,
@@ -77,8 +78,9 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
         cfg["MODEL"] = env["DERMSIGHT_MODEL"]
     if env.get("DERMSIGHT_BACKEND"):
         cfg["BACKEND"] = env["DERMSIGHT_BACKEND"].strip().lower()
-        if cfg["BACKEND"] not in ("auto", "onnx", "torch"):
-            raise ValueError(f"DERMSIGHT_BACKEND: expected auto, onnx or torch, got {env['DERMSIGHT_BACKEND']!r}")
+        if cfg["BACKEND"] not in BACKENDS:
+            names = f"{', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}"
+            raise ValueError(f"DERMSIGHT_BACKEND: expected {names}, got {env['DERMSIGHT_BACKEND']!r}")
     if env.get("DERMSIGHT_THREADS"):
         cfg["THREADS"] = number("DERMSIGHT_THREADS", int, 1)
     if env.get("DERMSIGHT_MAX_UPLOAD_MB"):

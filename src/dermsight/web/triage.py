@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dermsight.classes import CONDITIONS, Malignancy
-from dermsight.inference.types import PredictionResult, below, whole_percent
+from dermsight.inference.types import UNCERTAIN_BELOW, PredictionResult, below, whole_percent
 from dermsight.web.knowledge import Knowledge
 
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
@@ -20,6 +20,13 @@ CONCERN_PROBABILITY = 0.15
 # Below that, a malignant or pre-malignant class this probable is still named in the "keep an eye on it" advice: a
 # reader of "mole 88%, melanoma 8%" headed "Probably harmless" should not have to find the 8% in the list.
 MENTION_PROBABILITY = 0.05
+
+# The rule in words, from the thresholds themselves (`dermsight predict` prints it under its advice column).
+RULE = (
+    "see a doctor when the top class is malignant or pre-malignant, when such classes together reach "
+    f"{CONCERN_PROBABILITY:.0%}, or when the model is uncertain (top class under {UNCERTAIN_BELOW:.0%}); otherwise "
+    "monitor."
+)
 
 # What a concerning class is, in words (the catalogue's malignancy), and what to do by the knowledge file's urgency.
 _KIND = {
