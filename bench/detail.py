@@ -5,12 +5,12 @@
 The model trained on HAM10000's 200x150 JPEGs; people (and the external test set: 224 px square centre crops of the
 600x450 originals) send larger images. `ham10000_fullres_sample` holds 124 of the training images at 600x450, so each
 can be served from its original and compared with the model's own view of its 200x150 file (centre square straight
-into the eval preset). For two inputs, the 224 px centre crops (made as `calibration.square_crop` makes them, saved
+into the eval preset). For two inputs, the 224 px centre crops (made as `preprocess.square_crop` makes them, saved
 as PNG) and the 600x450 files as uploaded, and two paths:
 
 - ``before``: the serving path until 2026-11-27 (the baseline): decode to the eval size with a bilinear filter, then
   a second bilinear step to the training size, then the JPEG round trip (`match_detail`);
-- ``serving``: the path as it is now (`predictor.decode` at `decode_side`, then `to_model_input`).
+- ``serving``: the path as it is now (`preprocess.decode` at `decode_side`, then `to_model_input`).
 
 Measured: the high-frequency share of the image the eval preset receives, as a ratio to the 200x150 file's (1.0 =
 as sharp as the training images; quarter-Nyquist and up, grey level); total variation between the model's
@@ -36,12 +36,12 @@ from PIL import Image
 
 from dermsight.data.images import load_rgb
 from dermsight.data.problems import DataError
-from dermsight.evaluation.metrics import softmax
-from dermsight.inference.calibration import square_crop
-from dermsight.inference.gate import high_freq_share
-from dermsight.inference.predictor import decode, decode_side, match_detail
-from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model
-from dermsight.transforms import EvalPreset, shades_of_gray
+from dermsight.inference.preprocess import decode, decode_side, match_detail, square_crop
+from dermsight.inference.quality import high_freq_share
+from dermsight.inference.scoring import softmax
+from dermsight.inference.transforms import EvalPreset, shades_of_gray
+from dermsight.models.bundle import ModelLoadError, default_model_path, load_model
+from dermsight.models.meta import ModelMeta
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -72,7 +72,7 @@ def before(path: str, meta: ModelMeta) -> np.ndarray:
 
 
 def serving(path: str, meta: ModelMeta) -> np.ndarray:
-    """The serving path up to the eval preset, as it is: `predictor.to_model_input` without its last step."""
+    """The serving path up to the eval preset, as it is: `preprocess.to_model_input` without its last step."""
     return shades_of_gray(match_detail(decode(path, decode_side(meta)), meta), meta.colour_constancy)
 
 

@@ -30,10 +30,10 @@ def score(run: Path) -> Path:
     from torch.utils.data import DataLoader
 
     from dermsight.data.split import split_changes
+    from dermsight.inference.transforms import EvalPreset
     from dermsight.models.bundle import load_model
     from dermsight.training import TrainConfig
     from dermsight.training.loop import CachedImages, _subset, predict, prepare_data
-    from dermsight.transforms import EvalPreset
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig.from_yaml(run / "config.yaml")

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dermsight.data.manifest import read_labels
 from dermsight.inference.backends import OnnxRunner, TorchRunner
-from dermsight.inference.calibration import read_labels
 from dermsight.inference.export import export_onnx, model_inputs, quantize_int8, synthetic_images
 from dermsight.inference.predictor import Predictor, resolve_threads
 from dermsight.models.bundle import default_model_path, load_model

@@ -46,8 +46,9 @@ from pathlib import Path
 
 import torch
 
-from dermsight.models.bundle import ModelMeta, read_meta
+from dermsight.models.bundle import read_meta
 from dermsight.models.factory import WeightsError, create_model
+from dermsight.models.meta import ModelMeta
 from dermsight.training import TrainConfig, fit
 
 BACKBONES = (

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from dermsight.data.manifest import read_split_manifest
 from dermsight.data.problems import DataError
 from dermsight.evaluation.shifts import SHIFTS, shift_scores
-from dermsight.inference.calibration import read_split_manifest
 from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
 
 

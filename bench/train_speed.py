@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from dermsight.models.bundle import ModelMeta
 from dermsight.models.factory import create_model
+from dermsight.models.meta import ModelMeta
 from dermsight.training import TrainConfig
 from dermsight.training.loop import (
     CachedImages,

@@ -5,7 +5,7 @@
     .venv/bin/python bench/triage.py --val /tmp/val --test /tmp/test --out bench/triage.md
 
 Each row of evaluate's predictions.csv (the served, calibrated probabilities) goes through the app's own
-`dermsight.web.triage.advise` at each candidate threshold for "skin cancers and pre-cancers together"
+`dermsight.domain.triage.advise` at each candidate threshold for "skin cancers and pre-cancers together"
 (``--thresholds``). The threshold is chosen on ``--val`` alone: the highest candidate that sends at least
 ``--target`` of its melanomas to a doctor. ``--test`` is scored afterwards, for the record. "Referred" means the
 advice says to see a doctor: a malignant or pre-malignant top class, an uncertain model, or the share above.
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermsight.classes import CONDITIONS
-from dermsight.inference.predictor import prediction_result
-from dermsight.web.knowledge import load_knowledge
-from dermsight.web.triage import CONCERN_PROBABILITY, advise
+from dermsight.domain.classes import CONDITIONS
+from dermsight.domain.knowledge import load_knowledge
+from dermsight.domain.results import prediction_result
+from dermsight.domain.triage import CONCERN_PROBABILITY, advise
 
 # Predictions.csv columns that are not class probabilities.
 _NOT_CLASSES = {"image", "path", "label", "predicted", "correct"}
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# The web app's advice rule on labelled images",
         "",
-        f"`bench/triage.py`: rows of `dermsight evaluate`'s predictions.csv through `dermsight.web.triage.advise`. "
+        f"`bench/triage.py`: rows of `dermsight evaluate`'s predictions.csv through `dermsight.domain.triage.advise`. "
         f"Chosen on val: the highest threshold that refers at least {args.target:.0%} of melanomas: "
         f"**{chosen:.0%}** (the app uses {CONCERN_PROBABILITY:.0%}).",
         "",

@@ -6,7 +6,7 @@ default model is checked on (square centre crops of 4:3 dermoscopy frames), for 
 
 Writes DIR/images/<image_id>.png (lossless: no second JPEG pass on top of the source's) and DIR/labels.csv
 (`image,label`, and `lesion_id` where the split has it). Crops come from
-`dermsight.inference.calibration.square_crop`, the same function calibration uses for its `test_square224` figures.
+`dermsight.posthoc.calibrate.square_crop`, the same function calibration uses for its `test_square224` figures.
 HAM10000 images here are 200x150, so the crops are enlarged 150 px squares, not the sharper crops of 600x450
 originals; the model brings both to its training detail first (`match_detail`).
 """
@@ -22,7 +22,8 @@ from PIL import Image
 
 from dermsight.data import DataError
 from dermsight.data.images import ImageError, load_rgb
-from dermsight.inference.calibration import read_split_manifest, square_crop
+from dermsight.data.manifest import read_split_manifest
+from dermsight.inference.preprocess import square_crop
 
 
 def main(argv: list[str] | None = None) -> int:

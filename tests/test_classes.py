@@ -1,14 +1,6 @@
 import pytest
 
-from dermsight.classes import (
-    CONDITIONS,
-    HAM7,
-    ISIC2019,
-    Malignancy,
-    UnknownLabelError,
-    lookup,
-    to_taxonomy,
-)
+from dermsight.domain.classes import CONDITIONS, HAM7, ISIC2019, Malignancy, UnknownLabelError, lookup, to_taxonomy
 
 
 def test_taxonomies_are_the_official_codes():

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from dermsight.inference.predictor import to_model_input
-from dermsight.models.bundle import ModelMeta, load_model, save_model
-from dermsight.models.ensemble import combine
+from dermsight.inference.preprocess import to_model_input
+from dermsight.inference.transforms import BatchTrainAugment, EvalPreset, shades_of_gray
+from dermsight.models.bundle import load_model, save_model
 from dermsight.models.factory import WeightsInfo, create_model
+from dermsight.models.meta import ModelMeta
+from dermsight.posthoc.ensemble import combine
 from dermsight.training.config import TrainConfig
 from dermsight.training.loop import CachedImages, DeviceBatches
-from dermsight.transforms import BatchTrainAugment, EvalPreset, shades_of_gray
 
 CAST = np.array([0.9, 1.0, 1.1], np.float32)  # a cooler white balance, as bench/robustness.py's "cool"
 

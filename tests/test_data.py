@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from conftest import HAM, ISIC2019_META, make_image, needs_ham, needs_isic2019
-from dermsight.classes import ISIC2019
 from dermsight.cli import main
 from dermsight.data.cache import ImageCache, build_cache
 from dermsight.data.download import DownloadRequest, isic_command
@@ -29,6 +28,7 @@ from dermsight.data.manifest import (
 )
 from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, groups, split_changes, split_fingerprint, split_manifest
+from dermsight.domain.classes import ISIC2019
 
 # --------------------------------------------------------------------------------------------- broken-file factory
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermsight.inference.decision import TAUS, choose, train_prior, tune_decision
 from dermsight.models.bundle import read_meta
+from dermsight.posthoc.decision import TAUS, choose, train_prior, tune_decision
 from dermsight.training import fit
 from test_training import synthetic_dataset, tiny_config
 

@@ -18,9 +18,11 @@ from dermsight.inference.explain import gradcam
 from dermsight.inference.export import check_parity, export_onnx, model_inputs, synthetic_images
 from dermsight.inference.predictor import Predictor
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
-from dermsight.models.bundle import FORMAT_VERSION, ModelLoadError, read_meta
-from dermsight.models.ensemble import Ensemble, combine
+from dermsight.models.bundle import ModelLoadError, read_meta
+from dermsight.models.ensemble import Ensemble
 from dermsight.models.factory import EXTRA_PREFIX
+from dermsight.models.meta import FORMAT_VERSION
+from dermsight.posthoc.ensemble import combine
 from dermsight.training import TrainConfig
 
 WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
@@ -244,7 +246,7 @@ def test_train_with_members_builds_a_calibrated_ensemble_and_resumes_finished_me
 
 
 def test_bundled_default_model_fits_the_size_cap_and_carries_its_fitted_contract():
-    from dermsight.classes import TAXONOMIES
+    from dermsight.domain.classes import TAXONOMIES
     from dermsight.models.bundle import DEFAULT_MODEL
 
     assert DEFAULT_MODEL.stat().st_size <= 30 * 2**20  # the cap for a model shipped in the repository
@@ -302,7 +304,7 @@ def test_mixed_ensemble_feeds_each_backbone_its_own_normalisation_and_round_trip
 def test_mixed_ensemble_refuses_feature_maps_of_different_sizes_and_soups_refuse_mixing(members, tmp_path):
     import pandas as pd
 
-    from dermsight.training.soup import make_soup
+    from dermsight.posthoc.soup import make_soup
 
     # At 96 px InceptionV3's valid-padded stem leaves a 1x1 map where EfficientNet-Lite0's is 3x3.
     small = [

@@ -21,23 +21,13 @@ from PIL import Image, ImageFilter
 
 from conftest import HAM, HAM_FULLRES, make_image, needs_fullres, needs_ham
 from dermsight.cli import main
-from dermsight.data.images import ImageError, load_rgb
+from dermsight.cli.output import format_table, result_record
+from dermsight.data.images import ImageError, jpeg_quality, load_rgb
+from dermsight.data.manifest import list_images, read_labels, read_split_manifest
 from dermsight.data.problems import DataError
 from dermsight.data.split import split_fingerprint
-from dermsight.evaluation.metrics import softmax
+from dermsight.domain.results import PredictionResult
 from dermsight.inference.backends import ServingModule, feature_layout
-from dermsight.inference.calibration import (
-    calibrate_model,
-    fit_temperature,
-    jpeg_quality,
-    list_images,
-    nll,
-    read_labels,
-    read_split_manifest,
-    split_mismatch,
-    square_crop,
-)
-from dermsight.inference.decision import tune_decision
 from dermsight.inference.explain import gradcam_png
 from dermsight.inference.export import (
     PARITY_TOLERANCE,
@@ -47,25 +37,27 @@ from dermsight.inference.export import (
     model_inputs,
     synthetic_images,
 )
-from dermsight.inference.gate import QUALITY_THRESHOLDS, check_quality, high_freq_share
-from dermsight.inference.negatives import checkerboard, document, everyday_images, package_photos, scene
 from dermsight.inference.ood import OODGate
-from dermsight.inference.output import format_table, result_record
-from dermsight.inference.predictor import (
-    Predictor,
+from dermsight.inference.predictor import Predictor, describe_source, started_from
+from dermsight.inference.preprocess import (
     centre_band,
     decode,
     decode_side,
-    describe_source,
     match_detail,
-    started_from,
+    square_crop,
     to_model_input,
     tta_views,
 )
-from dermsight.inference.types import PredictionResult
+from dermsight.inference.quality import QUALITY_THRESHOLDS, check_quality, high_freq_share
+from dermsight.inference.scoring import softmax
+from dermsight.inference.transforms import EvalPreset
 from dermsight.models import ModelMeta, WeightsInfo, create_model, load_model, save_model
 from dermsight.models.bundle import DEFAULT_MODEL, read_extra, read_meta
-from dermsight.transforms import EvalPreset
+from dermsight.models.meta import split_mismatch
+from dermsight.posthoc.calibrate import calibrate_model
+from dermsight.posthoc.decision import tune_decision
+from dermsight.posthoc.negatives import checkerboard, document, everyday_images, package_photos, scene
+from dermsight.posthoc.temperature import fit_temperature, nll
 
 WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 64)
 
@@ -894,3 +886,44 @@ def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, c
     assert script.main([str(tmp_path / "split.csv"), "--split", "val", "--out", str(tmp_path / "x")]) == 2
     assert "no images in split 'val'" in capsys.readouterr().err
     assert script.main([str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluate_warns_loudly_when_it_scores_images_the_model_learned_from(calibrated, tmp_path, capsys):
+    from dermsight.models.bundle import update_meta
+    from dermsight.models.records import SplitRecord
+
+    path, _, manifest = calibrated
+    model = tmp_path / "with_split.safetensors"
+    update_meta(path, replace(read_meta(path), split=SplitRecord.of(manifest, 0, "label_ham7")), model)
+    split_csv = tmp_path / "split.csv"
+    manifest.to_csv(split_csv, index=False)
+
+    runs = iter(range(10))
+
+    def run(*args: str) -> tuple[str, dict]:
+        out = tmp_path / f"eval_{next(runs)}"
+        main(["evaluate", "--model", str(model), "--data", *args, "--out", str(out), "--bootstrap", "20"])
+        return capsys.readouterr().err, json.loads((out / "metrics.json").read_text())
+
+    err, metrics = run(str(split_csv), "--split", "test")
+    assert "WARNING" not in err and metrics["extra"]["held_in_images"] == 0
+    # A folder mixing 5 training images with 20 test images, named by id as a labels.csv names them.
+    folder = tmp_path / "mixed"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for r in pd.concat(
+        [manifest[manifest["split"] == "train"].head(5), manifest[manifest["split"] == "test"]]
+    ).itertuples():
+        Image.open(r.path).save(folder / "images" / Path(r.path).name)
+        rows.append((Path(r.path).stem, r.label_ham7))
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    err, metrics = run(str(folder))
+    assert err.count("WARNING: 5 of these 25 images (20%) are in the model's own training or validation split") == 2
+    assert metrics["extra"]["held_in_images"] == 5
+    assert "5 of these 25 images" in metrics["warnings"][0]
+    assert (
+        "not a held-out estimate"
+        in (tmp_path / sorted(p.name for p in tmp_path.glob("eval_*"))[-1] / "report.md").read_text()
+    )
+    err, _ = run(str(split_csv), "--split", "val")  # val chose the epoch and the decision rule: not held out either
+    assert "WARNING: 40 of these 40 images (100%)" in err

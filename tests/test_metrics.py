@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from dermsight.classes import HAM7, ISIC2019
+from dermsight.domain.classes import HAM7, ISIC2019
 from dermsight.evaluation import (
     compute_metrics,
     expected_calibration_error,

@@ -12,7 +12,7 @@ import safetensors.torch
 import timm
 import torch
 
-from dermsight.classes import CONDITIONS, HAM7, ISIC2019
+from dermsight.domain.classes import CONDITIONS, HAM7, ISIC2019
 from dermsight.models import (
     ARCHS,
     ModelLoadError,

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from dermsight.models.bundle import load_model, read_meta
+from dermsight.posthoc.soup import average_state_dicts, make_soup, reset_batchnorm
 from dermsight.training import fit
-from dermsight.training.soup import average_state_dicts, make_soup, reset_batchnorm
 from test_training import synthetic_dataset, tiny_config
 
 

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_image
 from dermsight.data.problems import DataError
-from dermsight.inference.calibration import split_mismatch
+from dermsight.inference.transforms import BatchTrainAugment
 from dermsight.models.bundle import load_model
 from dermsight.models.factory import create_model
+from dermsight.models.meta import split_mismatch
 from dermsight.training import TrainConfig, fit, train_one_epoch
 from dermsight.training.loop import (
     DeviceBatches,
@@ -34,7 +35,6 @@ from dermsight.training.loop import (
     prepare_data,
     warmup_cosine,
 )
-from dermsight.transforms import BatchTrainAugment
 
 
 def synthetic_dataset(root: Path, n: int = 48) -> Path:
@@ -309,7 +309,11 @@ def test_fit_learns_the_synthetic_task(tmp_path):
     # The model records which image is in which split; its own split.csv matches it, a reshuffled one does not.
     _, meta = load_model(res.model_path)
     split = pd.read_csv(res.run_dir / "split.csv")
-    assert "fingerprint" in meta.split and split_mismatch(meta, split) is None
+    assert meta.split.fingerprint and split_mismatch(meta, split) is None
+    # ... and the ids of the images it learned from or was selected on, so evaluate can flag them.
+    held = split[split["split"].isin(["train", "val"])]
+    assert set(meta.split.held_in) == {Path(p).stem for p in held["path"]}
+    assert meta.stop.reason in ("epochs", "early_stopping") and 1 <= meta.stop.best_epoch <= meta.stop.epochs_run <= 12
     moved = split["split"].to_numpy().copy()
     first_train, first_val = np.flatnonzero(moved == "train")[0], np.flatnonzero(moved == "val")[0]
     moved[[first_train, first_val]] = moved[[first_val, first_train]]
@@ -326,8 +330,8 @@ def test_config_from_yaml_rejects_unknown_options(tmp_path):
 
 
 def test_channel_gain_reaches_both_augmentation_paths_and_is_checked():
-    from dermsight.models.bundle import ModelMeta
     from dermsight.models.factory import WeightsInfo
+    from dermsight.models.meta import ModelMeta
     from dermsight.training.loop import train_augmentation
 
     meta = ModelMeta.new(

@@ -7,9 +7,16 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from dermsight.inference.transforms import (
+    BatchTrainAugment,
+    EvalPreset,
+    RandomChannelGain,
+    RandomRot90,
+    TrainPreset,
+    to_tensor,
+)
 from dermsight.models import create_model
-from dermsight.models.bundle import ModelMeta
-from dermsight.transforms import BatchTrainAugment, EvalPreset, RandomChannelGain, RandomRot90, TrainPreset, to_tensor
+from dermsight.models.meta import ModelMeta
 
 MEAN = (0.5, 0.25, 0.0)
 STD = (0.5, 0.25, 1.0)

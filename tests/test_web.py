@@ -20,17 +20,17 @@ import yaml
 from PIL import Image
 
 from conftest import HAM_FULLRES, needs_fullres
-from dermsight.classes import CONDITIONS, HAM7
 from dermsight.data.images import load_rgb
+from dermsight.domain.classes import CONDITIONS, HAM7
+from dermsight.domain.knowledge import KNOWLEDGE_PATH, KnowledgeError, load_knowledge, parse_knowledge
+from dermsight.domain.results import UNCERTAIN_BELOW, ClassProbability, PredictionResult, below, whole_percent
+from dermsight.domain.triage import advise, percent
 from dermsight.inference.predictor import started_from
-from dermsight.inference.types import UNCERTAIN_BELOW, ClassProbability, PredictionResult, below, whole_percent
 from dermsight.models.bundle import default_model_path, read_meta
 from dermsight.web import create_app, service
 from dermsight.web.app import config_from_env
-from dermsight.web.knowledge import KNOWLEDGE_PATH, KnowledgeError, load_knowledge, parse_knowledge
 from dermsight.web.security import RateLimiter, parse_rate_limit, sniff_image_type
 from dermsight.web.server import gunicorn_options, threads_per_worker
-from dermsight.web.triage import advise, percent
 
 # --------------------------------------------------------------------------------------------------------- fixtures
 
@@ -514,11 +514,16 @@ def test_api_model(client, fake):
 
 
 def test_served_model_facts_name_the_data_not_the_training_machines_paths():
-    from dermsight.inference.predictor import public_data_name
+    from dermsight.models.records import TrainingData
 
-    assert public_data_name("../shared/data/ham10000 (10015 images)") == "ham10000 (10015 images)"
-    assert public_data_name("/srv/runs/split.csv (42 images)") == "split.csv (42 images)"
-    assert public_data_name("HAM10000") == "HAM10000" and public_data_name("") == ""
+    # Files of the earlier format recorded a sentence; it converts to the same record a new run writes.
+    for data in (
+        TrainingData.from_text("../shared/data/ham10000 (10015 images)"),
+        TrainingData.of(["/srv/x/ham10000"], [10015]),
+    ):
+        assert data.describe(public=True) == "ham10000 (10015 images)"
+    assert TrainingData.of(["/srv/runs/split.csv"], [42]).describe(public=True) == "split.csv (42 images)"
+    assert TrainingData.from_text("") is None
 
 
 def test_healthz(client):

@@ -155,7 +155,7 @@ def target_size(width: int, height: int, short_side: int | None) -> tuple[int, i
 
 def kept_as_decoded(shorter: int, short_side: int | None, slack: float) -> bool:
     """Whether an image decoded with this shorter side skips the final resize: only with ``slack`` > 1, up to
-    ``slack * short_side`` (see `load_rgb`; serving's arrays follow the same rule, `predictor.decode`)."""
+    ``slack * short_side`` (see `load_rgb`; serving's arrays follow the same rule, `preprocess.decode`)."""
     return slack > 1 and short_side is not None and shorter <= short_side * slack
 
 
@@ -254,3 +254,29 @@ def load_rgb(
         raise DamagedImageError(f"corrupt or truncated image data: {e}") from None
     finally:
         im.close()
+
+
+# The IJG (libjpeg) luminance quantisation table for quality 50, in natural order; quality q scales it by 5000/q
+# (q < 50) or 200 - 2q percent. Nearly every encoder (libjpeg, Pillow, cameras' "standard" tables) uses it.
+_IJG_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+)  # fmt: skip
+
+
+def jpeg_quality(path: str | os.PathLike) -> int:
+    """The IJG quality setting a JPEG file was most likely saved with (0 when it is not a JPEG)."""
+    with Image.open(path) as im:
+        tables = getattr(im, "quantization", None) if im.format in ("JPEG", "MPO") else None
+    if not tables or 0 not in tables or len(tables[0]) != 64:
+        return 0
+    luma = np.array(tables[0], dtype=np.float64)
+    best, best_err = 0, float("inf")
+    for q in range(1, 101):
+        scale = 5000 / q if q < 50 else 200 - 2 * q
+        ref = np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
+        err = float(np.abs(ref - luma).sum())
+        if err < best_err:
+            best, best_err = q, err
+    return best

@@ -15,15 +15,25 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from dermsight.classes import HAM7, ISIC2019, UnknownLabelError, lookup, to_taxonomy
 from dermsight.data.images import ImageError, load_rgb, probe
 from dermsight.data.problems import DataError, Problem
+from dermsight.domain.classes import HAM7, ISIC2019, UnknownLabelError, lookup, to_taxonomy
 from dermsight.files import written_atomically
+
+
+class Classes(Protocol):
+    """What reading labels needs of a model's contract (`models.meta.ModelMeta` has it): its taxonomy and its
+    classes in logit order."""
+
+    taxonomy: str
+    classes: tuple[str, ...]
+
 
 MANIFEST_COLUMNS = (
     "path",  # absolute path of the image file
@@ -698,3 +708,61 @@ def class_counts(manifest: pd.DataFrame, by: str | None = None, label: str = "la
         return t.astype(int)
     t = pd.crosstab(manifest[label], manifest[by], margins=True, margins_name="total")
     return t
+
+
+def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
+    """A split manifest (CSV with `path` and `split`), or a training run folder holding one as split.csv."""
+    data = Path(data)
+    path = data / "split.csv" if data.is_dir() else data
+    if not path.is_file():
+        raise DataError(
+            f"{data}: expected a split manifest CSV (with `path` and `split` columns, e.g. a run's split.csv) or a "
+            "training run folder that holds split.csv"
+        )
+    # Ids stay text: "0001" read as the number 1 would no longer match the fingerprint the model recorded.
+    df = pd.read_csv(path, dtype={"path": str, **dict.fromkeys(ID_COLUMNS, str)})
+    missing = [c for c in ("path", "split") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; `dermsight data split` writes them")
+    return df
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such file or folder")
+    # Hidden files (macOS "._photo.jpg" resource forks, say) are not pictures, like hidden folders.
+    files = (Path(d, n) for d, names in walk(folder) for n in names if not n.startswith("."))
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_labels(df: pd.DataFrame, meta: Classes, strict: bool = True) -> np.ndarray | None:
+    """Class indices (in the model's logit order) of a manifest's rows, from its label column for the model's
+    taxonomy. Missing or foreign labels raise `DataError`, or give None when not ``strict``."""
+    col = LABEL_COLUMNS[meta.taxonomy]
+    if col not in df.columns:
+        if not strict:
+            return None
+        raise DataError(f"the manifest has no {col} column, needed to calibrate a {meta.taxonomy} model")
+    index = {c: i for i, c in enumerate(meta.classes)}
+    y = df[col].map(index)
+    if y.isna().any():
+        if not strict:
+            return None
+        reasons = []
+        missing = int(df[col].isna().sum())
+        if missing:
+            # Typically data labelled in another taxonomy: HAM10000's akiec is AK or SCC in ISIC 2019, so a
+            # HAM-labelled split has no ISIC 2019 class for those rows.
+            reasons.append(
+                f"{missing} of {len(df)} image(s) have no {col} label, which this {meta.taxonomy} model needs (use "
+                f"data labelled in the {meta.taxonomy} taxonomy, such as the split of a run that trained this model)"
+            )
+        # Not astype(str): pandas 3 keeps a missing label missing there, and join() then fails on it.
+        bad = sorted(str(v) for v in set(df.loc[y.isna(), col]) if not pd.isna(v))
+        if bad:
+            reasons.append(f"labels {', '.join(bad)} are not classes of this model")
+        raise DataError(f"{'; '.join(reasons)} (its classes: {', '.join(meta.classes)})")
+    return y.to_numpy(int)

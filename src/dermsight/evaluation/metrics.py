@@ -26,7 +26,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from dermsight.classes import CONDITIONS, TAXONOMIES, Condition, Taxonomy, to_taxonomy
+from dermsight.domain.classes import CONDITIONS, TAXONOMIES, Condition, Taxonomy, to_taxonomy
 
 # Softmax outputs saved as float32 sum to 1 only within ~1e-6; anything further off is a bug upstream (logits,
 # a dropped column) that the caller should hear about, although we still renormalise.
@@ -398,11 +398,3 @@ def headline(m: dict[str, Any]) -> str:
         f"balanced accuracy {num('balanced_accuracy')}, accuracy {num('accuracy')}, macro AUC {num('macro_auc')}, "
         f"ECE {num('ece')} (n={m['n']})"
     )
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (numerically stable)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from dermsight.classes import CONDITIONS
+from dermsight.domain.classes import CONDITIONS
 from dermsight.evaluation.metrics import check_probabilities, reliability_bins
 
 _DPI = 120

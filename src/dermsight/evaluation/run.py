@@ -8,8 +8,7 @@ probabilities into akiec (HAM's akiec cannot be split into the two).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dermsight.classes import HAM7
 from dermsight.data.images import ImageError
-from dermsight.data.manifest import (
-    LABEL_COLUMNS,
-    build_manifest,
-    image_ids,
-    load_manifest,
-    run_split,
-)
+from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, image_ids, load_manifest, run_split
 from dermsight.data.problems import DataError, Problem, summarise
-from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities, softmax
+from dermsight.domain.classes import HAM7
+from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities
 from dermsight.evaluation.report import write_report
-from dermsight.models.bundle import ModelMeta, default_model_path, load_model
-from dermsight.transforms import EvalPreset
+from dermsight.inference.scoring import score_images, softmax
+from dermsight.models.bundle import default_model_path, load_model
+from dermsight.models.meta import ModelMeta
 
 
 @dataclass
@@ -90,74 +84,6 @@ def _targets(manifest: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, list[
     return manifest[col].map(index).fillna(-1).to_numpy(int), labels, taxonomy
 
 
-def model_input_batches(
-    meta: ModelMeta,
-    paths: list[str],
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    failed: list[tuple[int, str]] | None = None,
-    progress: bool = True,
-    desc: str = "evaluating",
-    view: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Batches of model inputs for ``paths`` through the serving preprocessing, as (indices kept, NCHW tensor on
-    ``device``). Images that fail to decode are skipped and, when ``failed`` is given, appended to it as
-    (index, reason). ``view`` changes each decoded image first (a square crop, a colour cast: `shifts`)."""
-    from dermsight.inference.predictor import decode, decode_side, to_model_input
-
-    tf = EvalPreset.from_meta(meta)
-    side = decode_side(meta)
-
-    def load(i: int) -> torch.Tensor | None:
-        try:
-            # Exactly the serving path: decode (JPEG draft mode near the training size), bring the image to the detail
-            # level of the training images, then the model's eval preset. Scores must describe what is served.
-            image = decode(paths[i], side)
-            return to_model_input(view(image) if view else image, meta, tf)
-        except ImageError as e:
-            if failed is not None:
-                failed.append((i, str(e)))
-            return None
-
-    with ThreadPoolExecutor(4) as pool:
-        chunks = range(0, len(paths), batch_size)
-        for start in tqdm(chunks, desc=desc, unit="batch", disable=not progress or None):
-            idx = list(range(start, min(start + batch_size, len(paths))))
-            items = list(pool.map(load, idx))
-            keep = [i for i, t in zip(idx, items, strict=True) if t is not None]
-            if keep:
-                x = torch.stack([t for t in items if t is not None]).to(device)
-                yield keep, x.contiguous(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def model_logits(
-    model: torch.nn.Module,
-    meta: ModelMeta,
-    paths: list[str],
-    batch_size: int = 64,
-    tta: bool = False,
-    progress: bool = True,
-    view: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Logits for each path (rows of failed images are NaN) and (index, reason) for images that failed to decode;
-    ``view`` as in `model_input_batches`."""
-    failed: list[tuple[int, str]] = []
-    out = np.full((len(paths), meta.num_classes), np.nan, np.float32)
-    model.eval()
-    device = next(model.parameters()).device  # images are decoded on the CPU; the model may sit on a GPU
-    for keep, x in model_input_batches(meta, paths, device, batch_size, failed, progress, view=view):
-        if tta:
-            # The eight symmetries of the square: dermoscopy has no up or left, so each is as valid as the
-            # original; averaging logits over them smooths the model's orientation-specific errors.
-            views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
-            logits = torch.stack([model(v) for v in views]).mean(0)
-        else:
-            logits = model(x)
-        out[keep] = logits.float().cpu().numpy()
-    return out, sorted(failed)
-
-
 def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = True) -> dict[str, Any]:
     """How many of ``paths`` the serving gates would refuse (`Predictor`: the image-quality checks, then the
     not-a-lesion gate), which `predict` and the web app answer with a reason and no diagnosis. `evaluate` itself
@@ -185,6 +111,14 @@ def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = Tr
         "image_quality": sum(quality.values()),
         "image_quality_reasons": dict(sorted(quality.items(), key=lambda kv: -kv[1])),
     }
+
+
+def held_in_words(held: int, n: int) -> str:
+    return (
+        f"{held} of these {n} images ({held / n:.0%}) are in the model's own training or validation split; figures "
+        "on them are not a held-out estimate and look better than the model is. Score images the model has not "
+        "seen, such as the test split of the split it was trained on (--data SPLIT_CSV --split test)."
+    )
 
 
 def refusals_line(r: dict[str, Any]) -> str:
@@ -229,7 +163,12 @@ def evaluate(
         if manifest.empty:
             raise DataError(f"{data}: no image has a label in the {taxonomy} taxonomy of this model")
     paths = [str(p) for p in manifest["path"]]
-    logits, failed = model_logits(model, meta, paths, tta=tta, progress=progress)
+    held_in = meta.split.overlap(image_ids(manifest)) if meta.split is not None else []
+    if held_in:
+        # Loud and first: minutes of scoring follow, and figures on trained-on images look far better than they are.
+        print(f"WARNING: {held_in_words(len(held_in), len(paths))}", file=sys.stderr)
+    scored = score_images(model, meta, paths, tta=tta, progress=progress, desc="evaluating")
+    logits, failed = scored.logits, scored.failures()
     problems += [Problem(paths[i], reason, "image") for i, reason in failed]
     ok = ~np.isnan(logits).any(axis=1)
     logits, y = logits[ok], y[ok]
@@ -249,6 +188,8 @@ def evaluate(
         ids = manifest["lesion_id"].astype(object)
         groups = ids.where(ids.notna(), "image:" + manifest["path"].astype(str)).to_numpy()[ok]
     metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
+    if held_in:
+        metrics["warnings"] = [held_in_words(len(held_in), len(paths)), *metrics.get("warnings", [])]
     if gates:
         # Counted beside the metrics, which still cover every image (metrics.json "serving_gates").
         scored = [p for p, k in zip(paths, ok, strict=True) if k]
@@ -267,6 +208,8 @@ def evaluate(
         "logit_bias": list(meta.logit_bias),
         "ece_before_temperature": expected_calibration_error(probs_raw, y),
         "images_failed": len(failed),
+        # Images the model was trained or selected on (its split's train and val ids), scored here all the same.
+        "held_in_images": len(held_in),
     }
     if gates:
         extra["serving_gates"] = refusals_line(metrics["serving_gates"])

@@ -80,8 +80,9 @@ def shift_scores(
     "model" applies the model's decision rule (prior correction, TTA) as serving does; "argmax" the plain one."""
     import torch
 
-    from dermsight.evaluation.run import model_logits
-    from dermsight.inference.calibration import read_labels, square_crop
+    from dermsight.data.manifest import read_labels
+    from dermsight.inference.preprocess import square_crop
+    from dermsight.inference.scoring import score_images
     from dermsight.models.bundle import load_model
 
     if rule not in ("model", "argmax"):
@@ -96,7 +97,7 @@ def shift_scores(
     rows = []
     for name in names or list(SHIFTS):
         what, shift = SHIFTS[name]
-        logits, failed = model_logits(
+        scored = score_images(
             model,
             meta,
             paths,
@@ -104,6 +105,7 @@ def shift_scores(
             progress=progress,
             view=compose(square_crop if square else None, shift),
         )
+        logits, failed = scored.logits, scored.failures()
         ok = ~np.isnan(logits).any(axis=1)
         pred = (meta.adjust(logits[ok]) if rule == "model" else logits[ok]).argmax(1)
         rows.append(

@@ -1,11 +1,6 @@
-"""The inference engine: `predictor.Predictor` (decode, image-quality gate, model, not-a-lesion gate, calibrated
-probabilities, Grad-CAM), ONNX export and parity (`export`), calibration (`calibration`), and the result types
-(`types`) shared by the CLI, the web pages and the JSON API.
+"""Preprocessing and scoring: image to model input (`preprocess`, `transforms`), the one scoring path (`scoring`), the
+network's backends (`backends`, `export`), the image-quality and not-a-lesion gates (`quality`, `ood`), explanations
+(`explain`) and the serving engine built on them (`predictor.Predictor`).
 
-Import `dermsight.inference.predictor` for the engine itself; this package module stays light so that code which only
-needs the result types does not load PyTorch or ONNX Runtime.
+This package module stays light: `types` needs neither PyTorch nor ONNX Runtime.
 """
-
-from dermsight.inference.types import ClassProbability, PredictionResult
-
-__all__ = ["ClassProbability", "PredictionResult"]

@@ -50,6 +50,10 @@ class ServingModule(nn.Module):
         self.stages = stage_names(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self.model, "forward_features"):
+            # A plain module (a test double, say) has no features to give; its logits are all that can be scored.
+            logits = self.model(x)
+            return logits, logits.new_zeros((len(x), 0))
         stats: list[torch.Tensor] = []
 
         def keep(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
@@ -76,12 +80,13 @@ class TorchRunner:
     def __init__(self, model: nn.Module) -> None:
         # channels_last: oneDNN's fast convolution layout on CPUs (as training and bench/models.py use).
         self.net = ServingModule(model.to(memory_format=torch.channels_last)).eval()
+        self.device = next(model.parameters()).device  # inputs go where the weights are (a GPU in training)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            logits, features = self.net(t)
-        return logits.float().numpy(), features.float().numpy()
+            logits, features = self.net(t.contiguous(memory_format=torch.channels_last))
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
 class OnnxRunner:

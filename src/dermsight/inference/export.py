@@ -25,14 +25,15 @@ from torch import nn
 
 from dermsight.data.cache import default_cache_root
 from dermsight.data.images import ImageError
-from dermsight.evaluation.metrics import softmax
 from dermsight.files import written_atomically
 from dermsight.inference.backends import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, ServingModule, TorchRunner
-from dermsight.models.bundle import ModelMeta, load_model, read_meta
-from dermsight.transforms import EvalPreset
+from dermsight.inference.scoring import softmax
+from dermsight.inference.transforms import EvalPreset
+from dermsight.models.bundle import load_model, read_meta
+from dermsight.models.meta import ModelMeta
 
 if TYPE_CHECKING:
-    from dermsight.inference.predictor import Source
+    from dermsight.inference.preprocess import Source
 
 # Bumped whenever the exported graph changes (inputs, outputs, opset), so cached exports of older versions are not
 # reused.
@@ -167,7 +168,7 @@ def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = 
 
 def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
     """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
-    from dermsight.inference.predictor import decode, decode_side, to_model_input
+    from dermsight.inference.preprocess import decode, decode_side, to_model_input
 
     preset = EvalPreset.from_meta(meta)
     side = decode_side(meta)
@@ -224,7 +225,7 @@ def parity_inputs(
 
     Returns the inputs, the labels (None unless every image has one) and a description for the report.
     """
-    from dermsight.inference.calibration import list_images, read_labels
+    from dermsight.data.manifest import list_images, read_labels
 
     paths: list[str] = []
     labels: list[int] | None = []

@@ -25,7 +25,7 @@ blocks: about 1 MB in all) and does not invert a covariance estimated from fewer
 
 The threshold is a high percentile of the scores of held-out lesion images (the validation split), so the share of
 real lesions wrongly rejected is chosen, not hoped for; the share of non-lesion photos caught is measured separately
-(see `dermsight.inference.calibration`).
+(see `dermsight.posthoc.calibrate`).
 """
 
 from __future__ import annotations

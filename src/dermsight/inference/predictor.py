@@ -4,7 +4,7 @@ An image takes one path:
 
 1. decode with `dermsight.data.images.load_rgb` (the same safe decoder as the training data: size limits, bombs,
    truncation, EXIF orientation), shorter side brought near the training images' (`decode_side`, `decode`);
-2. image-quality gate (`gate.check_quality`): too small, uniform, blurred, badly exposed -> ``rejected``;
+2. image-quality gate (`quality.check_quality`): too small, uniform, blurred, badly exposed -> ``rejected``;
 3. preprocessing from the model's own contract: the training images' level of detail (`match_detail`), colour
    constancy if the model was trained with it (`transforms.shades_of_gray`), then `EvalPreset.from_meta`; optional
    test-time augmentation;
@@ -21,69 +21,49 @@ does not sink the others.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dermsight.classes import CONDITIONS
-from dermsight.data.images import ImageError, kept_as_decoded, load_rgb, target_size
-from dermsight.evaluation.metrics import softmax
+from dermsight.data.images import ImageError
+from dermsight.domain.classes import CONDITIONS
+from dermsight.domain.results import PredictionResult, prediction_result
 from dermsight.inference.backends import OnnxRunner, TorchRunner
 from dermsight.inference.export import ensure_onnx
-from dermsight.inference.gate import (
-    ANALYSIS_SIDE,
+from dermsight.inference.ood import OODGate
+from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input
+from dermsight.inference.quality import (
     QUALITY_THRESHOLDS,
     QualityReport,
     QualityThresholds,
     check_quality,
 )
-from dermsight.inference.ood import OODGate
-from dermsight.inference.types import BACKENDS, UNCERTAIN_BELOW, ClassProbability, PredictionResult
-from dermsight.models.bundle import ModelLoadError, ModelMeta, default_model_path, load_model, read_extra, read_meta
-from dermsight.transforms import EvalPreset, shades_of_gray
+from dermsight.inference.scoring import Scored, View, forward, score_images, softmax
+from dermsight.inference.transforms import EvalPreset
+from dermsight.inference.types import BACKENDS
+from dermsight.models.bundle import ModelLoadError, default_model_path, load_model, read_extra, read_meta
+from dermsight.models.meta import ModelMeta
 
 log = logging.getLogger("dermsight.inference")
 
-Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
 BackendName = Literal["auto", "onnx", "torch"]
 
 # Images per forward pass. Larger batches gain little on a CPU and raise peak memory per worker.
 BATCH_SIZE = 16
 # Shorter side of the picture `explain` draws its heatmap on.
 DISPLAY_SIDE = 320
-# Filter for every serving-time downscale (decode, `match_detail`). Measured with `bench/detail.py` on the 124 HAM10000
-# originals at 600x450 against the 200x150 files the model trained on (no labels read): the earlier path, two
-# bilinear steps (to the eval size, then to the training size), served 224 px centre crops of them at 0.83 of the
-# training files' high-frequency share and moved the model's probabilities by 0.060 (total variation) from its
-# output on the training file, changing the top class of 5.6%; one Lanczos step from the file serves them at 1.04,
-# 0.037 and 1.6% (600x450 uploads: 0.053 and 4.8% before, 0.022 and 0% now), for 1-5% more decode time on such
-# images; large files without draft decoding (a 4000x3000 PNG) take about 20% longer to decode.
-SERVE_RESAMPLE = Image.Resampling.LANCZOS
-# A decoded image up to this many times the decode side is kept as decoded (see `decode`). Resampling it to exactly
-# the decode side first made blurred photos look sharper to the quality gate: with a Lanczos step to 150 px, 65 of
-# the 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with the earlier bilinear decode to
-# 192 px); measured on the draft decode as it is, 38.
-DECODE_SLACK = 2
 NOT_A_LESION = (
     "this does not look like a close-up of a skin lesion; the model can only assess dermoscopy-style photos "
     "of a single spot on the skin (close-ups taken through a dermatoscope, a skin magnifier with its own light)"
 )
-
-
-def public_data_name(training_data: str) -> str:
-    """``ModelMeta.training_data`` ("<the data path> (N images)") with the path cut to its last part: what the data
-    was (``ham10000 (10015 images)``), not where it sat on the machine that trained the model."""
-    where, sep, rest = training_data.partition(" (")
-    return (Path(where).name or where) + sep + rest if where else training_data
 
 
 def describe_source(source: str) -> str:
@@ -138,150 +118,6 @@ def resolve_threads(threads: int | None) -> int:
         except ValueError:
             raise ValueError(f"DERMSIGHT_THREADS must be a whole number, got {env!r}") from None
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip), identity
-    first. Dermoscopy has no up or left, so each is as valid an input as the original."""
-    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
-
-
-def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
-    """Shorter side images are decoded to (`decode` may keep up to twice as much): the training images' shorter side
-    when the model records one below its eval resize (else the eval resize), so that a large image reaches the
-    training detail in one resampling step (see `match_detail`); JPEG draft mode then skips most of the work on big
-    photos, as `dermsight evaluate` does.
-    Never below what the quality gate needs to see: its analysis size, and its minimum size (an image decoded
-    smaller than that was smaller than that)."""
-    target = meta.resize_size
-    if meta.source_short_side:
-        target = min(target, meta.source_short_side)
-    return max(target, ANALYSIS_SIDE, quality.min_side)
-
-
-def shrink(image: np.ndarray, side: int) -> np.ndarray:
-    """``image`` with its shorter side scaled down (never up) to ``side`` in one `SERVE_RESAMPLE` step: the one
-    serving-time downscale, for `decode` and `match_detail`."""
-    h, w = image.shape[:2]
-    size = target_size(w, h, side)
-    if size == (w, h):
-        return image
-    return np.array(Image.fromarray(image).resize(size, SERVE_RESAMPLE, reducing_gap=None))
-
-
-def decode(source: Source, side: int) -> np.ndarray:
-    """HxWx3 uint8 RGB with the shorter side between ``side`` (never enlarged) and twice ``side``; raises
-    `ImageError`.
-
-    Files and bytes go through `load_rgb`, the decoder of the training data. Up to twice ``side`` the image is kept
-    as decoded (JPEG draft mode lands there), and only larger ones are scaled down to ``side`` (Lanczos): the quality
-    gate then measures sharpness on an image no resampling filter has touched, and `match_detail` takes the model's
-    view down to the training detail in one step. Arrays (HxWx3 or HxW uint8) get the same rule.
-
-    Images more than `MAX_ASPECT` times as long as wide are cut to that around their centre (`centre_band`) before
-    anything else looks at them: the model sees the centre square only, and a 150x400000 strip held whole through
-    the quality gate took `predict` to 2.1 GB.
-    """
-    if isinstance(source, np.ndarray):
-        a = source
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
-            raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
-        a = np.ascontiguousarray(centre_band(a)[..., :3])
-        return a if kept_as_decoded(min(a.shape[:2]), side, DECODE_SLACK) else shrink(a, side)
-    if isinstance(source, bytearray | memoryview):
-        source = bytes(source)
-    if not isinstance(source, bytes | str | os.PathLike):
-        raise ImageError(f"cannot read an image from a {type(source).__name__}")
-    image = load_rgb(source, short_side=side, resample=SERVE_RESAMPLE, slack=DECODE_SLACK)
-    band = centre_band(image)
-    return image if band is image else band.copy()  # a copy, so the whole strip is freed
-
-
-# The longest side kept, in multiples of the shorter one (see `centre_band`).
-MAX_ASPECT = 4
-
-
-def centre_band(image: np.ndarray) -> np.ndarray:
-    """``image`` cut to at most `MAX_ASPECT` times as long as it is wide, around its centre.
-
-    The model sees only the centre square of an image (its eval preset resizes the shorter side and crops the
-    centre, ``crop_pct`` <= 1), so this removes nothing it looks at; its pixels may still differ a little for such
-    strips, since the JPEG round trip's 8x8 grid and the resampling grid start elsewhere (a mean of 0.05-0.2 in
-    normalised units on noise, measured). It keeps absurd strips within what the JPEG round trip of `match_detail`
-    can encode (65,500 px a side): a 100000x128 PNG made a 500 before. Images up to 4:1 are returned as they are."""
-    h, w = image.shape[:2]
-    longest = min(h, w) * MAX_ASPECT
-    if w > longest:
-        x0 = (w - longest) // 2
-        return image[:, x0 : x0 + longest]
-    if h > longest:
-        y0 = (h - longest) // 2
-        return image[y0 : y0 + longest]
-    return image
-
-
-def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
-    """Bring ``image`` to the level of detail of the model's training images: shorter side scaled down (never up) to
-    ``meta.source_short_side``, then a JPEG round trip at ``meta.source_jpeg_quality`` (each step skipped when 0).
-
-    Why: HAM10000's images are 200x150 JPEGs (quality 75), and a CNN trained on them learns their softness and their
-    8x8 compression artefacts as part of what skin looks like. The same lesions at 600x450, or as 224 px crops of
-    the originals, gave features far from those of their own 200x150 versions (an early checkpoint rejected 17% of
-    them as not lesions, against 2% of validation images, and changed the top class of a third); after this step,
-    2.4% and the same top class as the 200x150 file for most. The model never saw finer detail, so none is lost.
-    The downscale is one Lanczos step from the decoded file (`decode`, `SERVE_RESAMPLE`): see there for why.
-    """
-    side, quality = meta.source_short_side, meta.source_jpeg_quality
-    image = centre_band(image)
-    if side:
-        image = shrink(image, side)
-    if quality:
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
-        with Image.open(buf) as im:
-            image = np.array(im.convert("RGB"))
-    return image
-
-
-def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> torch.Tensor:
-    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, the model's
-    colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
-    parity check call it too."""
-    return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))
-
-
-def prediction_result(
-    probs: np.ndarray,
-    classes: Sequence[str],
-    names: Sequence[str],
-    model: str = "",
-    image: str | None = None,
-    scores: dict[str, float] | None = None,
-) -> PredictionResult:
-    """An accepted image's result from its calibrated probabilities (in ``classes`` order, catalogue codes, with their
-    display ``names``): sorted, with the flags the advice reads (`uncertain`, `concerning_probability`). One rule for
-    serving and for `bench/triage.py`, which replays the advice on evaluation's predictions."""
-    conds = [CONDITIONS[c] for c in classes]
-    order = np.argsort(-probs, kind="stable")
-    preds = [
-        ClassProbability(
-            code=conds[k].code, name=names[k], probability=float(probs[k]), malignancy=str(conds[k].malignancy)
-        )
-        for k in order
-    ]
-    return PredictionResult(
-        status="ok",
-        reason=None,
-        predictions=preds,
-        malignant=conds[int(order[0])].is_concerning,
-        uncertain=bool(probs[order[0]] < UNCERTAIN_BELOW),  # raw, not as shown: 0.496 stays uncertain
-        model=model,
-        image=image,
-        concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
-        scores=scores or {},
-    )
 
 
 class Predictor:
@@ -416,7 +252,7 @@ class Predictor:
             "colour_constancy": m.colour_constancy,
             "quality_gate": asdict(self.quality),
             "metrics": m.metrics,
-            "training_data": public_data_name(m.training_data),
+            "training_data": m.training_data.describe(public=True) if m.training_data else "",
             "created": m.created,
             "dermsight_version": m.dermsight_version,
         }
@@ -429,7 +265,7 @@ class Predictor:
         return decode(source, self.decode_side)
 
     def check_quality(self, image: np.ndarray) -> QualityReport:
-        """The image-quality gate with this predictor's thresholds (see `gate.check_quality`)."""
+        """The image-quality gate with this predictor's thresholds (see `quality.check_quality`)."""
         return check_quality(image, self.quality)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
@@ -439,28 +275,37 @@ class Predictor:
         return to_model_input(image, self._meta, self.preset).numpy()
 
     def forward(self, x: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, S, S) inputs -> (N, C) logits and (N, D) pooled features, in batches of `BATCH_SIZE`.
-
-        With ``tta`` the logits are the mean over the eight `tta_views` (the same rule as `dermsight evaluate
-        --tta`, so the metrics it reports are the ones served); the features stay those of the original view,
-        since the out-of-distribution threshold was set on un-augmented images.
-        """
-        logits, feats = [], []
-        step = max(1, BATCH_SIZE // 8) if tta else BATCH_SIZE
-        for i in range(0, len(x), step):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + step], dtype=np.float32))
-            if tta:
-                views = torch.cat(tta_views(chunk)).numpy()
-                lo, fe = self._runner(views)
-                logits.append(lo.reshape(8, len(chunk), -1).mean(0))
-                feats.append(fe[: len(chunk)])
-            else:
-                lo, fe = self._runner(chunk.numpy())
-                logits.append(lo)
-                feats.append(fe)
-        if not logits:
+        """(N, 3, S, S) inputs -> (N, C) logits and (N, D) features (`scoring.forward`, `BATCH_SIZE` per pass)."""
+        logits, feats = forward(self._runner, x, tta=tta, batch_size=BATCH_SIZE)
+        if not len(logits):
             return np.zeros((0, self._meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(feats)
+        return logits, feats
+
+    def score(
+        self,
+        sources: Sequence[Source],
+        *,
+        view: View | None = None,
+        tta: bool = False,
+        progress: bool = False,
+        desc: str = "scoring",
+        batch_size: int = BATCH_SIZE,
+        workers: int = 1,
+    ) -> Scored:
+        """Logits and features of ``sources`` through this predictor's network, contract and image-quality gate
+        (`scoring.score_images`); the not-a-lesion gate is not applied."""
+        return score_images(
+            self._runner,
+            self._meta,
+            sources,
+            view=view,
+            tta=tta,
+            quality=self.quality,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            desc=desc,
+        )
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities: ``softmax((logits + bias) / T)`` with the model's stored decision bias
@@ -492,27 +337,19 @@ class Predictor:
             names[i] if names is not None else (str(s) if isinstance(s, str | os.PathLike) else None)
             for i, s in enumerate(sources)
         ]
+        scored = self.score(sources, tta=tta)
         out: list[PredictionResult | ImageError | None] = [None] * len(sources)
-        inputs, slots, reports = [], [], {}
-        for i, src in enumerate(sources):
-            try:
-                image = self.decode(src)
-            except ImageError as e:
-                out[i] = e
-                continue
-            report = self.check_quality(image)
-            reports[i] = report
+        for i, e in scored.errors.items():
+            out[i] = e
+        for i, report in scored.quality.items():
             if not report.ok:
                 out[i] = self._rejected(report.reason, labels[i], report.scores())
-                continue
-            inputs.append(self.preprocess(image))
-            slots.append(i)
-        if inputs:
-            logits, feats = self.forward(np.stack(inputs), tta=tta)
-            probs = self.probabilities(logits)
-            ood = self.ood_scores(feats)
+        slots = np.flatnonzero(scored.usable)
+        if len(slots):
+            probs = self.probabilities(scored.logits[slots])
+            ood = self.ood_scores(scored.features[slots])
             for j, i in enumerate(slots):
-                scores = reports[i].scores()
+                scores = scored.quality[i].scores()
                 if ood is not None and self.gate is not None:
                     scores |= {"ood": round(float(ood[j]), 4), "ood_threshold": round(self.gate.threshold, 4)}
                     if ood[j] > self.gate.threshold:

@@ -1,6 +1,6 @@
 """Backbones (one timm factory) and the saved-model format that carries its own contract."""
 
-from dermsight.models.bundle import ModelLoadError, ModelMeta, load_model, read_meta, save_model
+from dermsight.models.bundle import ModelLoadError, load_model, read_meta, save_model
 from dermsight.models.factory import (
     ARCHS,
     OFFLINE_WEIGHTS,
@@ -13,6 +13,7 @@ from dermsight.models.factory import (
     offline_weights_available,
     unfreeze,
 )
+from dermsight.models.meta import ModelMeta
 
 __all__ = [
     "ARCHS",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dermsight.classes import CONDITIONS
-from dermsight.models.bundle import ModelMeta
+from dermsight.domain.classes import CONDITIONS
+from dermsight.models.meta import ModelMeta
 
 INTENDED_USE = """\
 **Intended use.** A research tool and an aid: it suggests which of seven common pigmented-lesion categories a
@@ -93,8 +93,8 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         "",
         "## Training data",
         "",
-        f"- {meta.training_data}",
-        f"- Split: {meta.split}",
+        f"- {meta.training_data.describe() if meta.training_data else 'not recorded'}",
+        f"- Split: {meta.split.describe() if meta.split else 'not recorded'}",
         "- Licence: HAM10000 / ISIC data are CC BY-NC 4.0 (Tschandl, Rosendahl & Kittler, Sci. Data 5:180161, 2018);"
         " this model inherits the non-commercial restriction.",
     ]

@@ -370,7 +370,7 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
         # A dermsight model: keep the preprocessing it was trained with.
         description = (
             f"backbone of dermsight model {path.name} ({meta.get('architecture')}, trained on "
-            f"{meta.get('training_data') or 'unstated data'})"
+            f"{_data_words(meta.get('training_data'))})"
         )
         try:
             return WeightsInfo.from_dict(meta | {"source": f"file:{path}", "description": description})
@@ -385,6 +385,15 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
         interpolation=cfg["interpolation"],
         input_size=int(cfg["input_size"][-1]),
     )
+
+
+def _data_words(training_data: Any) -> str:
+    """A dermsight model's training data as recorded: a record (`models.records.TrainingData`) or, in files of the
+    earlier format, a sentence."""
+    if isinstance(training_data, dict):
+        sources = training_data.get("sources") or []
+        return " + ".join(f"{s.get('path') or s.get('name')} ({s.get('images')} images)" for s in sources) or "?"
+    return str(training_data or "unstated data")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -567,3 +576,10 @@ def unfreeze(model: nn.Module) -> None:
     """Make every parameter trainable again (fine-tuning after `freeze_backbone`)."""
     for p in model.parameters():
         p.requires_grad = True
+
+
+def use_cuda(device_pref: str) -> bool:
+    """Whether an auto | cpu | cuda preference means the GPU; cuda on a machine without one is a usage error."""
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
+    return device_pref in ("auto", "cuda") and torch.cuda.is_available()

@@ -13,7 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dermsight.classes import TAXONOMIES
+from dermsight.domain.classes import TAXONOMIES
 
 IMBALANCE = ("loss", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")  # the training loop reads no other value (cuda:N would quietly train on the CPU)
@@ -117,7 +117,7 @@ class TrainConfig:
     # carries on, with the budget counted afresh.
     time_limit_s: float = 0.0
     calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
-    tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.inference.decision)
+    tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.posthoc.decision)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,7 +177,7 @@ class TrainConfig:
         for name in ("data", "out"):  # empty: `--set out=` would write the run into the current folder
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} must name a path, got {getattr(self, name)!r}")
-        from dermsight.models.factory import ARCHS  # here: the factory imports timm, which this module need not
+        from dermsight.models.factory import ARCHS
 
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHS)}")

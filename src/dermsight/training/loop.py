@@ -28,24 +28,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from dermsight.classes import TAXONOMIES
 from dermsight.data.cache import ImageCache, build_cache
-from dermsight.data.manifest import (
-    LABEL_COLUMNS,
-    build_manifest,
-    load_manifest,
-    run_split,
-    save_manifest,
-)
+from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, load_manifest, run_split, save_manifest
 from dermsight.data.problems import DataError
-from dermsight.data.split import SplitConfig, check_split, split_changes, split_fingerprint, split_manifest
+from dermsight.data.split import SplitConfig, check_split, split_changes, split_manifest
+from dermsight.domain.classes import TAXONOMIES
 from dermsight.evaluation import compute_metrics, write_report
-from dermsight.evaluation.metrics import headline, softmax
+from dermsight.evaluation.metrics import headline
 from dermsight.files import written_atomically
-from dermsight.models.bundle import ModelLoadError, ModelMeta, load_model, read_meta, save_model
-from dermsight.models.factory import WeightsError, create_model, freeze_backbone, unfreeze
+from dermsight.inference.scoring import softmax
+from dermsight.inference.transforms import BatchTrainAugment, EvalPreset, TrainPreset, shades_of_gray
+from dermsight.models.bundle import ModelLoadError, load_model, read_meta, save_model
+from dermsight.models.factory import WeightsError, create_model, freeze_backbone, unfreeze, use_cuda
+from dermsight.models.meta import ModelMeta
+from dermsight.models.records import SplitRecord, StopRecord, TrainingData
 from dermsight.training.config import TrainConfig
-from dermsight.transforms import BatchTrainAugment, EvalPreset, TrainPreset, shades_of_gray
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -414,13 +411,6 @@ class Dist:
         return self.rank == 0
 
 
-def use_cuda(device_pref: str) -> bool:
-    """Whether an auto | cpu | cuda preference means the GPU; cuda on a machine without one is a usage error."""
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
-    return device_pref in ("auto", "cuda") and torch.cuda.is_available()
-
-
 def _init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -540,7 +530,7 @@ def finished_earlier(run: Path, cfg: TrainConfig) -> ModelMeta | None:
     except ModelLoadError:
         return None
     was = meta.config or {}
-    stopped_by_time = "time_limit" in (meta.metrics or {})
+    stopped_by_time = meta.stop is not None and meta.stop.reason == "time_limit"
     same_length = was.get("epochs") == cfg.epochs and was.get("swa_epochs", 0) == cfg.swa_epochs
     return meta if same_length and not stopped_by_time else None
 
@@ -603,14 +593,10 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
 
     meta = replace(
         meta,
-        training_data=f"{cfg.data} ({len(data.manifest)} images)",
-        split=(
-            f"lesion/patient-grouped, stratified (StratifiedGroupKFold), seed {cfg.split_seed}: "
-            f"train {len(train_df)}, val {len(val_df)}, test {len(test_df)} images; "
-            # Which image is in which split, so calibrate and tune-decision can tell this split from another of the
-            # same sizes (`inference.calibration.split_mismatch`).
-            f"fingerprint {split_fingerprint(data.manifest, LABEL_COLUMNS[cfg.taxonomy])}"
-        ),
+        training_data=TrainingData.of([cfg.data], [len(data.manifest)]),
+        # Sizes, fingerprint and the train/val image ids: calibrate and tune-decision check that they fit on this
+        # split, and evaluate warns when it scores images the model learned from.
+        split=SplitRecord.of(data.manifest, cfg.split_seed, LABEL_COLUMNS[cfg.taxonomy]),
     )
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = None
@@ -697,6 +683,16 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
                 print(f"early stop: no val balanced-accuracy gain for {cfg.patience} epochs")
             break
 
+    stop = StopRecord(
+        reason="time_limit"
+        if loop.stopped_after is not None
+        else "early_stopping"
+        if loop.stale >= cfg.patience
+        else "epochs",
+        epochs_run=epoch + 1,
+        best_epoch=loop.best_epoch + 1,
+        time_limit_s=cfg.time_limit_s or None,
+    )
     swa_chosen, swa_ran = False, bool(cfg.swa_epochs) and loop.stopped_after is None
     if swa_ran:
         bn_loader = eval_loader(train_df.sample(n=min(2000, len(train_df)), random_state=cfg.seed))
@@ -712,7 +708,7 @@ def fit(cfg: TrainConfig, progress: bool = True, same_split_as: Path | None = No
     if d.main:
         result = _finish(
             cfg, run, best_path, best_epoch, data, val_df, test_df, eval_loader, device, progress, swa_chosen,
-            swa_ran, loop.stopped_after,
+            swa_ran, loop.stopped_after, stop,
         )  # fmt: skip
     if d.world > 1:
         dist.barrier()
@@ -996,8 +992,8 @@ def _calibrate(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, split
     """Fit the temperature and the not-a-lesion gate, then (``cfg.tune_decision``) the decision rule, on the train and
     val parts of ``manifest`` (test is measured, never used to fit); returns the model's metrics afterwards.
     ``split_at``: the run folder that holds the split, for the retry hint."""
-    from dermsight.inference import decision
-    from dermsight.inference.calibration import calibrate_model, report_lines
+    from dermsight.posthoc import decision
+    from dermsight.posthoc.calibrate import calibrate_model, report_lines
 
     try:
         print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
@@ -1041,6 +1037,7 @@ def _finish(
     swa_chosen=False,
     swa_ran: bool = False,
     stopped_after: int | None = None,
+    stop: StopRecord | None = None,
 ) -> FitResult:
     """Score the best checkpoint on val (selection data) and, once, on test; store the metrics in the model."""
     model, meta = load_model(best_path, device=device)
@@ -1069,7 +1066,7 @@ def _finish(
         summary["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.swa_lr, "selected": swa_chosen}
     if cfg.ema_decay:
         summary["ema"] = {"decay": cfg.ema_decay}  # every checkpoint scored, the best included, was the average
-    final = ModelMeta(**{**asdict(meta), "metrics": summary})
+    final = ModelMeta(**{**asdict(meta), "metrics": summary, "stop": stop})
     model_path = save_model(run / "model.safetensors", model, final)
     if cfg.calibrate:
         summary = _calibrate(cfg, model_path, data.manifest, run, progress)
@@ -1135,8 +1132,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
     if cfg.resume:
         cfg.to_yaml(run / "config.yaml")
 
-    from dermsight.inference.calibration import read_split_manifest
-    from dermsight.models.ensemble import combine
+    from dermsight.data.manifest import read_split_manifest
+    from dermsight.posthoc.ensemble import combine
 
     model_path = Path(combine(paths, run / "model.safetensors")["model"])
     print(f"ensemble of {len(paths)} written to {model_path}")

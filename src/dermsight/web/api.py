@@ -9,11 +9,11 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from dermsight.inference.types import PredictionResult
+from dermsight.domain.results import PredictionResult
+from dermsight.domain.triage import advise
 from dermsight.web.openapi import openapi_document
 from dermsight.web.security import RequestRefused, enforce_rate_limit
 from dermsight.web.service import analyse, read_upload
-from dermsight.web.triage import advise
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -60,7 +60,7 @@ def model():
     service = _model()
     body = dict(service.info())
     meta = service.meta
-    body.setdefault("split", meta.split)
+    body.setdefault("split", meta.split.describe() if meta.split else "")
     body.setdefault("weights", meta.weights)
     # The training config is never served: it holds paths of the machine the model was trained on.
     body.pop("config", None)

@@ -18,8 +18,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from dermsight import __version__
+from dermsight.domain.knowledge import load_knowledge
+from dermsight.domain.triage import percent, sentence
 from dermsight.inference.types import BACKENDS
-from dermsight.web.knowledge import load_knowledge
 from dermsight.web.security import (
     InMemoryRequest,
     RateLimiter,
@@ -29,7 +30,6 @@ from dermsight.web.security import (
     security_headers,
 )
 from dermsight.web.service import UPLOAD_FIELD, ModelService, human_size, too_large_message
-from dermsight.web.triage import percent, sentence
 
 log = logging.getLogger("dermsight.web")
 

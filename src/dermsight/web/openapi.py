@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dermsight import __version__
-from dermsight.classes import CONDITIONS, Malignancy
+from dermsight.domain.classes import CONDITIONS, Malignancy
 from dermsight.web.service import human_size
 
 # Every `error` code the app answers with (app.py's handlers, security.py and service.py's refusals).

@@ -7,10 +7,10 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
-from dermsight.inference.types import UNCERTAIN_BELOW
+from dermsight.domain.results import UNCERTAIN_BELOW
+from dermsight.domain.triage import advise, worth_naming
 from dermsight.web.security import check_csrf, enforce_rate_limit
 from dermsight.web.service import ACCEPT, analyse, read_upload
-from dermsight.web.triage import advise, worth_naming
 
 pages = Blueprint("pages", __name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from dermsight.data.images import DamagedImageError, ImageError, load_rgb
-from dermsight.inference.types import PredictionResult
+from dermsight.domain.results import PredictionResult
 from dermsight.web.security import RequestRefused, describe_unsupported, sniff_image_type
 
 log = logging.getLogger("dermsight.web")

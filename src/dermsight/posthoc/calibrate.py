@@ -7,7 +7,7 @@ shift of the class priors, such as the one a class-weighted loss builds in; that
 change predictions and so belongs to training.)
 
 `calibrate_model` also records the training images' level of detail (size and JPEG quality, see
-`predictor.match_detail`), fits the out-of-distribution gate (`ood.OODGate`) on training-split lesion features, sets
+`preprocess.match_detail`), fits the out-of-distribution gate (`ood.OODGate`) on training-split lesion features, sets
 its threshold on the validation split, and measures what it costs and gains: the share of lesions rejected on val,
 on the held-out test split and on square 224 px centre crops of it (the shape of the external test data) and, when
 negatives are given, the share of non-lesion photos rejected. Everything is written into the model file, so serving
@@ -16,90 +16,34 @@ uses it and the model card quotes it.
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy.optimize import minimize_scalar
-from tqdm.auto import tqdm
 
-from dermsight.data.images import ImageError, probe
-from dermsight.data.manifest import ID_COLUMNS, LABEL_COLUMNS, walk
+from dermsight.data.images import ImageError, jpeg_quality, probe
+from dermsight.data.manifest import read_labels, read_split_manifest
 from dermsight.data.problems import DataError
-from dermsight.data.split import split_fingerprint
-from dermsight.evaluation.metrics import expected_calibration_error, softmax
+from dermsight.evaluation.metrics import expected_calibration_error
 from dermsight.inference.backends import feature_layout
-from dermsight.inference.negatives import everyday_images
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
-from dermsight.models.bundle import ModelMeta, load_model, update_meta
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
+from dermsight.inference.preprocess import square_crop
+from dermsight.inference.scoring import Scored, softmax
+from dermsight.models.bundle import load_model, update_meta
+from dermsight.models.meta import ModelMeta
+from dermsight.posthoc.negatives import everyday_images
+from dermsight.posthoc.temperature import fit_temperature, nll
 
 # ------------------------------------------------------------------------------------------------ temperature
 
 
-def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``targets`` under ``softmax(logits / temperature)``."""
-    z = np.asarray(logits, np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-log_p[np.arange(len(z)), np.asarray(targets)].mean())
-
-
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """The temperature T minimising the NLL of ``targets`` under ``softmax(logits / T)``.
-
-    Optimised over log T: the NLL is smooth and unimodal in it, and one bounded scalar search (Brent) finds the
-    minimum to 1e-6 without gradients or a learning rate.
-    """
-    logits, targets = np.asarray(logits, np.float64), np.asarray(targets)
-    if logits.ndim != 2 or len(logits) != len(targets) or not len(logits):
-        raise ValueError(f"need (N, C) logits and N targets, got {logits.shape} and {targets.shape}")
-    res = minimize_scalar(
-        lambda log_t: nll(logits, targets, math.exp(log_t)),
-        bounds=(math.log(bounds[0]), math.log(bounds[1])),
-        method="bounded",
-        options={"xatol": 1e-6},
-    )
-    return float(math.exp(res.x))
-
-
 # ------------------------------------------------------------------------------------------------ source detail
-
-# The IJG (libjpeg) luminance quantisation table for quality 50, in natural order; quality q scales it by 5000/q
-# (q < 50) or 200 - 2q percent. Nearly every encoder (libjpeg, Pillow, cameras' "standard" tables) uses it.
-_IJG_LUMA = np.array(
-    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
-)  # fmt: skip
-
-
-def jpeg_quality(path: str | os.PathLike) -> int:
-    """The IJG quality setting a JPEG file was most likely saved with (0 when it is not a JPEG)."""
-    with Image.open(path) as im:
-        tables = getattr(im, "quantization", None) if im.format in ("JPEG", "MPO") else None
-    if not tables or 0 not in tables or len(tables[0]) != 64:
-        return 0
-    luma = np.array(tables[0], dtype=np.float64)
-    best, best_err = 0, float("inf")
-    for q in range(1, 101):
-        scale = 5000 / q if q < 50 else 200 - 2 * q
-        ref = np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
-        err = float(np.abs(ref - luma).sum())
-        if err < best_err:
-            best, best_err = q, err
-    return best
 
 
 def source_detail(paths: Sequence[str], sample: int = 64) -> tuple[int, int]:
@@ -123,157 +67,7 @@ def source_detail(paths: Sequence[str], sample: int = 64) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """The centre square of ``image`` resized to ``size``: how the external test data was made from 4:3 frames."""
-    h, w = image.shape[:2]
-    s = min(h, w)
-    y0, x0 = (h - s) // 2, (w - s) // 2
-    return np.array(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
-
-
-@dataclass
-class Scored:
-    """What the predictor computes for a set of images, gates not applied."""
-
-    logits: np.ndarray  # (N, C); NaN rows for images that failed or that the quality gate rejected
-    features: np.ndarray  # (N, D); same
-    quality_rejected: np.ndarray  # (N,) bool
-    failed: np.ndarray  # (N,) bool: could not be decoded
-
-    @property
-    def usable(self) -> np.ndarray:
-        return ~(self.quality_rejected | self.failed)
-
-
-def score_images(
-    predictor: Predictor,
-    sources: Sequence[str | os.PathLike | bytes | np.ndarray],
-    view: Callable[[np.ndarray], np.ndarray] | None = None,
-    desc: str = "scoring",
-    progress: bool = True,
-    batch_size: int = 64,
-) -> Scored:
-    """Logits and features of ``sources`` through the predictor's own decode, quality gate and preprocessing.
-
-    ``view`` is applied to each decoded image first (e.g. `square_crop`, to see the images as the external test
-    set presents them).
-    """
-    n = len(sources)
-    logits = np.full((n, predictor.meta.num_classes), np.nan, np.float32)
-    feats: np.ndarray | None = None
-    rejected, failed = np.zeros(n, bool), np.zeros(n, bool)
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or None):
-        idx, xs = [], []
-        for i in range(start, min(start + batch_size, n)):
-            try:
-                image = predictor.decode(sources[i])
-            except ImageError:
-                failed[i] = True
-                continue
-            if view is not None:
-                image = view(image)
-            if not predictor.check_quality(image).ok:
-                rejected[i] = True
-                continue
-            idx.append(i)
-            xs.append(predictor.preprocess(image))
-        if not idx:
-            continue
-        lo, fe = predictor.forward(np.stack(xs))
-        if feats is None:
-            feats = np.full((n, fe.shape[1]), np.nan, np.float32)
-        logits[idx], feats[idx] = lo, fe
-    return Scored(logits, feats if feats is not None else np.zeros((n, 0), np.float32), rejected, failed)
-
-
 # ------------------------------------------------------------------------------------------------ the command
-
-
-def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
-    """A split manifest (CSV with `path` and `split`), or a training run folder holding one as split.csv."""
-    data = Path(data)
-    path = data / "split.csv" if data.is_dir() else data
-    if not path.is_file():
-        raise DataError(
-            f"{data}: expected a split manifest CSV (with `path` and `split` columns, e.g. a run's split.csv) or a "
-            "training run folder that holds split.csv"
-        )
-    # Ids stay text: "0001" read as the number 1 would no longer match the fingerprint the model recorded.
-    df = pd.read_csv(path, dtype={"path": str, **dict.fromkeys(ID_COLUMNS, str)})
-    missing = [c for c in ("path", "split") if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; `dermsight data split` writes them")
-    return df
-
-
-def split_mismatch(meta: ModelMeta, df: pd.DataFrame) -> str | None:
-    """Why ``df`` is probably not the split ``meta``'s model was trained on, or None.
-
-    Fitting a temperature, gate or decision rule on a "val" split that holds the model's own training images would
-    make it look surer than it is, and its "test" scores would not be held out. The model records its split's
-    sizes (`ModelMeta.split`, "... train N, val N, test N images"; an ensemble its first member's); a model without
-    them is not checked. Rows without a label in the model's taxonomy are not counted, as training does not count them.
-    Models trained since 2026-11-27 also record a fingerprint of which image is in which split
-    (`data.split.split_fingerprint`), which tells apart two splits of the same sizes; older ones are compared by size
-    only (seed 1 of HAM10000's split is off by one image, but another of exactly the same sizes would pass)."""
-    recorded = dict(re.findall(r"\b(train|val|test) (\d+)", meta.split or ""))
-    if set(recorded) != {"train", "val", "test"}:
-        return None
-    col = LABEL_COLUMNS[meta.taxonomy]
-    labelled = df[df[col].notna()] if col in df.columns else df
-    given = {name: int((labelled["split"] == name).sum()) for name in recorded}
-    risk = "its val and test images may include training images, which would make the fit look better than it is"
-    if not all(given[k] == int(v) for k, v in recorded.items()):
-        return (
-            f"this split ({', '.join(f'{k} {given[k]}' for k in recorded)}) is not the one the model was trained on "
-            f"({', '.join(f'{k} {v}' for k, v in recorded.items())}): {risk}"
-        )
-    fingerprint = re.search(r"\bfingerprint ([0-9a-f]{16})\b", meta.split or "")
-    keyed = "path" in df.columns or "image_id" in df.columns
-    if fingerprint and keyed and split_fingerprint(df, col) != fingerprint[1]:
-        return f"this split has the sizes of the one the model was trained on but puts other images in them: {risk}"
-    return None
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such file or folder")
-    # Hidden files (macOS "._photo.jpg" resource forks, say) are not pictures, like hidden folders.
-    files = (Path(d, n) for d, names in walk(folder) for n in names if not n.startswith("."))
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def read_labels(df: pd.DataFrame, meta: ModelMeta, strict: bool = True) -> np.ndarray | None:
-    """Class indices (in the model's logit order) of a manifest's rows, from its label column for the model's
-    taxonomy. Missing or foreign labels raise `DataError`, or give None when not ``strict``."""
-    col = LABEL_COLUMNS[meta.taxonomy]
-    if col not in df.columns:
-        if not strict:
-            return None
-        raise DataError(f"the manifest has no {col} column, needed to calibrate a {meta.taxonomy} model")
-    index = {c: i for i, c in enumerate(meta.classes)}
-    y = df[col].map(index)
-    if y.isna().any():
-        if not strict:
-            return None
-        reasons = []
-        missing = int(df[col].isna().sum())
-        if missing:
-            # Typically data labelled in another taxonomy: HAM10000's akiec is AK or SCC in ISIC 2019, so a
-            # HAM-labelled split has no ISIC 2019 class for those rows.
-            reasons.append(
-                f"{missing} of {len(df)} image(s) have no {col} label, which this {meta.taxonomy} model needs (use "
-                f"data labelled in the {meta.taxonomy} taxonomy, such as the split of a run that trained this model)"
-            )
-        # Not astype(str): pandas 3 keeps a missing label missing there, and join() then fails on it.
-        bad = sorted(str(v) for v in set(df.loc[y.isna(), col]) if not pd.isna(v))
-        if bad:
-            reasons.append(f"labels {', '.join(bad)} are not classes of this model")
-        raise DataError(f"{'; '.join(reasons)} (its classes: {', '.join(meta.classes)})")
-    return y.to_numpy(int)
 
 
 def _rate(mask: np.ndarray) -> float:
@@ -340,7 +134,7 @@ def calibrate_model(
         fit_df = fit_df.sample(max_fit_images, random_state=0)
 
     def run(frame: pd.DataFrame, name: str, view=None) -> Scored:
-        return score_images(predictor, [str(p) for p in frame["path"]], view, name, progress)
+        return predictor.score([str(p) for p in frame["path"]], view=view, desc=name, progress=progress, batch_size=64)
 
     fit = run(fit_df, "fit (train)")
     val = run(parts["val"], "val")
@@ -365,10 +159,10 @@ def calibrate_model(
         calib["test"] = _calibration_numbers(test.logits[test.usable], y_test[test.usable], temperature)
         crops = run(parts["test"], "test, 224 px square crops", square_crop)
         rates["test_square224"] = _rejections(crops, _gate_scores(gate, crops), gate.threshold)
-    builtin = score_images(predictor, list(everyday_images().values()), desc="built-in negatives", progress=progress)
+    builtin = predictor.score(list(everyday_images().values()), desc="built-in negatives", progress=progress)
     rates["builtin_negatives"] = _rejections(builtin, _gate_scores(gate, builtin), gate.threshold)
     if negatives:
-        neg = score_images(predictor, [str(p) for p in negatives], desc="negatives", progress=progress)
+        neg = predictor.score([str(p) for p in negatives], desc="negatives", progress=progress)
         rates["negatives"] = _rejections(neg, _gate_scores(gate, neg), gate.threshold)
 
     ood = gate.describe() | {

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dermsight.inference.types import BACKENDS  # light: the result types, no torch
+from dermsight.inference.types import BACKENDS
 
 EXIT_OK, EXIT_DROPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dermsight.evaluation.run import evaluate
+    from dermsight.evaluation.run import evaluate, held_in_words
 
     ev = evaluate(
         Path(args.data),
@@ -264,6 +264,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.gates:
         print(f"serving gates: {m['extra']['serving_gates']} (the metrics above count every image)")
+    if m["extra"]["held_in_images"]:
+        held = m["extra"]["held_in_images"]
+        print(f"WARNING: {held_in_words(held, m['n'] + m['extra']['images_failed'])}", file=sys.stderr)
     print(f"report: {ev.files['report']}")
     # Written even when empty: a folder reused from an earlier run must not keep that run's problem list.
     return _report_problems(ev.problems, Path(args.out) / "problems.csv")
@@ -275,12 +278,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
+    from dermsight.cli.output import format_table, result_record
     from dermsight.data.images import ImageError
-    from dermsight.inference.output import format_table, result_record
+    from dermsight.domain.knowledge import load_knowledge
+    from dermsight.domain.triage import RULE, advise
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import ModelLoadError
-    from dermsight.web.knowledge import load_knowledge
-    from dermsight.web.triage import RULE, advise
 
     knowledge = load_knowledge()
     try:
@@ -334,8 +337,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _warn_if_not_the_training_split(model: Path, data: str) -> None:
-    from dermsight.inference.calibration import read_split_manifest, split_mismatch
+    from dermsight.data.manifest import read_split_manifest
     from dermsight.models.bundle import read_meta
+    from dermsight.models.meta import split_mismatch
 
     problem = split_mismatch(read_meta(model), read_split_manifest(data))
     if problem:
@@ -343,8 +347,9 @@ def _warn_if_not_the_training_split(model: Path, data: str) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from dermsight.inference.calibration import calibrate_model, list_images, report_lines
+    from dermsight.data.manifest import list_images
     from dermsight.models.bundle import ModelLoadError
+    from dermsight.posthoc.calibrate import calibrate_model, report_lines
 
     try:
         model, out = _model_and_out(args)
@@ -389,9 +394,9 @@ def _cannot_listen(host: str, port: int) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dermsight.domain.knowledge import KnowledgeError, load_knowledge
     from dermsight.models.bundle import ModelLoadError, default_model_path, read_meta
     from dermsight.web.app import config_from_env
-    from dermsight.web.knowledge import KnowledgeError, load_knowledge
     from dermsight.web.server import default_workers, serve
 
     # Check the model, the knowledge file and the DERMSIGHT_* settings here, once, so a mistake is one clear line
@@ -419,7 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_decision(args: argparse.Namespace) -> int:
-    from dermsight.inference.decision import report_lines, tune_decision
+    from dermsight.posthoc.decision import report_lines, tune_decision
 
     model, out = _model_and_out(args)
     _warn_if_not_the_training_split(model, args.data)
@@ -429,7 +434,7 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
-    from dermsight.training.soup import make_soup, report_lines
+    from dermsight.posthoc.soup import make_soup, report_lines
 
     out = _output_file(args.out, args.models)
     _warn_if_splits_differ(args.models)
@@ -446,8 +451,9 @@ def _warn_if_splits_differ(models: Sequence[str]) -> None:
     scores on its test split, would include images another member trained on."""
     from dermsight.models.bundle import read_meta
 
-    splits = {read_meta(m).split for m in models}
-    if any("fingerprint" not in s for s in splits):
+    records = [read_meta(m).split for m in models]
+    splits = {r.describe() if r else "not recorded" for r in records}
+    if any(r is None or not r.fingerprint for r in records):
         # Runs trained before splits were fingerprinted can only be compared by the rest (seed and sizes).
         splits = {re.sub(r"; fingerprint [0-9a-f]+", "", s) for s in splits}
     if len(splits) > 1:
@@ -461,7 +467,7 @@ def _warn_if_splits_differ(models: Sequence[str]) -> None:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     import torch
 
-    from dermsight.models.ensemble import combine
+    from dermsight.posthoc.ensemble import combine
 
     out = _output_file(args.out, args.models)
     report = combine(args.models, out, dtype=None if args.float32 else torch.float16)
@@ -712,10 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from dermsight.classes import UnknownLabelError
     from dermsight.data.download import DownloadError
     from dermsight.data.images import ImageError
     from dermsight.data.problems import DataError
+    from dermsight.domain.classes import UnknownLabelError
     from dermsight.models.bundle import ModelLoadError
     from dermsight.models.factory import WeightsError
 

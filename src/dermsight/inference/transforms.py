@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 if TYPE_CHECKING:
-    from dermsight.models.bundle import ModelMeta
+    from dermsight.models.meta import ModelMeta
 
 
 def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:

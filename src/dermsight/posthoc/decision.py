@@ -22,12 +22,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from dermsight.data.manifest import LABEL_COLUMNS
+from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manifest
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import headline
-from dermsight.evaluation.run import evaluate, model_logits
-from dermsight.inference.calibration import fit_temperature, read_labels, read_split_manifest
-from dermsight.models.bundle import ModelMeta, load_model, update_meta
+from dermsight.evaluation.run import evaluate
+from dermsight.inference.scoring import score_images
+from dermsight.models.bundle import load_model, update_meta
+from dermsight.models.meta import ModelMeta
+from dermsight.posthoc.temperature import fit_temperature
 
 TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.05))
 
@@ -82,7 +84,7 @@ def tune_decision(
 
     candidates = {}
     for tta in (False, True):
-        logits, _ = model_logits(model, meta, paths, tta=tta, progress=progress)
+        logits = score_images(model, meta, paths, tta=tta, progress=progress, desc="val").logits
         ok = ~np.isnan(logits).any(axis=1)
         tau, ba, acc = choose(logits[ok], y[ok], log_prior)
         candidates[tta] = {"tau": tau, "balanced_accuracy": ba, "accuracy": acc, "logits": logits[ok], "y": y[ok]}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dermsight.classes import CONDITIONS, Malignancy
-from dermsight.inference.types import UNCERTAIN_BELOW, PredictionResult, below, whole_percent
-from dermsight.web.knowledge import Knowledge
+from dermsight.domain.classes import CONDITIONS, Malignancy
+from dermsight.domain.knowledge import Knowledge
+from dermsight.domain.results import UNCERTAIN_BELOW, PredictionResult, below, whole_percent
 
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
 # first. Chosen on the val split (`bench/triage.py`): the highest of 30, 25, 20, 15 and 10% that sends at least 90% of

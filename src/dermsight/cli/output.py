@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dermsight.data.images import ImageError
-from dermsight.inference.types import PredictionResult
+from dermsight.domain.results import PredictionResult
 
 _ADVICE = {"see_doctor": "see a doctor", "monitor": "monitor"}
 DISCLAIMER = (
@@ -33,7 +33,7 @@ def result_record(
 
 
 def format_table(records: list[dict[str, Any]], advice_rule: str = "") -> str:
-    """The records as a table. ``advice_rule``: the web app's rule in words (`dermsight.web.triage.RULE`), which the
+    """The records as a table. ``advice_rule``: the web app's rule in words (`dermsight.domain.triage.RULE`), which the
     advice column follows, so the CLI and the app never disagree; it is explained under the table."""
     width = min(40, max(len("image"), *(len(Path(r["image"]).name) for r in records)))
     lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'advice':<12}  next"]

@@ -1,6 +1,6 @@
 """Condition knowledge (``assets/conditions.yaml``): loaded once, validated against the class catalogue at start-up.
 
-The web app refuses to start when a catalogue class has no entry, so a class added to `dermsight.classes` cannot
+The web app refuses to start when a catalogue class has no entry, so a class added to `dermsight.domain.classes` cannot
 reach users without an explanation. Display names are not stored in the file: they come from the catalogue.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dermsight.classes import CONDITIONS, Condition
+from dermsight.domain.classes import CONDITIONS, Condition
 
 KNOWLEDGE_PATH = Path(__file__).resolve().parents[1] / "assets" / "conditions.yaml"
 URGENCIES = ("urgent", "soon", "routine")
@@ -122,7 +122,7 @@ def parse_knowledge(data: Any, catalogue: dict[str, Condition] | None = None) ->
         where = f"conditions[{i}] ({', '.join(codes)})"
         unknown = [c for c in codes if c not in catalogue]
         if unknown:
-            raise KnowledgeError(f"{where}: {', '.join(unknown)} not in the class catalogue (dermsight.classes)")
+            raise KnowledgeError(f"{where}: {', '.join(unknown)} not in the class catalogue (dermsight.domain.classes)")
         urgency = entry.get("urgency")
         if urgency not in URGENCIES:
             raise KnowledgeError(f"{where}: 'urgency' must be one of {', '.join(URGENCIES)}")

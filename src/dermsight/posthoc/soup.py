@@ -6,7 +6,7 @@ inference: the CPU latency, the bundle size, the ONNX export and Grad-CAM are th
 
 The greedy recipe keeps this honest: ingredients are ranked by their own validation score and each is added only
 when the soup's validation score does not drop, so the result is never worse on val than the best run alone (and the
-test split plays no part). The score is the one the decision rule maximises (`dermsight.inference.decision`):
+test split plays no part). The score is the one the decision rule maximises (`dermsight.posthoc.decision`):
 balanced accuracy + accuracy under the best prior correction tau, since that rule is what the soup will be served
 with; raw argmax balanced accuracy alone would favour runs whose class weighting happens to suit argmax.
 
@@ -25,12 +25,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dermsight.data.manifest import read_labels, read_split_manifest
 from dermsight.data.problems import DataError
-from dermsight.evaluation.run import model_input_batches, model_logits
-from dermsight.inference.calibration import read_labels, read_split_manifest
-from dermsight.inference.decision import choose, train_prior
-from dermsight.models.bundle import ModelMeta, load_model, read_runs, save_model
-from dermsight.training.loop import use_cuda
+from dermsight.inference.scoring import input_batches, score_images
+from dermsight.models.bundle import load_model, read_runs, save_model
+from dermsight.models.factory import use_cuda
+from dermsight.models.meta import ModelMeta
+from dermsight.posthoc.decision import choose, train_prior
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -67,8 +68,10 @@ def reset_batchnorm(model: nn.Module, meta: ModelMeta, paths: list[str], batch_s
     was_training = model.training
     model.train()
     device = next(model.parameters()).device
-    for _, x in model_input_batches(meta, paths, device, batch_size, progress=False):
-        model(x)
+    for _, prepared in input_batches(meta, paths, batch_size=batch_size, progress=False):
+        xs = [p.x for p in prepared if p.x is not None]
+        if xs:
+            model(torch.from_numpy(np.stack(xs)).to(device).contiguous(memory_format=torch.channels_last))
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
@@ -109,14 +112,14 @@ def make_soup(
     # Every candidate is scored through one preprocessing, the first model's: a calibrated model also brings inputs to
     # its training images' detail level (`ModelMeta.source_short_side`), and ranking runs through different input
     # paths would compare the paths as much as the weights.
-    singles = [_score(model_logits(m, metas[0], val_paths, progress=progress)[0], y, log_prior) for m, _ in loaded]
+    singles = [_score(score_images(m, metas[0], val_paths, progress=progress).logits, y, log_prior) for m, _ in loaded]
     order = sorted(range(len(paths)), key=lambda i: -singles[i]["score"])
     work = loaded[0][0]
 
     def soup_score(members: list[int]) -> dict[str, float]:
         work.load_state_dict(average_state_dicts([states[i] for i in members]))
         reset_batchnorm(work, metas[0], bn_paths)
-        return _score(model_logits(work, metas[0], val_paths, progress=progress)[0], y, log_prior)
+        return _score(score_images(work, metas[0], val_paths, progress=progress).logits, y, log_prior)
 
     steps = []
     if greedy:

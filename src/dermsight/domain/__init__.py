@@ -1,0 +1,1 @@
+"""The clinical domain: the class catalogue, the triage rule and the condition knowledge."""

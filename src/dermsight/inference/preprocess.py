@@ -1,0 +1,161 @@
+"""Turning an image into model input: one module owns it, for serving, evaluation, calibration and training's final
+scores alike.
+
+`decode` (the safe decoder of the data layer, shorter side brought near the training images'), `centre_band` for
+absurd strips, `match_detail` (the training images' level of detail), the model's colour constancy and eval preset
+(`to_model_input`), the eight `tta_views`, and `square_crop` (the shape of the external test sets)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TypeAlias
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dermsight.data.images import ImageError, kept_as_decoded, load_rgb, target_size
+from dermsight.inference.quality import ANALYSIS_SIDE, QUALITY_THRESHOLDS, QualityThresholds
+from dermsight.inference.transforms import EvalPreset, shades_of_gray
+from dermsight.models.meta import ModelMeta
+
+
+def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """The centre square of ``image`` resized to ``size``: how the external test data was made from 4:3 frames."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    return np.array(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
+
+
+Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
+
+
+# Filter for every serving-time downscale (decode, `match_detail`). Measured with `bench/detail.py` on the 124 HAM10000
+# originals at 600x450 against the 200x150 files the model trained on (no labels read): the earlier path, two
+# bilinear steps (to the eval size, then to the training size), served 224 px centre crops of them at 0.83 of the
+# training files' high-frequency share and moved the model's probabilities by 0.060 (total variation) from its
+# output on the training file, changing the top class of 5.6%; one Lanczos step from the file serves them at 1.04,
+# 0.037 and 1.6% (600x450 uploads: 0.053 and 4.8% before, 0.022 and 0% now), for 1-5% more decode time on such
+# images; large files without draft decoding (a 4000x3000 PNG) take about 20% longer to decode.
+SERVE_RESAMPLE = Image.Resampling.LANCZOS
+
+
+# A decoded image up to this many times the decode side is kept as decoded (see `decode`). Resampling it to exactly
+# the decode side first made blurred photos look sharper to the quality gate: with a Lanczos step to 150 px, 65 of
+# the 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with the earlier bilinear decode to
+# 192 px); measured on the draft decode as it is, 38.
+DECODE_SLACK = 2
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip), identity
+    first. Dermoscopy has no up or left, so each is as valid an input as the original."""
+    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
+def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
+    """Shorter side images are decoded to (`decode` may keep up to twice as much): the training images' shorter side
+    when the model records one below its eval resize (else the eval resize), so that a large image reaches the
+    training detail in one resampling step (see `match_detail`); JPEG draft mode then skips most of the work on big
+    photos, as `dermsight evaluate` does.
+    Never below what the quality gate needs to see: its analysis size, and its minimum size (an image decoded
+    smaller than that was smaller than that)."""
+    target = meta.resize_size
+    if meta.source_short_side:
+        target = min(target, meta.source_short_side)
+    return max(target, ANALYSIS_SIDE, quality.min_side)
+
+
+def shrink(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` with its shorter side scaled down (never up) to ``side`` in one `SERVE_RESAMPLE` step: the one
+    serving-time downscale, for `decode` and `match_detail`."""
+    h, w = image.shape[:2]
+    size = target_size(w, h, side)
+    if size == (w, h):
+        return image
+    return np.array(Image.fromarray(image).resize(size, SERVE_RESAMPLE, reducing_gap=None))
+
+
+def decode(source: Source, side: int) -> np.ndarray:
+    """HxWx3 uint8 RGB with the shorter side between ``side`` (never enlarged) and twice ``side``; raises
+    `ImageError`.
+
+    Files and bytes go through `load_rgb`, the decoder of the training data. Up to twice ``side`` the image is kept
+    as decoded (JPEG draft mode lands there), and only larger ones are scaled down to ``side`` (Lanczos): the quality
+    gate then measures sharpness on an image no resampling filter has touched, and `match_detail` takes the model's
+    view down to the training detail in one step. Arrays (HxWx3 or HxW uint8) get the same rule.
+
+    Images more than `MAX_ASPECT` times as long as wide are cut to that around their centre (`centre_band`) before
+    anything else looks at them: the model sees the centre square only, and a 150x400000 strip held whole through
+    the quality gate took `predict` to 2.1 GB.
+    """
+    if isinstance(source, np.ndarray):
+        a = source
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
+            raise ImageError(f"expected an HxWx3 uint8 RGB array, got shape {source.shape} of {source.dtype}")
+        a = np.ascontiguousarray(centre_band(a)[..., :3])
+        return a if kept_as_decoded(min(a.shape[:2]), side, DECODE_SLACK) else shrink(a, side)
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)
+    if not isinstance(source, bytes | str | os.PathLike):
+        raise ImageError(f"cannot read an image from a {type(source).__name__}")
+    image = load_rgb(source, short_side=side, resample=SERVE_RESAMPLE, slack=DECODE_SLACK)
+    band = centre_band(image)
+    return image if band is image else band.copy()  # a copy, so the whole strip is freed
+
+
+# The longest side kept, in multiples of the shorter one (see `centre_band`).
+MAX_ASPECT = 4
+
+
+def centre_band(image: np.ndarray) -> np.ndarray:
+    """``image`` cut to at most `MAX_ASPECT` times as long as it is wide, around its centre.
+
+    The model sees only the centre square of an image (its eval preset resizes the shorter side and crops the
+    centre, ``crop_pct`` <= 1), so this removes nothing it looks at; its pixels may still differ a little for such
+    strips, since the JPEG round trip's 8x8 grid and the resampling grid start elsewhere (a mean of 0.05-0.2 in
+    normalised units on noise, measured). It keeps absurd strips within what the JPEG round trip of `match_detail`
+    can encode (65,500 px a side): a 100000x128 PNG made a 500 before. Images up to 4:1 are returned as they are."""
+    h, w = image.shape[:2]
+    longest = min(h, w) * MAX_ASPECT
+    if w > longest:
+        x0 = (w - longest) // 2
+        return image[:, x0 : x0 + longest]
+    if h > longest:
+        y0 = (h - longest) // 2
+        return image[y0 : y0 + longest]
+    return image
+
+
+def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """Bring ``image`` to the level of detail of the model's training images: shorter side scaled down (never up) to
+    ``meta.source_short_side``, then a JPEG round trip at ``meta.source_jpeg_quality`` (each step skipped when 0).
+
+    Why: HAM10000's images are 200x150 JPEGs (quality 75), and a CNN trained on them learns their softness and their
+    8x8 compression artefacts as part of what skin looks like. The same lesions at 600x450, or as 224 px crops of
+    the originals, gave features far from those of their own 200x150 versions (an early checkpoint rejected 17% of
+    them as not lesions, against 2% of validation images, and changed the top class of a third); after this step,
+    2.4% and the same top class as the 200x150 file for most. The model never saw finer detail, so none is lost.
+    The downscale is one Lanczos step from the decoded file (`decode`, `SERVE_RESAMPLE`): see there for why.
+    """
+    side, quality = meta.source_short_side, meta.source_jpeg_quality
+    image = centre_band(image)
+    if side:
+        image = shrink(image, side)
+    if quality:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
+        with Image.open(buf) as im:
+            image = np.array(im.convert("RGB"))
+    return image
+
+
+def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> torch.Tensor:
+    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, the model's
+    colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
+    parity check call it too."""
+    return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))

@@ -1,0 +1,194 @@
+"""Scoring: images in, logits and the gate's features out, by one path for every caller.
+
+`score_images` decodes each image as serving does (`preprocess.decode`), applies an optional view (a square crop, a
+colour shift), the optional image-quality gate, then the model's own preprocessing (`preprocess.to_model_input`), and
+runs the network in batches through `forward`, with the eight-view TTA when asked. `dermsight evaluate`, calibration,
+the decision rule, soups, a training run's final scores, the robustness shifts, the bench scripts and `Predictor`
+itself all score through it, so a figure means the same thing wherever it is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dermsight.data.images import ImageError
+from dermsight.inference.backends import TorchRunner
+from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input, tta_views
+from dermsight.inference.quality import QUALITY_THRESHOLDS, QualityReport, QualityThresholds, check_quality
+from dermsight.inference.transforms import EvalPreset
+from dermsight.models.meta import ModelMeta
+
+# A network run: (N, 3, S, S) float32 inputs -> (N, C) raw logits and (N, D) features (`backends`).
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+View = Callable[[np.ndarray], np.ndarray]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def runner_for(model: nn.Module | Runner) -> Runner:
+    """A network as a `Runner`: a PyTorch module is run eagerly (on the device its weights are on)."""
+    return TorchRunner(model) if isinstance(model, nn.Module) else model
+
+
+def forward(run: Runner, x: np.ndarray, tta: bool = False, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, S, S) inputs -> (N, C) logits and (N, D) features, ``batch_size`` images per pass.
+
+    With ``tta`` the logits are the mean over the eight `tta_views` (dermoscopy has no up or left, so each is as valid
+    as the original); the features stay those of the original view, since the not-a-lesion threshold was set on
+    un-augmented images.
+    """
+    logits, feats = [], []
+    step = max(1, batch_size // 8) if tta else batch_size
+    for i in range(0, len(x), step):
+        chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + step], dtype=np.float32))
+        if tta:
+            lo, fe = run(torch.cat(tta_views(chunk)).numpy())
+            logits.append(lo.reshape(8, len(chunk), -1).mean(0))
+            feats.append(fe[: len(chunk)])
+        else:
+            lo, fe = run(chunk.numpy())
+            logits.append(lo)
+            feats.append(fe)
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+@dataclass
+class Scored:
+    """What the network says of a set of images, the not-a-lesion gate not applied."""
+
+    logits: np.ndarray  # (N, C); NaN rows for images that failed or that the quality gate rejected
+    features: np.ndarray  # (N, D); same
+    quality_rejected: np.ndarray  # (N,) bool
+    failed: np.ndarray  # (N,) bool: could not be decoded
+    errors: dict[int, ImageError] = field(default_factory=dict)  # why each failed image failed
+    quality: dict[int, QualityReport] = field(default_factory=dict)  # the gate's report per checked image
+
+    @property
+    def usable(self) -> np.ndarray:
+        return ~(self.quality_rejected | self.failed)
+
+    def failures(self) -> list[tuple[int, str]]:
+        """(index, reason) of each image that could not be decoded, in order."""
+        return [(i, str(e)) for i, e in sorted(self.errors.items())]
+
+
+@dataclass
+class _Prepared:
+    x: np.ndarray | None = None
+    error: ImageError | None = None
+    report: QualityReport | None = None
+
+
+def _prepare(
+    source: Source, meta: ModelMeta, preset: EvalPreset, side: int, view: View | None, quality: QualityThresholds | None
+) -> _Prepared:
+    """One image through serving's decode, the ``view``, the quality gate (when given) and the model's preprocessing."""
+    try:
+        image = decode(source, side)
+    except ImageError as e:
+        return _Prepared(error=e)
+    if view is not None:
+        image = view(image)
+    report = None
+    if quality is not None:
+        report = check_quality(image, quality)
+        if not report.ok:
+            return _Prepared(report=report)
+    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
+        image = image.copy()
+    return _Prepared(to_model_input(image, meta, preset).numpy(), report=report)
+
+
+def input_batches(
+    meta: ModelMeta,
+    sources: Sequence[Source],
+    *,
+    view: View | None = None,
+    quality: QualityThresholds | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Iterator[tuple[range, list[_Prepared]]]:
+    """The model inputs of ``sources`` in chunks of ``batch_size``: (the chunk's indices, each image's preparation).
+    Images are decoded ``workers`` at a time (decoding, not the network, dominates on large photos)."""
+    preset = EvalPreset.from_meta(meta)
+    side = decode_side(meta, quality or QUALITY_THRESHOLDS)
+
+    def prepare(i: int) -> _Prepared:
+        return _prepare(sources[i], meta, preset, side, view, quality)
+
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(sources) > 1 else None
+    try:
+        chunks = range(0, len(sources), batch_size)
+        for start in tqdm(chunks, desc=desc, unit="batch", disable=not progress or None):
+            idx = range(start, min(start + batch_size, len(sources)))
+            yield idx, list(pool.map(prepare, idx) if pool else map(prepare, idx))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def score_images(
+    model: nn.Module | Runner,
+    meta: ModelMeta,
+    sources: Sequence[Source],
+    *,
+    view: View | None = None,
+    tta: bool = False,
+    quality: QualityThresholds | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Scored:
+    """Logits and features of ``sources`` through the serving path (see the module's docstring).
+
+    ``model``: a PyTorch network or a `Runner` (`Predictor`'s ONNX Runtime session, say). ``view`` changes each decoded
+    image first (`preprocess.square_crop`, a colour cast from `evaluation.shifts`). ``quality``: apply the
+    image-quality gate with these thresholds (rejected images get NaN rows); None scores every decodable image.
+    """
+    run = runner_for(model)
+    n = len(sources)
+    logits = np.full((n, meta.num_classes), np.nan, np.float32)
+    feats: np.ndarray | None = None
+    rejected, failed = np.zeros(n, bool), np.zeros(n, bool)
+    errors: dict[int, ImageError] = {}
+    reports: dict[int, QualityReport] = {}
+    for idx, prepared in input_batches(
+        meta, sources, view=view, quality=quality, batch_size=batch_size, workers=workers, progress=progress, desc=desc
+    ):
+        keep = []
+        for i, p in zip(idx, prepared, strict=True):
+            if p.error is not None:
+                failed[i], errors[i] = True, p.error
+                continue
+            if p.report is not None:
+                reports[i] = p.report
+            if p.x is None:
+                rejected[i] = True
+            else:
+                keep.append(i)
+        if not keep:
+            continue
+        x = np.stack([p.x for p in prepared if p.x is not None])
+        lo, fe = forward(run, x, tta=tta, batch_size=batch_size)
+        if feats is None:
+            feats = np.full((n, fe.shape[1]), np.nan, np.float32)
+        logits[keep], feats[keep] = lo, fe
+    features = feats if feats is not None else np.zeros((n, 0), np.float32)
+    return Scored(logits, features, rejected, failed, errors, reports)

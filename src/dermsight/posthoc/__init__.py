@@ -1,0 +1,1 @@
+"""Fitting after training: temperature, the decision rule, the not-a-lesion gate, ensembles and soups."""
