@@ -136,11 +136,10 @@ def _bootstrap(
 
     Stratified by class: each resample draws as many clusters of each class as the data has, so every class stays
     present. Without strata a resample that lost a rare class averaged balanced accuracy over fewer classes, and a
-    test set with one missed melanoma got an interval whose lower end was the point estimate (a review helper's
-    case). Clustered by ``groups`` (lesion ids): the photos of one lesion are drawn together, since they are not
-    independent cases (HAM10000 has 1.34 photos a lesion, 1.8 for melanoma); resampling photos made the intervals
-    about 1.6 times too narrow. Without groups every case is its own cluster. A cluster joins the stratum of its
-    first case."""
+    test set with one missed melanoma got an interval whose lower end was the point estimate. Clustered by
+    ``groups`` (lesion ids): the photos of one lesion are drawn together, since they are not independent cases
+    (HAM10000 has 1.34 photos a lesion, 1.8 for melanoma); resampling photos made the intervals about 1.6 times too
+    narrow. Without groups every case is its own cluster. A cluster joins the stratum of its first case."""
     n, n_classes = p.shape
     rng = np.random.default_rng(seed)
     onehot = np.eye(n_classes)[y]

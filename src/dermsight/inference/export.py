@@ -304,8 +304,7 @@ def export_model(
     """`dermsight export`: export, check parity on ``check`` images (default: synthetic), optionally quantise."""
     model, meta = load_model(model_path)
     out = Path(out)
-    # The check images first: a mistyped --check-images is a usage error with nothing written (it used to come after
-    # the export had replaced the file at --out).
+    # The check images first: a mistyped --check-images is a usage error, and nothing at --out is replaced.
     if check:
         x, y, what = parity_inputs(check, meta, max_check)
     else:

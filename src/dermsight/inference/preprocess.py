@@ -32,20 +32,20 @@ def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
 Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
 
 
-# Filter for every serving-time downscale (decode, `match_detail`). Measured with `bench/detail.py` on the 124 HAM10000
-# originals at 600x450 against the 200x150 files the model trained on (no labels read): the earlier path, two
-# bilinear steps (to the eval size, then to the training size), served 224 px centre crops of them at 0.83 of the
-# training files' high-frequency share and moved the model's probabilities by 0.060 (total variation) from its
-# output on the training file, changing the top class of 5.6%; one Lanczos step from the file serves them at 1.04,
-# 0.037 and 1.6% (600x450 uploads: 0.053 and 4.8% before, 0.022 and 0% now), for 1-5% more decode time on such
-# images; large files without draft decoding (a 4000x3000 PNG) take about 20% longer to decode.
+# Filter for every serving-time downscale (decode, `match_detail`). Measured with `bench/detail.py` on the 124
+# HAM10000 originals at 600x450 against the 200x150 files the model trained on (no labels read): two bilinear steps
+# (to the eval size, then to the training size) served 224 px centre crops of them at 0.83 of the training files'
+# high-frequency share and moved the model's probabilities by 0.060 (total variation) from its output on the training
+# file, changing the top class of 5.6%; one Lanczos step from the file serves them at 1.04, 0.037 and 1.6% (600x450
+# uploads: 0.053 and 4.8% with two steps, 0.022 and 0% with one), for 1-5% more decode time on such images; large
+# files without draft decoding (a 4000x3000 PNG) take about 20% longer to decode.
 SERVE_RESAMPLE = Image.Resampling.LANCZOS
 
 
 # A decoded image up to this many times the decode side is kept as decoded (see `decode`). Resampling it to exactly
-# the decode side first made blurred photos look sharper to the quality gate: with a Lanczos step to 150 px, 65 of
-# the 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with the earlier bilinear decode to
-# 192 px); measured on the draft decode as it is, 38.
+# the decode side first made blurred photos look sharper to the quality gate: with a Lanczos step to 150 px, 65 of the
+# 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with a bilinear decode to 192 px); measured
+# on the draft decode as it is, 38.
 DECODE_SLACK = 2
 
 
@@ -119,7 +119,7 @@ def centre_band(image: np.ndarray) -> np.ndarray:
     centre, ``crop_pct`` <= 1), so this removes nothing it looks at; its pixels may still differ a little for such
     strips, since the JPEG round trip's 8x8 grid and the resampling grid start elsewhere (a mean of 0.05-0.2 in
     normalised units on noise, measured). It keeps absurd strips within what the JPEG round trip of `match_detail`
-    can encode (65,500 px a side): a 100000x128 PNG made a 500 before. Images up to 4:1 are returned as they are."""
+    can encode (65,500 px a side), which a 100000x128 PNG would exceed. Images up to 4:1 are returned as they are."""
     h, w = image.shape[:2]
     longest = min(h, w) * MAX_ASPECT
     if w > longest:

@@ -1,17 +1,12 @@
-"""Calibration of a trained model on its validation split: temperature scaling and the out-of-distribution gate.
+"""`dermsight calibrate`: fit what serving needs beyond the weights, on the model's own split.
 
-Temperature scaling (Guo et al., 2017) divides the logits by one number T, fitted to minimise the negative
-log-likelihood of the validation labels. It changes no prediction (the arg-max is the same), only how confident the
-probabilities are, and it is the simplest method that fixes the over-confidence of fine-tuned CNNs. (It cannot undo a
-shift of the class priors, such as the one a class-weighted loss builds in; that needs per-class biases, which would
-change predictions and so belongs to training.)
-
-`calibrate_model` also records the training images' level of detail (size and JPEG quality, see
-`preprocess.match_detail`), fits the out-of-distribution gate (`ood.OODGate`) on training-split lesion features, sets
-its threshold on the validation split, and measures what it costs and gains: the share of lesions rejected on val,
-on the held-out test split and on square 224 px centre crops of it (the shape of the external test data) and, when
-negatives are given, the share of non-lesion photos rejected. Everything is written into the model file, so serving
-uses it and the model card quotes it.
+`calibrate_model` records the training images' level of detail (size and JPEG quality, see
+`preprocess.match_detail`), fits the temperature on the validation split (`temperature.fit_temperature`; it changes no
+prediction, only how confident the probabilities are), fits the not-a-lesion gate (`ood.OODGate`) on training-split
+lesion features and sets its threshold on the validation split, then measures what the gates cost and gain: the share
+of lesions rejected on val, on the held-out test split and on square 224 px centre crops of it (the shape of the
+external test data) and, when negatives are given, the share of non-lesion photos rejected. Everything is written into
+the model file, so serving uses it and the model card quotes it.
 """
 
 from __future__ import annotations
