@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine (Python 3.11, Debian):
+# Two entry points on a fresh machine (Debian or Ubuntu; Python 3.11 by default, PYTHON=python3.12 etc. for another):
 #   make app    install, then serve the web app with the bundled default model on http://127.0.0.1:8000
 #   make test   install (incl. Chromium for the browser tests), then ruff and the whole test suite
 # Everything installs into .venv; re-running skips what is already installed.

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from dermsight.data import DataError
 from dermsight.data.images import ImageError, load_rgb
 from dermsight.data.manifest import read_split_manifest
+from dermsight.data.problems import DataError
 from dermsight.inference.preprocess import square_crop
 
 

@@ -654,7 +654,7 @@ def test_calibrate_and_tune_decision_never_rewrite_the_bundled_model(tmp_path, m
 def test_full_disk_and_read_only_folders_are_reported_not_called_bugs(monkeypatch, capsys):
     import errno
 
-    import dermsight.cli as cli
+    import dermsight.cli.export as cli
     from dermsight.inference.export import ExportError
 
     def wrapped(args):  # export turns the OSError into its own error

@@ -62,8 +62,10 @@ def layer(mod: str) -> int:
     best, rank = -1, None
     for i, names in enumerate(LAYERS):
         for name in names:
-            if (mod == name or mod.startswith(name + ".")) and len(name) > best and not (
-                name == "dermsight" and mod != "dermsight"
+            if (
+                (mod == name or mod.startswith(name + "."))
+                and len(name) > best
+                and not (name == "dermsight" and mod != "dermsight")
             ):
                 best, rank = len(name), i
     if rank is None:

@@ -1,21 +1,6 @@
-"""The data room: dataset readers into manifests, lesion-grouped splits, the decode-once image cache."""
+"""The data room: dataset readers into manifests, lesion-grouped splits, the decode-once image cache.
 
-from dermsight.data.images import ImageError, load_rgb, probe
-from dermsight.data.manifest import Ingest, build_manifest, detect_format, load_manifest, save_manifest
-from dermsight.data.problems import DataError, Problem
-from dermsight.data.split import SplitConfig, split_manifest
-
-__all__ = [
-    "DataError",
-    "ImageError",
-    "Ingest",
-    "Problem",
-    "SplitConfig",
-    "build_manifest",
-    "detect_format",
-    "load_manifest",
-    "load_rgb",
-    "probe",
-    "save_manifest",
-    "split_manifest",
-]
+Import from the modules (`data.manifest`, `data.split`, `data.images`, `data.cache`): this package module stays
+empty so that importing one of them (the command line's parser needs `manifest.FORMATS`) does not load the others'
+libraries (scikit-learn and SciPy for splits).
+"""

@@ -15,7 +15,7 @@ from dermsight.domain.results import UNCERTAIN_BELOW, PredictionResult, below, w
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
 # first. Chosen on the val split (`bench/triage.py`): the highest of 30, 25, 20, 15 and 10% that sends at least 90% of
 # its melanomas to a doctor. At 30% a quarter of them got "Probably harmless" (val: 77% of melanomas referred, 17% of
-# benign lesions); at 15%, 92% and 30%. The test split was scored after the choice (README, "Web application").
+# benign lesions); at 15%, 92% and 30%. The test split was scored after the choice (bench/triage.md).
 CONCERN_PROBABILITY = 0.15
 # Below that, a malignant or pre-malignant class this probable is still named in the "keep an eye on it" advice: a
 # reader of "mole 88%, melanoma 8%" headed "Probably harmless" should not have to find the 8% in the list.

@@ -3,7 +3,7 @@
 Independently trained runs make partly independent mistakes, so the mean of their logits ranks classes better than
 any one of them (Lakshminarayanan et al., 2017; every leading ISIC entry is an ensemble). On the default recipe's val
 split, three seeds went from macro AUC 0.946 / 0.946 / 0.949 alone to 0.954 together, and the validation NLL from
-0.62-0.66 to 0.60 (README, "The default model"). Runs of one recipe on different backbones differ more than seeds of
+0.62-0.66 to 0.60 (docs/experiments.md). Runs of one recipe on different backbones differ more than seeds of
 one backbone, which is what an ensemble feeds on; such a *mixed* ensemble needs members whose last feature maps share
 their spatial size at the shared input size (every stride-32 timm backbone does).
 

@@ -32,7 +32,7 @@ def threads_per_worker(workers: int, cpus: int | None = None) -> int:
 
 
 def gunicorn_options(host: str, port: int, workers: int | None = None) -> dict[str, Any]:
-    """Gunicorn settings; see the README's "Deployment" section for why each is what it is."""
+    """Gunicorn settings; see docs/deployment.md for why each is what it is."""
     workers = workers or default_workers()
     return {
         "bind": f"{host}:{port}",

@@ -1,0 +1,63 @@
+"""`dermsight predict`: lesion images classified, as a table or JSON (formatting in `dermsight.cli.output`), with the
+web app's advice and optional Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dermsight.cli.common import EXIT_DROPPED, EXIT_OK, EXIT_USAGE, MODEL_HELP, inference_options, tta_option
+
+BATCH = 32  # images decoded and held in memory at once
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    pr = sub.add_parser("predict", help="classify lesion images (rejects images it cannot assess)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
+    pr.add_argument("--model", help=MODEL_HELP)
+    tta_option(pr)
+    pr.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per image to DIR/<name>_gradcam.png")
+    pr.add_argument("--json", action="store_true", help="print a JSON array, one object per image")
+    inference_options(pr)
+    pr.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from dermsight.cli.output import format_table, result_record
+    from dermsight.data.images import ImageError
+    from dermsight.domain.knowledge import load_knowledge
+    from dermsight.domain.triage import RULE, advise
+    from dermsight.inference.predictor import Predictor
+    from dermsight.models.bundle import ModelLoadError
+
+    knowledge = load_knowledge()
+    try:
+        predictor = Predictor.from_path(args.model, backend=args.backend, threads=args.threads)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    explain_dir = Path(args.explain) if args.explain else None
+    if explain_dir:
+        explain_dir.mkdir(parents=True, exist_ok=True)  # before any work: a file in the way is a usage error
+    records, failed, written = [], 0, set()
+    for start in range(0, len(args.images), BATCH):
+        batch = args.images[start : start + BATCH]
+        for image, result in zip(batch, predictor.predict_batch(batch, tta=args.tta), strict=True):
+            advice = None if isinstance(result, ImageError) else advise(result, knowledge).to_dict()
+            record = result_record(image, result, advice)
+            if isinstance(result, ImageError):
+                failed += 1
+                print(f"error: {image}: {result}", file=sys.stderr)
+            elif explain_dir and result.status == "ok":
+                out, n = explain_dir / f"{Path(image).stem}_gradcam.png", 2
+                while out in written:  # two inputs of the same name from different folders
+                    out, n = explain_dir / f"{Path(image).stem}_{n}_gradcam.png", n + 1
+                out.write_bytes(predictor.explain(image))
+                written.add(out)
+                record["explanation"] = str(out)
+            records.append(record)
+    print(json.dumps(records, indent=2) if args.json else format_table(records, advice_rule=RULE))
+    return EXIT_DROPPED if failed else EXIT_OK
