@@ -286,8 +286,8 @@ def test_split_changes_counts_moved_added_and_gone_images():
 
 
 def test_an_id_that_names_several_images_is_a_problem_not_a_guess(tmp_path):
-    # Which of two same-named files an id alone resolved to depended on the folder walk; the explicit row for one of
-    # them was then dropped as "listed more than once" (a review helper's finding).
+    # Which of two same-named files an id alone resolves to would depend on the folder walk, and the explicit row for
+    # one of them would then be dropped as "listed more than once": such an id is a problem, not a guess.
     make_image(tmp_path / "x" / "ISIC_0024306.jpg", seed=1)
     make_image(tmp_path / "y" / "ISIC_0024306.jpg", seed=2)
     make_image(tmp_path / "y" / "ISIC_0000001.jpg", seed=3)

@@ -108,8 +108,8 @@ def test_members_are_named_by_folder_and_file_or_by_file_alone(members, tmp_path
 
 
 def test_the_same_weights_under_two_names_are_one_member(members, tmp_path):
-    # A reviewer's glob over run folders: each run's best.safetensors holds its model.safetensors' weights, and the
-    # "ensemble of 4" was two networks counted twice. The metadata may differ; the weights decide.
+    # A glob over run folders: each run's best.safetensors holds its model.safetensors' weights, so an "ensemble of 4"
+    # would be two networks counted twice. The metadata may differ; the weights decide.
     twin = tmp_path / "best.safetensors"
     model, meta = load_model(members[0])
     # Calibration adds the gate's tensors to model.safetensors, not to best.safetensors: still the same network.

@@ -266,8 +266,8 @@ def test_predict_result_shape_and_catalogue(calibrated):
 
 
 def test_uncertain_flag_stays_on_the_cautious_side_of_rounding(calibrated):
-    # A top class of 0.496 is shown as 50% but is not more likely than not: still uncertain (a review helper's
-    # case: nv 0.496 read "Probably harmless" when the flag compared the rounded percent).
+    # A top class of 0.496 is shown as 50% but is not more likely than not: still uncertain (comparing the
+    # rounded percent would tell nv 0.496 "Probably harmless").
     p = Predictor.from_path(calibrated[0], backend="torch", threads=1)
     rest = np.full(6, 1 / 6)
     for top, uncertain in ((0.4996, True), (0.4949, True), (0.5, False), (0.51, False), (0.3, True)):
@@ -532,8 +532,8 @@ def test_gradcam_png_for_each_backbone(arch):
 
 
 def test_overlay_keeps_cold_areas_as_they_are_and_outlines_the_hot_region():
-    # A reviewer: the uniform blend tinted the whole photo blue and hid the lesion under the hot spot, and red against
-    # blue alone does not read for colour-blind people. Cold pixels stay the photo; the hot region gets a white outline.
+    # A uniform blend tints the whole photo blue and hides the lesion under the hot spot, and red against blue alone
+    # does not read for colour-blind people. Cold pixels stay the photo; the hot region gets a white outline.
     from dermsight.inference.explain import overlay
 
     image = np.full((120, 120, 3), (150, 90, 70), np.uint8)
@@ -593,7 +593,7 @@ def test_predict_cli_table(calibrated, capsys):
 
 
 def test_predict_gives_the_web_apps_advice(calibrated, capsys, monkeypatch):
-    # A reviewer: `predict` said "concern no" for nv 56% / mel 44%, which the app sends to a doctor (44% together).
+    # nv 56% / mel 44%: the app sends it to a doctor (44% together), so `predict` must say so too, not "no concern".
     from dermsight.inference import predictor as predictor_module
 
     path, _, manifest = calibrated
@@ -628,7 +628,7 @@ def test_predict_cli_bad_model(tmp_path, capsys):
 
 
 def test_calibrate_and_tune_decision_never_rewrite_the_bundled_model(tmp_path, monkeypatch, capsys):
-    # Without --model and --out they wrote the app's shipped model in place (a review helper's finding).
+    # Without --model and --out they would write the app's shipped model in place.
     import hashlib
 
     from dermsight.models.bundle import DEFAULT_MODEL

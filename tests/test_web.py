@@ -168,8 +168,8 @@ def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client):
 
 
 def test_every_cancer_the_advice_names_gets_a_card(client, fake):
-    # A reviewer: nv 40 / bkl 30 / df 12 / mel 6 / bcc 6 / akiec 6 was headed "within two weeks" for melanoma, but
-    # only the three most probable classes got cards, so melanoma's was missing.
+    # nv 40 / bkl 30 / df 12 / mel 6 / bcc 6 / akiec 6 is headed "within two weeks" for melanoma, so melanoma needs a
+    # card although three classes are more probable.
     fake.probs = {"nv": 0.40, "bkl": 0.30, "df": 0.12, "mel": 0.06, "bcc": 0.06, "akiec": 0.06}
     page = _form_post(client, _jpeg()).get_data(as_text=True)
     cards = re.findall(r'<article class="card">\s*<h3>([^<]+)</h3>', page)
@@ -181,8 +181,8 @@ def test_every_cancer_the_advice_names_gets_a_card(client, fake):
 
 
 def test_result_page_keeps_the_result_when_people_read_on(client):
-    # A reviewer pressed Back after "Read more about melanoma" and got "Confirm Form Resubmission": the result is a
-    # POST answer that is stored nowhere. Its links open new tabs, and the cards hold the condition details.
+    # Back after "Read more about melanoma" would show "Confirm Form Resubmission": the result is a POST answer that is
+    # stored nowhere. Its links open new tabs, and the cards hold the condition details.
     page = _form_post(client, _jpeg()).get_data(as_text=True)
     main = page[page.index("<main") : page.index("</main>")]  # the site's own menu stays as menus are
     links = re.findall(r'<a href="(/conditions/\w+|/about)"([^>]*)>', main)
@@ -553,8 +553,8 @@ def test_openapi_lists_every_api_route(app, client):
 
 
 def test_openapi_lists_every_error_code_the_app_sends():
-    # A reviewer found six codes the document did not name (not_a_file, two_photos, form_too_large...). Every kind
-    # the code can answer with, found in its source, must be in the document's enum.
+    # Every kind the code can answer with (not_a_file, two_photos, form_too_large...), found in its source, must be in
+    # the document's enum.
     import ast
 
     from conftest import ROOT
@@ -657,7 +657,7 @@ def test_config_from_env():
     ],
 )
 def test_a_malformed_setting_is_one_line_before_any_worker_starts(name, value, said, monkeypatch, capsys):
-    # A reviewer's `DERMSIGHT_MAX_UPLOAD_MB=ten dermsight serve`: a traceback from every worker, then gunicorn gave up.
+    # `DERMSIGHT_MAX_UPLOAD_MB=ten dermsight serve` must not become a traceback from every worker.
     from dermsight.cli import main
 
     with pytest.raises(ValueError, match=f"{name}: .*{re.escape(said)}"):
@@ -742,8 +742,8 @@ def test_triage_rules():
 
 
 def test_a_melanoma_at_23_percent_is_not_called_probably_harmless():
-    # A reviewer's case: a histology-confirmed melanoma from the full-resolution sample scored bkl 75%, mel 23% and
-    # got the green "Probably harmless". On val, the old 30% rule sent only 77% of melanomas to a doctor
+    # A histology-confirmed melanoma from the full-resolution sample scores bkl 75%, mel 23%: it must not get the green
+    # "Probably harmless". On val, a 30% rule sent only 77% of melanomas to a doctor
     # (`bench/triage.py`); the 15% rule sends 92%.
     advice = _advise({"bkl": 0.75, "mel": 0.23, "nv": 0.02})
     assert (
@@ -765,8 +765,8 @@ def test_advice_names_the_kind_of_condition_and_its_urgency():
     # The ISIC 2019 classes read their own urgency: SCC is urgent, AK soon.
     assert _advise({"SCC": 0.6, "NV": 0.4}).title == "See a doctor within two weeks"
     assert _advise({"AK": 0.6, "NV": 0.4}).title == "See a doctor in the coming weeks"
-    # The heading follows the most urgent concerning class named, not the most probable one, and all are named (a
-    # reviewer's case: the 14% melanoma went unnamed under "in the coming weeks").
+    # The heading follows the most urgent concerning class named, not the most probable one, and all are named (the
+    # 14% melanoma must not go unnamed under "in the coming weeks").
     mixed = _advise({"nv": 0.7, "akiec": 0.16, "mel": 0.14})
     assert mixed.level == "see_doctor" and mixed.title == "See a doctor within two weeks"
     assert (
@@ -786,7 +786,7 @@ def test_advice_names_the_kind_of_condition_and_its_urgency():
     # An uncertain result is not advised more mildly than a confident one with the same melanoma share.
     unsure = _advise({"nv": 0.45, "mel": 0.40, "bkl": 0.15}, uncertain=True)
     assert unsure.title == "See a doctor within two weeks" and "melanoma (40%)" in unsure.message
-    # Uncertain with melanoma named below the share: the heading still takes melanoma's urgency (a reviewer's case).
+    # Uncertain with melanoma named below the share: the heading still takes melanoma's urgency.
     unsure_low = _advise({"nv": 0.45, "bkl": 0.42, "mel": 0.08, "df": 0.05}, uncertain=True)
     assert unsure_low.title == "See a doctor within two weeks: the result is uncertain"
     assert "does not rule out melanoma (8%)" in unsure_low.message
@@ -802,7 +802,7 @@ def test_advice_names_the_kind_of_condition_and_its_urgency():
 
 
 def test_advice_thresholds_compare_the_percents_people_see():
-    # A reviewer's cases: "Melanoma 5%" on the page (0.047) must be named in "Probably harmless", and concerning
+    # "Melanoma 5%" on the page (0.047) must be named in "Probably harmless", and concerning
     # classes each shown as 5% (0.147 together, shown 15%) must reach the 15% that sends people to a doctor.
     shown_five = _advise({"nv": 0.92, "mel": 0.047, "bkl": 0.033})
     assert shown_five.level == "monitor" and "does not rule out melanoma (5%)" in shown_five.message
