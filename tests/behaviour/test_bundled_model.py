@@ -1,0 +1,235 @@
+"""Behaviour tests of the bundled default model itself (src/dermsight/assets/default.safetensors), on its own
+held-out HAM10000 test lesions: answers that do not depend on which way up a dermoscopy image is held, accuracy well
+above chance, known answers kept, and a refusal of a picture that is not a skin lesion.
+
+Through the public API only, so the tests keep measuring what users get while the code underneath moves.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageEnhance
+from sklearn.metrics import balanced_accuracy_score
+
+from conftest import HAM, needs_ham
+from dermsight.data.manifest import build_manifest
+from dermsight.data.split import SplitConfig, split_fingerprint, split_manifest
+from dermsight.inference.predictor import Predictor
+from dermsight.models.bundle import DEFAULT_MODEL, read_meta
+
+# Every test but the refusal of a non-lesion picture reads real HAM10000 images, and skips (needs_ham) without them.
+pytestmark = pytest.mark.slow
+
+META = read_meta(DEFAULT_MODEL)
+LABEL = "label_ham7"  # the model's taxonomy is ham7; training splits and scores on this column
+# The fingerprint of the split `held_out` rebuilds from the bundled model's recorded seed, for a record without one
+# (the model's sentence record, "seed 0: train 7010, val 1502, test 1503 images", predated fingerprints). It is the
+# model's own split: its per-class train counts equal the model's recorded train prior, and scoring its 1503 test
+# images (without the not-a-lesion gate, as evaluation does) reproduces the model's recorded test accuracy (0.8110),
+# balanced accuracy (0.7446) and all seven per-class recalls exactly; the typed record the model carries now names
+# the same fingerprint.
+BUNDLED_SPLIT_FINGERPRINT = "dec6968ade653f62"
+
+
+def recorded_split(meta) -> tuple[int, dict[str, int], str, tuple[str, ...]]:
+    """(seed, images per split, fingerprint or "", ids of the train and val images or ()) from the model's record of
+    its split: the one place that reads it.
+
+    The record is a typed `SplitRecord` (seed, sizes, fingerprint, held_in) in files written since the record was
+    typed, and a sentence before ("lesion/patient-grouped, ..., seed 0: train 7010, val 1502, test 1503 images[;
+    fingerprint <16 hex>]").
+    """
+    record = meta.split
+    if not isinstance(record, str):
+        return record.seed, dict(record.sizes), record.fingerprint, tuple(record.held_in)
+    seed = re.search(r"\bseed (\d+)\b", record)
+    sizes = {name: int(n) for name, n in re.findall(r"\b(train|val|test) (\d+)\b", record)}
+    fingerprint = re.search(r"\bfingerprint ([0-9a-f]{16})\b", record)
+    assert seed and set(sizes) == {"train", "val", "test"}, f"the model's split record cannot be read: {record!r}"
+    return int(seed[1]), sizes, fingerprint[1] if fingerprint else "", ()
+
+
+def stratified_sample(df: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_class`` rows of every class, drawn with ``seed`` from rows in image-id order, so the sample stays
+    the same wherever the data sits and in whatever order the manifest lists it."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _, rows in sorted(df.groupby(LABEL)):
+        rows = rows.sort_values("image_id")
+        picks.append(rows.iloc[np.sort(rng.choice(len(rows), min(per_class, len(rows)), replace=False))])
+    return pd.concat(picks, ignore_index=True)
+
+
+def load(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def answer(result) -> str:
+    """What the user is told: the top class code, or "rejected" for an image refused as not assessable."""
+    return result.top.code if result.status == "ok" else "rejected"
+
+
+def brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    return np.asarray(ImageEnhance.Brightness(Image.fromarray(image)).enhance(factor))
+
+
+# The eight symmetries of the square less the identity: horizontal and vertical flips and three rotations.
+SYMMETRIES = {
+    "horizontal flip": np.fliplr,
+    "vertical flip": np.flipud,
+    "rotation 90": lambda a: np.rot90(a, 1),
+    "rotation 180": lambda a: np.rot90(a, 2),
+    "rotation 270": lambda a: np.rot90(a, 3),
+}
+
+
+def invariance(predictor: Predictor, images: list[np.ndarray], tta: bool | None) -> tuple[list[str], dict[str, float]]:
+    """The answers to ``images`` as they are, and per symmetry the share of images whose answer it leaves unchanged
+    (a refusal counts as an answer: refused one way up and answered the other is a change)."""
+    before = [answer(r) for r in predictor.predict_batch(images, tta=tta)]
+    rates = {}
+    for name, turn in SYMMETRIES.items():
+        after = [answer(r) for r in predictor.predict_batch([turn(a) for a in images], tta=tta)]
+        rates[name] = float(np.mean([a == b for a, b in zip(before, after, strict=True)]))
+    return before, rates
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def held_out() -> pd.DataFrame:
+    """The model's own held-out test images, rebuilt as training built them: lesion-grouped, from the recorded seed."""
+    seed, sizes, fingerprint, held_in = recorded_split(META)
+    # verify="none": opening every image adds about a second and cannot change the split unless a file is broken,
+    # which the fingerprint below would catch.
+    manifest = build_manifest(HAM, verify="none", progress=False).manifest
+    # The val and test fractions are SplitConfig's defaults, as in configs/default.yaml; folds=0 skips the
+    # cross-validation folds of train+val, which do not move any image between train, val and test.
+    split = split_manifest(manifest, SplitConfig(seed=seed, folds=0, label=LABEL))
+    assert {name: int((split["split"] == name).sum()) for name in sizes} == sizes
+    assert split_fingerprint(split, LABEL) == (fingerprint or BUNDLED_SPLIT_FINGERPRINT)
+    test = split[split["split"] == "test"].reset_index(drop=True)
+    # Where the model lists the images it learned from or was selected on, none of them may be among these.
+    assert not set(test["image_id"]) & set(held_in)
+    return test
+
+
+@pytest.fixture(scope="session")
+def predictor(tmp_path_factory) -> Predictor:
+    # ONNX Runtime: about 50 ms an image on 2 cores, against about 430 ms with PyTorch (measured); "onnx", not
+    # "auto", so a broken export fails here instead of falling back to PyTorch and a nine times slower run. A session
+    # fixture is built before the per-test cache fixture of tests/conftest.py, so the export goes to the same temporary
+    # cache here, never into the user's home.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DERMSIGHT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        return Predictor.from_path(DEFAULT_MODEL, backend="onnx", threads=2)
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.shared_data
+@needs_ham
+def test_held_out_split_is_the_models_own(held_out):
+    # The fixture asserts the recorded sizes and the fingerprint; a stratified split also holds out every class.
+    assert set(held_out[LABEL]) == set(META.classes)
+
+
+@pytest.mark.shared_data
+@needs_ham
+def test_answers_do_not_depend_on_which_way_up_the_lesion_is(held_out, predictor):
+    # Dermoscopy has no up or left, so a flipped or rotated lesion must get the same answer. It does not always
+    # today: measured on this sample (8 held-out images a class, seed 0) with TTA off, which is also the model's own
+    # default (its decision rule was chosen without TTA), 86.1% of the 280 (image, symmetry) pairs keep their
+    # answer: horizontal flip 91.1%, vertical flip 87.5%, rotations by 90/180/270 degrees 80.4/82.1/89.3%. (With
+    # TTA on, 92.9%, not 100%: its eight views are taken after the JPEG round trip to the training detail, and that
+    # round trip does not commute with a flip or rotation of the uploaded image.) The floor sits a few points below.
+    sample = stratified_sample(held_out, per_class=8, seed=0)
+    before, rates = invariance(predictor, [load(p) for p in sample["path"]], tta=False)
+    # A model that gives every image one answer, or refuses them all, is invariant too: the answers must still
+    # name most classes (all seven here, measured).
+    assert len(set(before) - {"rejected"}) >= 6, sorted(set(before))
+    overall = float(np.mean(list(rates.values())))
+    assert overall >= 0.82, {name: round(rate, 3) for name, rate in rates.items()}
+
+
+@pytest.mark.shared_data
+@needs_ham
+def test_balanced_accuracy_on_held_out_lesions_is_far_above_chance(held_out, predictor):
+    # Chance is 1/7 = 0.14. Measured on this sample (up to 32 held-out images a class, seed 1; 198 images):
+    # balanced accuracy 0.750, with 6 images (3.0%) refused as not lesions, which count as wrong here (the whole
+    # test split scores 0.745 without the gate, as the model's metadata records). Samples drawn with seed 2 and with
+    # 40 a class measured 0.67 and 0.71.
+    sample = stratified_sample(held_out, per_class=32, seed=1)
+    answers = [answer(r) for r in predictor.predict_batch(list(sample["path"]))]
+    with warnings.catch_warnings():
+        # "rejected" is a prediction no image is labelled with; sklearn warns about it and scores it as wrong.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        score = balanced_accuracy_score(sample[LABEL], answers)
+    assert score >= 0.6, score
+    # Held-out lesions are what the not-a-lesion gate must let through: a gate that refuses everything would also
+    # pass the refusal test below.
+    assert answers.count("rejected") / len(answers) <= 0.08, answers.count("rejected")
+
+
+# Held-out nevi the model names with the highest confidence (measured nv probability, TTA off): three lesions.
+CONFIDENT_NEVI = {"ISIC_0031775": 0.9987, "ISIC_0030781": 0.9986, "ISIC_0024957": 0.9986}
+
+
+@pytest.mark.shared_data
+@needs_ham
+def test_known_nevi_are_called_nevi(held_out, predictor):
+    rows = held_out.set_index("image_id").loc[list(CONFIDENT_NEVI)]
+    assert (rows[LABEL] == "nv").all()
+    results = predictor.predict_batch(list(rows["path"]), tta=False)
+    assert [answer(r) for r in results] == ["nv"] * len(CONFIDENT_NEVI)
+    # Still confident: a model whose calibration broke (a temperature far too high) would hedge on these.
+    assert all(r.top.probability > 0.9 for r in results), [r.top.probability for r in results]
+
+
+# Held-out melanomas the model flags (measured mel probability, TTA off), three lesions whose answer stays mel from
+# 0.8 to 1.2 times their brightness. Of all 104 held-out melanomas it flags (and accepts), 92 keep that answer at
+# 0.85 times their brightness and 90 at 1.15 times; the others get another class or are refused as not lesions.
+FLAGGED_MELANOMAS = {"ISIC_0033269": 0.979, "ISIC_0034316": 0.957, "ISIC_0025105": 0.928}
+
+
+@pytest.mark.shared_data
+@needs_ham
+@pytest.mark.parametrize("factor", [0.85, 1.15])
+def test_a_flagged_melanoma_stays_flagged_when_a_little_darker_or_brighter(held_out, predictor, factor):
+    # Exposure differs from one camera or dermatoscope to the next; a melanoma must not be cleared by it.
+    rows = held_out.set_index("image_id").loc[list(FLAGGED_MELANOMAS)]
+    assert (rows[LABEL] == "mel").all()
+    images = [load(p) for p in rows["path"]]
+    before = [answer(r) for r in predictor.predict_batch(images, tta=False)]
+    after = [answer(r) for r in predictor.predict_batch([brightness(a, factor) for a in images], tta=False)]
+    assert before == after == ["mel"] * len(FLAGGED_MELANOMAS), (before, after)
+
+
+def colour_blocks() -> np.ndarray:
+    """A 6x8 grid of random flat colours: sharp, colourful, well exposed, and nothing like skin."""
+    rng = np.random.default_rng(0)
+    return np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((50, 50, 1))).astype(np.uint8)
+
+
+def checkerboard() -> np.ndarray:
+    yy, xx = np.mgrid[0:300, 0:400]
+    board = (((yy // 25) + (xx // 25)) % 2 * 200 + 30).astype(np.uint8)
+    return np.stack([board, board, board // 2], axis=2)
+
+
+@pytest.mark.parametrize("make", [checkerboard, colour_blocks], ids=["checkerboard", "colour blocks"])
+def test_a_picture_that_is_no_lesion_is_refused(predictor, make):
+    # Both pass the image-quality gate (sharp, colour, exposed well), so only the model's own not-a-lesion gate
+    # (statistics of its features stored in the model file) can refuse them: measured scores 2315 (checkerboard)
+    # and 1132 (colour blocks) against its threshold of 72.
+    result = predictor.predict(make(), tta=False)
+    assert result.status == "rejected", answer(result)
+    assert result.scores["ood"] > result.scores["ood_threshold"], result.reason
