@@ -32,8 +32,8 @@ def score(run: Path) -> Path:
     from dermsight.data.split import split_changes
     from dermsight.inference.transforms import EvalPreset
     from dermsight.models.bundle import load_model
-    from dermsight.training import TrainConfig
-    from dermsight.training.loop import CachedImages, _subset, predict, prepare_data
+    from dermsight.training import TrainConfig, predict, prepare_data
+    from dermsight.training.data import CachedImages, subset
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig.from_yaml(run / "config.yaml")
@@ -50,7 +50,7 @@ def score(run: Path) -> Path:
         model = model.to(memory_format=torch.channels_last)
         tf = EvalPreset.from_meta(meta)
         for split in SPLITS:
-            df = _subset(data, split)
+            df = subset(data, split)
             rows, y = df["cache_row"].to_numpy(), df["target"].to_numpy()
             loader = DataLoader(CachedImages(data.cache, rows, y, tf, cfg.colour_constancy), batch_size=128)
             logits, targets = predict(model, loader, dev, cfg.amp, False)

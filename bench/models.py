@@ -41,7 +41,6 @@ import json
 import math
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,16 +98,16 @@ def train_one(
 ) -> Path:
     imbalance = imbalance or base.imbalance
     name = run_name(arch, imbalance, base)
-    cfg = replace(
-        base, arch=arch, imbalance=imbalance, out=str(root / name), calibrate=False, tune_decision=False, resume=False
+    cfg = base.updated(
+        arch=arch, imbalance=imbalance, out=str(root / name), calibrate=False, tune_decision=False, resume=False
     )
     if weights_dir is not None and (weights_dir / f"{arch}.safetensors").is_file():
-        cfg = replace(cfg, weights=str(weights_dir / f"{arch}.safetensors"))
+        cfg = cfg.updated(weights=str(weights_dir / f"{arch}.safetensors"))
     try:
         create_model(arch, 7, weights=cfg.weights)
     except WeightsError as e:
         print(f"{arch}: {e}; training from random initialisation instead (recorded in the table)")
-        cfg = replace(cfg, weights="none")
+        cfg = cfg.updated(weights="none")
     t0 = time.perf_counter()
     fit(cfg)
     (root / name / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -388,8 +387,7 @@ def main() -> None:
 
     # One network per backbone: an ensemble config (configs/default.yaml) contributes its recipe, not its members.
     base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol], members=1, member_overrides=[])
-    base = replace(
-        base,
+    base = base.updated(
         epochs=args.epochs or base.epochs,
         input_size=args.input_size or base.input_size,
         device=args.device or base.device,

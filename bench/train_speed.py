@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,15 +24,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from dermsight.models.factory import create_model
 from dermsight.models.meta import ModelMeta
 from dermsight.training import TrainConfig
-from dermsight.training.loop import (
-    CachedImages,
-    DeviceBatches,
-    WeightedCrossEntropy,
-    _autocast,
-    _subset,
-    prepare_data,
-    train_augmentation,
-)
+from dermsight.training.data import CachedImages, DeviceBatches, prepare_data, subset, train_augmentation
+from dermsight.training.engine import WeightedCrossEntropy, autocast
 
 
 def sync(device: torch.device) -> None:
@@ -80,17 +72,17 @@ def main() -> None:
     device = torch.device(args.device)
     bs = args.batch_size or cfg.batch_size
     data = prepare_data(cfg, progress=False)
-    train_df = _subset(data, "train")
+    train_df = subset(data, "train")
     rows, targets = train_df["cache_row"].to_numpy(), train_df["target"].to_numpy()
 
     model, winfo = create_model(cfg.arch, len(data.classes), weights="none", drop_rate=cfg.drop_rate)
-    meta = ModelMeta.new(cfg.arch, cfg.taxonomy, winfo, input_size=cfg.input_size, config=asdict(cfg))
+    meta = ModelMeta.new(cfg.arch, cfg.taxonomy, winfo, input_size=cfg.input_size, config=cfg.model_dump(mode="json"))
     model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     loss_fn = WeightedCrossEntropy(None, cfg.label_smoothing).to(device)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -113,6 +113,15 @@ def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = Tr
     }
 
 
+def lesion_groups(manifest: pd.DataFrame) -> np.ndarray | None:
+    """Resampling groups for the confidence intervals: the photos of one lesion together (HAM10000 has several of many
+    lesions), an image without a lesion id on its own; None (every image on its own) without lesion ids."""
+    if "lesion_id" not in manifest or manifest["lesion_id"].isna().all():
+        return None
+    ids = manifest["lesion_id"].astype(object)
+    return ids.where(ids.notna(), "image:" + manifest["path"].astype(str)).to_numpy()
+
+
 def held_in_words(held: int, n: int) -> str:
     return (
         f"{held} of these {n} images ({held / n:.0%}) are in the model's own training or validation split; figures "
@@ -181,13 +190,8 @@ def evaluate(
         # fine top-1 mapped down would hide that a trained model is sure it is one of AK or SCC.)
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
-    # Photos of one lesion are resampled together for the intervals (HAM10000 has several of many lesions); rows
-    # without a lesion id are their own group.
-    groups = None
-    if "lesion_id" in manifest and manifest["lesion_id"].notna().any():
-        ids = manifest["lesion_id"].astype(object)
-        groups = ids.where(ids.notna(), "image:" + manifest["path"].astype(str)).to_numpy()[ok]
-    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
+    groups = lesion_groups(manifest)
+    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=None if groups is None else groups[ok])
     if held_in:
         metrics["warnings"] = [held_in_words(len(held_in), len(paths)), *metrics.get("warnings", [])]
     if gates:

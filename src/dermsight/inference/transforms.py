@@ -215,10 +215,10 @@ class BatchTrainAugment:
 
     Images come as one uint8 batch ``(B, 3, H, W)`` padded to a common size, with ``sizes`` ``(B, 2)`` giving each
     image's own height and width: crops stay inside the image. Bilinear sampling at a crop's far edge reaches up to
-    one pixel past it, so the padding must repeat each image's last row and column (as `loop.DeviceBatches` does),
-    which is what torchvision's resize does at an image's border. Random parameters are drawn
-    from torch's global CPU generator (a few numbers per image), so a seed fixes them on every device and a resumed
-    run's restored RNG state carries on where it left off.
+    one pixel past it, so the padding must repeat each image's last row and column (as
+    `training.data.DeviceBatches` does), which is what torchvision's resize does at an image's border. Random parameters
+    are drawn from torch's global CPU generator (a few numbers per image), so a seed fixes them on every device and a
+    resumed run's restored RNG state carries on where it left off.
     """
 
     _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

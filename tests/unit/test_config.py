@@ -8,7 +8,7 @@ import yaml
 from dermsight.cli import main
 from dermsight.training import TrainConfig
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 BAD = [
     ("epochs", "3"),
@@ -74,7 +74,7 @@ def test_every_bundled_config_loads(path):
 
 
 def test_a_bad_member_override_is_refused_naming_the_member():
-    with pytest.raises(ValueError, match=r"member_overrides\[1\]: epochs must be a whole number, got 'x'"):
+    with pytest.raises(ValueError, match=r"member_overrides\[1\]: epochs: Input should be a valid integer, got 'x'"):
         TrainConfig(member_overrides=[{"seed": 1}, {"epochs": "x"}])
     with pytest.raises(ValueError, match=r"member_overrides\[0\]: label_smoothing"):
         TrainConfig(member_overrides=[{"label_smoothing": 2}, {"seed": 1}])
@@ -84,4 +84,4 @@ def test_the_cli_reports_a_bad_value_as_a_usage_error(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": str(tmp_path), "input_size": 0}))
     assert main(["train", "--config", str(config), "--prepare-only"]) == 2
-    assert capsys.readouterr().err.strip() == "error: input_size must be a whole number of pixels >= 32, got 0"
+    assert capsys.readouterr().err.strip() == "error: input_size: Input should be greater than or equal to 32, got 0"

@@ -866,7 +866,7 @@ def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, c
 
     from dermsight.data.manifest import build_manifest
 
-    spec = importlib.util.spec_from_file_location("square_crops", Path(__file__).parents[1] / "scripts/square_crops.py")
+    spec = importlib.util.spec_from_file_location("square_crops", Path(__file__).parents[2] / "scripts/square_crops.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     rows = []

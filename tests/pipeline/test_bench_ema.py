@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_ema", Path(__file__).parents[1] / "bench" / "ema.py")
+_spec = importlib.util.spec_from_file_location("bench_ema", Path(__file__).parents[2] / "bench" / "ema.py")
 ema = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ema)
 

@@ -14,7 +14,7 @@ from dermsight.models.factory import WeightsInfo, create_model
 from dermsight.models.meta import ModelMeta
 from dermsight.posthoc.ensemble import combine
 from dermsight.training.config import TrainConfig
-from dermsight.training.loop import CachedImages, DeviceBatches
+from dermsight.training.data import CachedImages, DeviceBatches
 
 CAST = np.array([0.9, 1.0, 1.1], np.float32)  # a cooler white balance, as bench/robustness.py's "cool"
 
@@ -121,7 +121,7 @@ def test_an_ensemble_refuses_runs_with_different_colour_constancy(tmp_path):
 
 
 def test_fit_records_it_in_the_saved_model(tmp_path):
-    from dermsight.training.loop import fit
+    from dermsight.training import fit
     from test_training import synthetic_dataset, tiny_config
 
     data = synthetic_dataset(tmp_path / "data")

@@ -128,7 +128,7 @@ def test_train_seeds_script_trains_each_seed_and_combines_them(tmp_path, combine
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train_seeds.sh"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_seeds.sh"
     proc = subprocess.run([bash, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(read_meta(runs / f"seed{s}" / "model.safetensors").members == 1 for s in (0, 1))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_triage", Path(__file__).parents[1] / "bench" / "triage.py")
+_spec = importlib.util.spec_from_file_location("bench_triage", Path(__file__).parents[2] / "bench" / "triage.py")
 triage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(triage)
 
