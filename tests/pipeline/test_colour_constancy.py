@@ -121,8 +121,9 @@ def test_an_ensemble_refuses_runs_with_different_colour_constancy(tmp_path):
 
 
 def test_fit_records_it_in_the_saved_model(tmp_path):
-    from dermsight.training import fit
     from test_training import synthetic_dataset, tiny_config
+
+    from dermsight.training import fit
 
     data = synthetic_dataset(tmp_path / "data")
     res = fit(tiny_config(tmp_path, data, epochs=1, colour_constancy=6), progress=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from test_training import synthetic_dataset, tiny_config
 
 from dermsight.models.bundle import read_meta
 from dermsight.posthoc.decision import TAUS, choose, train_prior, tune_decision
 from dermsight.training import fit
-from test_training import synthetic_dataset, tiny_config
 
 
 def test_choose_moves_towards_the_prior_when_that_raises_accuracy():

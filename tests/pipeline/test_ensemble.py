@@ -210,8 +210,9 @@ def lesion_dataset(root, n: int = 60):
 def test_train_with_members_builds_a_calibrated_ensemble_and_resumes_finished_members(tmp_path):
     import json
 
-    from dermsight.training import train
     from test_training import tiny_config
+
+    from dermsight.training import train
 
     data = lesion_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, data, members=2, seed=4, epochs=1, cache_size=150, calibrate=True)
@@ -319,8 +320,9 @@ def test_mixed_ensemble_refuses_feature_maps_of_different_sizes_and_soups_refuse
 
 
 def test_train_with_member_overrides_builds_an_ensemble_of_backbones(tmp_path):
-    from dermsight.training import train
     from test_training import tiny_config
+
+    from dermsight.training import train
 
     data = lesion_dataset(tmp_path / "data")
     members = [{"seed": 1}, {"seed": 1, "arch": "mobilenetv2_100", "augment": "device"}]

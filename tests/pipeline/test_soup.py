@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import synthetic_dataset, tiny_config
 from torch import nn
 
 from dermsight.models.bundle import load_model, read_meta
 from dermsight.posthoc.soup import average_state_dicts, make_soup, reset_batchnorm
 from dermsight.training import fit
-from test_training import synthetic_dataset, tiny_config
 
 
 def test_average_state_dicts_means_floats_and_keeps_integer_buffers():

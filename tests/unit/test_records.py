@@ -23,6 +23,7 @@ def split_df() -> pd.DataFrame:
             "path": [f"/data/images/ISIC_{i:07d}.jpg" for i in range(8)],
             "split": ["train"] * 4 + ["val"] * 2 + ["test", "excluded"],
             "label_ham7": ["nv"] * 7 + [None],
+            "source": ["ham10000"] * 5 + ["isic2017"] * 3,
         }
     )
 
@@ -31,6 +32,7 @@ def test_split_record_of_a_manifest_holds_sizes_fingerprint_and_the_trained_on_i
     record = SplitRecord.of(split_df(), seed=3, label="label_ham7")
     assert record.sizes == {"train": 4, "val": 2, "test": 1} and record.seed == 3 and len(record.fingerprint) == 16
     assert record.held_in == tuple(f"ISIC_{i:07d}" for i in range(6))  # train and val, not test
+    assert record.sources == {"ham10000": 5, "isic2017": 2}  # the unlabelled row is not part of the split
     assert record.overlap(["ISIC_0000006", "ISIC_0000001", "other"]) == ["ISIC_0000001"]
     assert record.describe().endswith(f"seed 3: train 4, val 2, test 1 images; fingerprint {record.fingerprint}")
     assert "held_in" not in record.summary() and record.summary()["held_in_images"] == 6

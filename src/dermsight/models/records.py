@@ -78,6 +78,7 @@ class SplitRecord(Record):
     seed: int | None = None
     sizes: dict[str, int] = Field(default_factory=dict)  # images per split: train, val, test
     fingerprint: str = ""  # `data.split.split_fingerprint` of the split ("" for files that predate it)
+    sources: dict[str, int] = Field(default_factory=dict)  # images per data source (the manifest's `source`)
     held_in: tuple[str, ...] = ()  # image ids (`data.manifest.image_ids`) of the train and val splits, sorted
 
     def describe(self) -> str:
@@ -99,11 +100,13 @@ class SplitRecord(Record):
         if label is not None and label in used:
             used = used[used[label].notna()]
         held = used[used["split"].isin(("train", "val"))]
+        sources = used["source"].dropna().astype(str).value_counts() if "source" in used else pd.Series(dtype=int)
         return cls(
             method=method,
             seed=seed,
             sizes={k: int((used["split"] == k).sum()) for k in SPLITS},
             fingerprint=split_fingerprint(df, label),
+            sources={str(k): int(v) for k, v in sorted(sources.items())},
             held_in=tuple(sorted(set(image_ids(held)))),
         )
 
