@@ -4,8 +4,8 @@
     .venv/bin/dermsight evaluate --data runs/gpu_ema/split.csv --split test --out /tmp/test
     .venv/bin/python bench/triage.py --val /tmp/val --test /tmp/test --out bench/triage.md
 
-Each row of evaluate's predictions.csv (the served, calibrated probabilities) goes through the app's own
-`dermsight.domain.triage.advise` at each candidate threshold for "skin cancers and pre-cancers together"
+Each row of evaluate's predictions.csv (the served, calibrated probabilities) goes through the app's own advice
+(`dermsight.domain.triage.referred`) at each candidate threshold for "skin cancers and pre-cancers together"
 (``--thresholds``). The threshold is chosen on ``--val`` alone: the highest candidate that sends at least
 ``--target`` of its melanomas to a doctor. ``--test`` is scored afterwards, for the record. "Referred" means the
 advice says to see a doctor: a malignant or pre-malignant top class, an uncertain model, or the share above.
@@ -22,8 +22,7 @@ import pandas as pd
 
 from dermsight.domain.classes import CONDITIONS
 from dermsight.domain.knowledge import load_knowledge
-from dermsight.domain.results import prediction_result
-from dermsight.domain.triage import CONCERN_PROBABILITY, advise
+from dermsight.domain.triage import CONCERN_PROBABILITY, referred
 
 # Predictions.csv columns that are not class probabilities.
 _NOT_CLASSES = {"image", "path", "label", "predicted", "correct"}
@@ -37,13 +36,8 @@ def referrals(predictions: Path, thresholds: list[float]) -> tuple[pd.Series, di
     unknown = [c for c in classes if c not in CONDITIONS]
     if "label" not in df or not classes or unknown:
         raise SystemExit(f"{path}: not a dermsight evaluate predictions.csv (columns {list(df.columns)})")
-    names = [CONDITIONS[c].name for c in classes]
-    results = [prediction_result(p, classes, names) for p in df[classes].to_numpy(np.float64)]
-    knowledge = load_knowledge()
-    referred = {
-        t: np.array([advise(r, knowledge, concern_at=t).level == "see_doctor" for r in results]) for t in thresholds
-    }
-    return df["label"], referred
+    probs, knowledge = df[classes].to_numpy(np.float64), load_knowledge()
+    return df["label"], {t: referred(probs, classes, concern_at=t, knowledge=knowledge) for t in thresholds}
 
 
 def table(labels: pd.Series, referred: dict[float, np.ndarray], chosen: float, split: str) -> list[str]:

@@ -21,6 +21,7 @@ from dermsight.data.images import MAX_JPEG_SCANS, MAX_PIXELS, ImageError, load_r
 from dermsight.data.manifest import (
     MANIFEST_COLUMNS,
     build_manifest,
+    combine,
     detect_format,
     load_manifest,
     read_isic2019,
@@ -765,3 +766,46 @@ def test_download_without_isic_cli_is_a_clear_error(tmp_path, monkeypatch, capsy
     assert main(["data", "download", "--out", str(tmp_path / "d"), "--limit", "5"]) == 2
     err = capsys.readouterr().err
     assert "isic-cli is not installed" in err and "pip install" in err and "Traceback" not in err
+
+
+def labelled_folder(root: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """A labels.csv folder of synthetic images: (image id, label, lesion id) per row."""
+    for i, (image, _, _) in enumerate(rows):
+        make_image(root / "images" / f"{image}.png", seed=i)
+    pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def test_several_sources_make_one_manifest_that_keeps_each_rows_source(tmp_path, capsys):
+    a = labelled_folder(tmp_path / "clinic_a", [(f"a{i}", ("nv", "mel")[i % 2], f"A{i // 2}") for i in range(6)])
+    b = labelled_folder(tmp_path / "clinic_b", [(f"b{i}", "nv", f"B{i}") for i in range(3)])
+    out = tmp_path / "m.csv"
+    assert main(["data", "manifest", str(a), str(b), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "9 kept" in printed and "clinic_a" in printed and "clinic_b" in printed  # counts by source
+    m = load_manifest(out)
+    assert m.groupby("source").size().to_dict() == {"labels-csv:clinic_a": 6, "labels-csv:clinic_b": 3}
+    # A folder read twice is one source: its rows are kept once and the repeats reported.
+    twice = combine([build_manifest(a, verify="none"), build_manifest(a, verify="none")])
+    assert len(twice.manifest) == 6 and sum("more than one source" in p.reason for p in twice.problems) == 6
+    # Two sources with the same folder name stay apart.
+    same_name = labelled_folder(tmp_path / "other" / "clinic_b", [(f"c{i}", "mel", f"C{i}") for i in range(2)])
+    both = combine([build_manifest(b, verify="none"), build_manifest(same_name, verify="none")]).manifest
+    assert both["source"].nunique() == 2
+
+
+def test_a_split_of_several_sources_spreads_each_sources_classes_over_the_parts():
+    rows = [
+        {"path": f"/d/{s}/{c}{i}.jpg", "label": c, "label_ham7": c, "lesion_id": f"{s}{c}{i}", "source": s}
+        for s, n in (("big", 200), ("small", 40))
+        for c in ("nv", "mel")
+        for i in range(n)
+    ]
+    df = split_manifest(pd.DataFrame(rows), SplitConfig(val=0.2, test=0.2, seed=0))
+    shares = pd.crosstab([df["source"], df["label"]], df["split"], normalize="index")
+    # Each source's classes split 60/20/20 (within one group of 5 of a stratum), not just the pooled classes.
+    assert ((shares - pd.Series({"train": 0.6, "val": 0.2, "test": 0.2})).abs() <= 0.05).all().all()
+    # One source gives exactly the split the classes alone give.
+    one = pd.DataFrame([r for r in rows if r["source"] == "big"])
+    alone = split_manifest(one.drop(columns="source"), SplitConfig(val=0.2, test=0.2, seed=0))
+    assert (split_manifest(one, SplitConfig(val=0.2, test=0.2, seed=0))["split"] == alone["split"]).all()

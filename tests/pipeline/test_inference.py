@@ -928,3 +928,34 @@ def test_evaluate_warns_loudly_when_it_scores_images_the_model_learned_from(cali
     )
     err, _ = run(str(split_csv), "--split", "val")  # val chose the epoch and the decision rule: not held out either
     assert "WARNING: 40 of these 40 images (100%)" in err
+
+
+def test_evaluate_reports_each_source_and_the_apps_referral_per_class(calibrated, tmp_path, capsys):
+    path, _, manifest = calibrated
+    split_csv = tmp_path / "split.csv"
+    sources = np.where(np.arange(len(manifest)) % 2, "clinic_a", "clinic_b")
+    manifest.assign(label=manifest["label_ham7"], source=sources).to_csv(split_csv, index=False)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(path), "--data", str(split_csv), "--split", "test", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "referred to a doctor by the app's advice: " in printed and "  clinic_a: 10 images" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["by_source"]) == {"clinic_a", "clinic_b"}
+    assert sum(s["n"] for s in metrics["by_source"].values()) == metrics["n"] == 20
+    # The pooled referral is the sources' together, class by class.
+    for code_ in ("mel", "nv"):
+        pooled = metrics["referral"]["per_class"][code_]
+        parts = [s["referral"]["per_class"][code_] for s in metrics["by_source"].values()]
+        assert pooled["n"] == sum(p["n"] for p in parts)
+        assert pooled["referred"] * pooled["n"] == pytest.approx(sum(p["referred"] * p["n"] for p in parts))
+    # ... and it is the app's own advice on the served probabilities of predictions.csv.
+    from dermsight.domain import triage
+
+    pred = pd.read_csv(out / "predictions.csv")
+    classes = metrics["labels"]
+    referred = triage.referred(pred[classes].to_numpy(), classes)
+    mel = (pred["label"] == "mel").to_numpy()
+    assert metrics["referral"]["per_class"]["mel"]["referred"] == pytest.approx(referred[mel].mean(), abs=1e-9)
+    report = (out / "report.md").read_text()
+    assert "## By source" in report and "| clinic_a | 10 |" in report and "## Referred to a doctor" in report

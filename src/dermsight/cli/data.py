@@ -26,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     m = dsub.add_parser("manifest", help="read a dataset folder or CSV into a manifest, checking every image")
-    m.add_argument("source", help="dataset folder or CSV (labels.csv, HAM10000, ISIC 2019, isic-cli, class folders)")
+    m.add_argument(
+        "source",
+        nargs="+",
+        help="dataset folder(s) or CSV(s) (labels.csv, HAM10000, ISIC 2019, isic-cli, class folders); several are "
+        "combined into one manifest whose `source` column tells them apart",
+    )
     m.add_argument("--out", required=True, help="manifest CSV to write (problems go beside it, *.problems.csv)")
     m.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
     m.add_argument("--quick", action="store_true", help="read image headers only (misses truncated files)")
@@ -60,15 +65,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_manifest(args: argparse.Namespace) -> int:
-    from dermsight.data.manifest import build_manifest, class_counts, label_files, save_manifest
+    from dermsight.data.manifest import build_manifest, class_counts, combine, label_files, save_manifest
 
     verify = "none" if args.no_verify else ("header" if args.quick else "full")
-    source = Path(args.source)
+    sources = [Path(s) for s in args.source]
+    source = " + ".join(map(str, sources))
     # The label files a source folder holds are read too, so they count as inputs: `--out DATA/labels.csv` would
     # replace the user's labels with the manifest.
-    output_file(args.out, label_files(source))
+    output_file(args.out, [f for s in sources for f in label_files(s)])
     t0 = time.perf_counter()
-    ingest = build_manifest(source, fmt=args.format, verify=verify)
+    ingest = combine([build_manifest(s, fmt=args.format, verify=verify) for s in sources])
     out, kept = Path(args.out), len(ingest.manifest)
     if kept:  # an empty result never replaces a manifest already there
         save_manifest(ingest.manifest, out)
@@ -76,7 +82,8 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     written = f"manifest written to {out}" if kept else "no manifest written"
     print(f"format: {ingest.format}; {ingest.rows_read} row(s) read, {kept} kept ({dt:.1f} s); {written}")
     if kept:
-        print_table(class_counts(ingest.manifest), "class counts:")
+        by = "source" if ingest.manifest["source"].nunique() > 1 else None
+        print_table(class_counts(ingest.manifest, by=by), "class counts:")
     elif ingest.labels_read:
         print(
             "labels in the source (no row kept): "

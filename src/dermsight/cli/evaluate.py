@@ -55,6 +55,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "recall per class: "
         + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items() if v["recall"] is not None)
     )
+    print("referred to a doctor by the app's advice: " + _referral_words(m["referral"]))
+    for name, s in (m.get("by_source") or {}).items():
+        auc = s["mel_vs_nv_auc"]
+        print(
+            f"  {name}: {s['n']} images; balanced accuracy {s['balanced_accuracy']:.3f}; accuracy "
+            f"{s['accuracy']:.3f}"
+            + (f"; mel vs nv AUC {auc:.3f}" if auc is not None else "")
+            + f"; referred: {_referral_words(s['referral'], ('mel', 'nv'))}"
+        )
     if args.gates:
         print(f"serving gates: {m['extra']['serving_gates']} (the metrics above count every image)")
     if m["extra"]["held_in_images"]:
@@ -63,3 +72,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"report: {ev.files['report']}")
     # Written even when empty: a folder reused from an earlier run must not keep that run's problem list.
     return report_problems(ev.problems, Path(args.out) / "problems.csv")
+
+
+def _referral_words(referral: dict, only: tuple[str, ...] | None = None) -> str:
+    per_class = referral["per_class"]
+    shown = [c for c in per_class if only is None or c in only]
+    return ", ".join(f"{c} {per_class[c]['referred']:.1%}" for c in shown) or "-"

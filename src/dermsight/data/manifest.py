@@ -11,7 +11,7 @@ import csv
 import filecmp
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -646,6 +646,41 @@ def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", pro
         ingest.manifest, bad = verify_images(ingest.manifest, full=verify == "full", progress=progress)
         ingest.problems.extend(bad)
     return ingest
+
+
+def combine(ingests: Sequence[Ingest]) -> Ingest:
+    """Several sources read into one manifest. Each row keeps its ``source`` (made unique with the folder's path where
+    two sources would share a name), so training can balance sources and evaluation can report each; a file that two
+    sources list is kept once, from the first, and reported."""
+    if len(ingests) == 1:
+        return ingests[0]
+    frames, seen = [], set()
+    for ingest in ingests:
+        frame = ingest.manifest
+        names = set(frame["source"].dropna().astype(str))
+        if names & seen:
+            frame = frame.assign(
+                source=frame["source"].astype(str) + ":" + frame["path"].map(lambda p: str(Path(p).parent))
+            )
+        seen |= set(frame["source"].dropna().astype(str))
+        frames.append(frame)
+    manifest = pd.concat(frames, ignore_index=True)
+    problems = [p for i in ingests for p in i.problems]
+    dup = manifest["path"].duplicated()
+    problems += [
+        Problem(p, "listed by more than one source (later rows dropped)", "read") for p in manifest["path"][dup]
+    ]
+    labels_read: dict[str, int] = {}
+    for i in ingests:
+        for k, v in i.labels_read.items():
+            labels_read[k] = labels_read.get(k, 0) + v
+    return Ingest(
+        manifest[~dup].reset_index(drop=True),
+        problems,
+        " + ".join(i.format for i in ingests),
+        sum(i.rows_read for i in ingests),
+        labels_read,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- persistence

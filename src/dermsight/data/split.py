@@ -100,7 +100,12 @@ def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> 
     sub = df[usable]
     if len(sub) == 0:
         return df
-    y = sub[label].astype(str).to_numpy()
+    y = sub[label].astype(str)
+    if "source" in sub and sub["source"].nunique() > 1:
+        # Strata of class and source: each source's classes spread over the parts in proportion, so no source's
+        # melanomas gather in one split. One source gives the same strata (and the same split) as the class alone.
+        y = y + " | " + sub["source"].astype(str)
+    y = y.to_numpy()
     g = groups(sub)
     n_groups = len(np.unique(g))
     k, k_val, k_test = _fold_plan(cfg.val, cfg.test)

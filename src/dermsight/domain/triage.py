@@ -6,11 +6,14 @@ and the model has only seen dermoscopy images of seven conditions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from dermsight.domain.classes import CONDITIONS, Malignancy
-from dermsight.domain.knowledge import Knowledge
-from dermsight.domain.results import UNCERTAIN_BELOW, PredictionResult, below, whole_percent
+from dermsight.domain.knowledge import Knowledge, load_knowledge
+from dermsight.domain.results import UNCERTAIN_BELOW, PredictionResult, below, prediction_result, whole_percent
 
 # Malignant and pre-malignant classes together this probable are worth a doctor's look even when a benign class ranks
 # first. Chosen on the val split (`bench/triage.py`): the highest of 30, 25, 20, 15 and 10% that sends at least 90% of
@@ -194,4 +197,20 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
         "No photo check can rule out skin cancer: see a doctor if the spot changes in size, shape or colour, bleeds, "
         "itches, grows into a lump, is a sore that has not healed within four weeks, is new and you are over about "
         "40, or worries you.",
+    )
+
+
+def referred(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    concern_at: float = CONCERN_PROBABILITY,
+    knowledge: Knowledge | None = None,
+) -> np.ndarray:
+    """Whether the advice sends each row of calibrated probabilities (in ``classes`` order) to a doctor: the app's own
+    rule replayed on labelled images (`dermsight evaluate`, `bench/triage.py`)."""
+    knowledge = knowledge if knowledge is not None else load_knowledge()
+    names = [CONDITIONS[c].name for c in classes]
+    return np.array(
+        [advise(prediction_result(p, classes, names), knowledge, concern_at).level == "see_doctor" for p in probs],
+        dtype=bool,
     )

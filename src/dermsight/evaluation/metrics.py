@@ -397,3 +397,27 @@ def headline(m: dict[str, Any]) -> str:
         f"balanced accuracy {num('balanced_accuracy')}, accuracy {num('accuracy')}, macro AUC {num('macro_auc')}, "
         f"ECE {num('ece')} (n={m['n']})"
     )
+
+
+def referral_rates(referred: np.ndarray, y_true: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Share of each true class that the app's advice sends to a doctor (`domain.triage.referred`), and overall."""
+    referred, y_true = np.asarray(referred, bool), np.asarray(y_true)
+    per_class = {
+        code: {"n": int(m.sum()), "referred": float(referred[m].mean())}
+        for code, m in ((c, y_true == i) for i, c in enumerate(labels))
+        if m.any()
+    }
+    return {"per_class": per_class, "all": float(referred.mean()) if len(referred) else None}
+
+
+def mel_vs_nv_auc(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> float | None:
+    """ROC AUC of the melanoma probability between melanomas and nevi alone: how well the model ranks the pair that
+    matters most, whatever the other classes do. None unless both are present."""
+    if "mel" not in labels or "nv" not in labels:
+        return None
+    mel, nv = list(labels).index("mel"), list(labels).index("nv")
+    pair = np.isin(y_true, (mel, nv))
+    positive = y_true[pair] == mel
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, np.asarray(probs)[pair, mel]))

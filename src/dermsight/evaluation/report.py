@@ -117,10 +117,51 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _referral_lines(metrics: dict) -> list[str]:
+    referral = metrics.get("referral")
+    if not referral:
+        return []
+    cells = ", ".join(f"{c} {_pct(v['referred'])} of {v['n']}" for c, v in referral["per_class"].items())
+    lines = ["", "## Referred to a doctor by the app's advice", "", f"By true class: {cells}."]
+    if metrics.get("mel_vs_nv_auc") is not None:
+        lines.append(f"Melanoma vs nevus AUC (melanoma probability): {_fmt(metrics['mel_vs_nv_auc'])}.")
+    return lines
+
+
+def _source_lines(metrics: dict) -> list[str]:
+    by_source = metrics.get("by_source")
+    if not by_source:
+        return []
+    lines = [
+        "",
+        "## By source",
+        "",
+        "| Source | n | Balanced accuracy (95% CI) | Accuracy | Macro AUC | Mel vs nv AUC | Melanomas referred "
+        "| Nevi referred |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in by_source.items():
+        ci = (m.get("ci95") or {}).get("balanced_accuracy")
+        ba = _fmt(m["balanced_accuracy"]) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+        per_class = m["referral"]["per_class"]
+        mel, nv = (_pct(per_class[c]["referred"]) if c in per_class else "-" for c in ("mel", "nv"))
+        lines.append(
+            f"| {name} | {m['n']} | {ba} | {_fmt(m['accuracy'])} | {_fmt(m['macro_auc'])} | "
+            f"{_fmt(m['mel_vs_nv_auc'])} | {mel} | {nv} |"
+        )
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _markdown(metrics: dict, title: str, extra: dict | None, figures: dict[str, Path]) -> str:
     labels = metrics["labels"]
     ci = metrics.get("ci95") or {}
     lines = [f"# {title}", "", f"> {_CAUTION}", ""]
+    if metrics.get("warnings"):
+        lines += ["## Warnings", "", *(f"- **{note}**" for note in metrics["warnings"]), ""]
     if extra:
         rows = (f"| {_cell(key)} | {_cell(value)} |" for key, value in extra.items())
         lines += ["| | |", "|---|---|", *rows, ""]
@@ -170,8 +211,8 @@ def _markdown(metrics: dict, title: str, extra: dict | None, figures: dict[str, 
     for code, row in zip(labels, metrics["confusion_matrix"], strict=True):
         lines.append(f"| **{code}** | " + " | ".join(str(v) for v in row) + " |")
 
-    if metrics.get("warnings"):
-        lines += ["", "## Warnings", "", *(f"- {note}" for note in metrics["warnings"])]
+    lines += _referral_lines(metrics)
+    lines += _source_lines(metrics)
     lines += ["", "## Figures", ""]
     captions = {
         "confusion_matrix": "Confusion matrix",

@@ -21,8 +21,15 @@ from tqdm.auto import tqdm
 from dermsight.data.images import ImageError
 from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, image_ids, load_manifest, run_split
 from dermsight.data.problems import DataError, Problem, summarise
+from dermsight.domain import triage
 from dermsight.domain.classes import HAM7
-from dermsight.evaluation.metrics import compute_metrics, expected_calibration_error, map_probabilities
+from dermsight.evaluation.metrics import (
+    compute_metrics,
+    expected_calibration_error,
+    map_probabilities,
+    mel_vs_nv_auc,
+    referral_rates,
+)
 from dermsight.evaluation.report import write_report
 from dermsight.inference.scoring import score_images, softmax
 from dermsight.models.bundle import default_model_path, load_model
@@ -113,6 +120,24 @@ def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = Tr
     }
 
 
+def source_metrics(
+    y: np.ndarray,
+    probs: np.ndarray,
+    referred: np.ndarray,
+    labels: list[str],
+    n_bootstrap: int,
+    groups: np.ndarray | None,
+) -> dict[str, Any]:
+    """The headline figures of one source's images: the metrics with their intervals, recall per class, the advice's
+    referral per class and the melanoma-vs-nevus AUC."""
+    m = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
+    return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")} | {
+        "recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"]},
+        "referral": referral_rates(referred, y, labels),
+        "mel_vs_nv_auc": mel_vs_nv_auc(y, probs, labels),
+    }
+
+
 def lesion_groups(manifest: pd.DataFrame) -> np.ndarray | None:
     """Resampling groups for the confidence intervals: the photos of one lesion together (HAM10000 has several of many
     lesions), an image without a lesion id on its own; None (every image on its own) without lesion ids."""
@@ -183,6 +208,8 @@ def evaluate(
     logits, y = logits[ok], y[ok]
     adjusted = meta.adjust(logits)
     probs_raw, probs = softmax(adjusted), softmax(adjusted, meta.temperature)
+    # The advice is given on the served probabilities, in the model's own classes, whatever taxonomy scores them.
+    referred = triage.referred(probs, meta.classes)
     if taxonomy != meta.taxonomy:
         # Scored in the coarser taxonomy on summed probabilities (AK + SCC -> akiec), and decided by their argmax:
         # with calibrated probabilities that is the best decision among the coarse classes, which is what the
@@ -191,7 +218,17 @@ def evaluate(
         probs_raw = map_probabilities(probs_raw, list(meta.classes), labels)
         probs = map_probabilities(probs, list(meta.classes), labels)
     groups = lesion_groups(manifest)
-    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=None if groups is None else groups[ok])
+    groups = None if groups is None else groups[ok]
+    metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
+    metrics["referral"] = referral_rates(referred, y, labels)
+    metrics["mel_vs_nv_auc"] = mel_vs_nv_auc(y, probs, labels)
+    sources = manifest["source"].astype(str).to_numpy()[ok] if "source" in manifest else None
+    if sources is not None and len(set(sources)) > 1:
+        # Pooled figures hide where a model fails: one archive's images can carry another's.
+        metrics["by_source"] = {
+            s: source_metrics(y[m], probs[m], referred[m], labels, n_bootstrap, None if groups is None else groups[m])
+            for s, m in ((s, sources == s) for s in sorted(set(sources)))
+        }
     if held_in:
         metrics["warnings"] = [held_in_words(len(held_in), len(paths)), *metrics.get("warnings", [])]
     if gates:
