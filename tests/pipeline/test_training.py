@@ -762,3 +762,34 @@ def test_resuming_a_finished_ensemble_keeps_its_model(tmp_path, capsys):
     assert train(cfg.model_copy(update={"resume": True}), progress=False) == path
     assert "finished earlier" in capsys.readouterr().out
     assert path.read_bytes() == kept and read_meta(path).temperature == 1.2345
+
+
+def test_source_weights_make_each_source_count_the_same():
+    from dermsight.training.data import source_weights
+
+    w = source_weights(pd.Series(["a"] * 6 + ["b"] * 2 + [None] * 2))
+    # Per source the weights add up to the same share, rows without a source being a source of their own.
+    assert w[:6].sum() == pytest.approx(w[6:8].sum()) == pytest.approx(w[8:].sum()) == pytest.approx(10 / 3)
+
+
+def test_training_on_several_sources_splits_them_together_and_records_each(tmp_path):
+    folders = []
+    for name, n, shade in (("clinic_a", 40, 0), ("clinic_b", 16, 20)):
+        rows = []
+        for i in range(n):
+            label = "mel" if i % 2 else "nv"
+            color = (90 + shade, 40, 30) if label == "mel" else (230, 190 - shade, 170)
+            make_image(tmp_path / name / "img" / f"{name}_{i}.jpg", size=(48, 36), color=color, seed=i)
+            rows.append((f"img/{name}_{i}.jpg", label, f"{name}_L{i}"))
+        pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(tmp_path / name / "labels.csv", index=False)
+        folders.append(str(tmp_path / name))
+    cfg = tiny_config(tmp_path, tmp_path, epochs=1, val=0.25, test=0.25).updated(data=folders, source_balance=True)
+    res = fit(cfg, progress=False)
+    split = pd.read_csv(res.run_dir / "split.csv")
+    # Both sources in every part, each split in proportion (class and source are the strata).
+    parts = pd.crosstab(split["source"], split["split"])
+    assert (parts > 0).all().all() and parts.loc["labels-csv:clinic_b"].sum() == 16
+    _, meta = load_model(res.model_path)
+    assert [(s.name, s.images) for s in meta.training_data.sources] == [("clinic_a", 40), ("clinic_b", 16)]
+    assert meta.split.sources == {"labels-csv:clinic_a": 40, "labels-csv:clinic_b": 16}
+    assert TrainConfig.from_yaml(res.run_dir / "config.yaml").data == folders  # the resolved config keeps the list

@@ -85,3 +85,13 @@ def test_the_cli_reports_a_bad_value_as_a_usage_error(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"data": str(tmp_path), "input_size": 0}))
     assert main(["train", "--config", str(config), "--prepare-only"]) == 2
     assert capsys.readouterr().err.strip() == "error: input_size: Input should be greater than or equal to 32, got 0"
+
+
+def test_data_is_one_path_or_a_list_of_them():
+    assert TrainConfig(data="/d/a").data_paths == ["/d/a"]
+    assert TrainConfig(data=["/d/a", "/d/b"]).data_paths == ["/d/a", "/d/b"]
+    assert TrainConfig.parse_override("data=[/d/a, /d/b]") == ("data", ["/d/a", "/d/b"])
+    assert TrainConfig.parse_override("data=/d/[odd] name") == ("data", "/d/[odd] name")  # text as written
+    for bad in ([], ["/d/a", " "]):
+        with pytest.raises(ValueError, match="data"):
+            TrainConfig(data=bad)

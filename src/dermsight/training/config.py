@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
     model_validator,
@@ -48,6 +49,18 @@ def _a_path(value: str) -> str:
 
 
 PathText = Annotated[str, AfterValidator(_a_path)]
+
+
+def _data_paths(value: Any) -> str | list[str]:
+    # One check for both shapes, so a wrong value is one message, not one per shape it could have had.
+    if isinstance(value, str):
+        return _a_path(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [_a_path(v) for v in value]
+    raise ValueError("must be a path or a non-empty list of paths")
+
+
+DataPaths = Annotated[str | list[str], PlainValidator(_data_paths)]
 Taxonomy = Literal[tuple(TAXONOMIES)]
 Arch = Literal[ARCHS]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -59,7 +72,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     # data
-    data: PathText = "../shared/data/ham10000"  # a dataset folder/CSV any reader understands, or a split manifest CSV
+    # A dataset folder/CSV any reader understands, or a split manifest CSV; or several dataset folders, read into one
+    # manifest (its `source` column tells them apart) and split together, stratified by class and source.
+    data: DataPaths = "../shared/data/ham10000"
     taxonomy: Taxonomy = "ham7"
     val: Fraction = 0.15
     test: Fraction = 0.15
@@ -80,6 +95,9 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)
     freeze_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
     imbalance: Literal["loss", "sampler", "none"] = "loss"  # class-weighted loss, weighted sampling, or nothing
+    # Draw training images so that every source contributes as many per epoch, however many it has (with replacement;
+    # with `imbalance: sampler` the class weights multiply in). Off: each source in proportion to its size.
+    source_balance: bool = False
     label_smoothing: Fraction = 0.05
     scale_min: float = Field(0.35, gt=0, le=1)  # RandomResizedCrop's smallest crop, as a share of the image's area
     # ColorJitter hue shift. Hue is by far the costliest augmentation step (about 2.6 of 3.3 ms per 256 px image on
@@ -207,6 +225,11 @@ class TrainConfig(BaseModel):
         own = {"out": out, "members": 1, "member_overrides": [], "calibrate": False, "tune_decision": False}
         return self.updated(**(changes | own))
 
+    @property
+    def data_paths(self) -> list[str]:
+        """``data`` as a list of one or more paths."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
+
     def updated(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``, checked as a new config is (`model_copy` checks nothing)."""
         return TrainConfig(**(self.model_dump() | changes))
@@ -259,7 +282,9 @@ def _override_value(text: str, kind: Any) -> Any:
     if type(None) in kinds and text.lower() in ("", "none", "null", "~"):
         return None
     if str in kinds:
-        return text
+        # A text option that may also be a list (`data`) takes a YAML flow list: data=[../a, ../b].
+        lists = any(get_origin(k) is list for k in kinds)
+        return yaml.safe_load(text) if lists and text.startswith("[") else text
     if not text and get_origin(kind) in (dict, list):  # `--set notes=` empties the mapping
         return get_origin(kind)()
     return yaml.safe_load(text)  # YAML flow style for mappings and lists: {why: test}, [{seed: 1}, {seed: 2}]

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from dermsight.data.cache import ImageCache, build_cache
-from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, load_manifest, run_split
+from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, combine, load_manifest, run_split
 from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, split_manifest
 from dermsight.domain.classes import TAXONOMIES
@@ -127,6 +127,14 @@ def class_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
 
 
+def source_weights(sources: pd.Series) -> np.ndarray:
+    """Per-row weights n / (k * count_s) that make each of the k sources contribute equally in expectation (rows
+    without a source form one source of their own)."""
+    keys = sources.astype(object).where(sources.notna(), "").to_numpy()
+    names, index, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return len(keys) / (len(names) * counts[index].astype(float))
+
+
 @dataclass
 class PreparedData:
     manifest: pd.DataFrame  # with split, target (class index; -1 = unusable) and cache_row
@@ -142,14 +150,22 @@ def subset(data: PreparedData, split: str) -> pd.DataFrame:
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     """Manifest (read or built) -> lesion-grouped split (unless given) -> decode-once cache."""
-    src = Path(cfg.data)
+    if len(cfg.data_paths) > 1:
+        return _prepared(_split_dataset([Path(p) for p in cfg.data_paths], cfg, progress), cfg, progress)
+    src = Path(cfg.data_paths[0])
     if run_split(src) is not None:
         src = run_split(src)
         print(f"data: {cfg.data} is a training run's folder; using its split, {src}")
     if src.is_file() and src.suffix == ".csv" and "split" in pd.read_csv(src, nrows=0).columns:
         manifest = load_manifest(src)
     else:
-        manifest = _split_dataset(src, cfg, progress)
+        manifest = _split_dataset([src], cfg, progress)
+    return _prepared(manifest, cfg, progress)
+
+
+def _prepared(manifest: pd.DataFrame, cfg: TrainConfig, progress: bool) -> PreparedData:
+    """A split manifest with each row's class index, decoded once into the cache."""
+    src = " + ".join(cfg.data_paths)
     classes = TAXONOMIES[cfg.taxonomy].codes
     label = LABEL_COLUMNS[cfg.taxonomy]
     lookup = {c: i for i, c in enumerate(classes)}
@@ -178,9 +194,10 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     return PreparedData(manifest.reset_index(drop=True), cache, classes)
 
 
-def _split_dataset(src: Path, cfg: TrainConfig, progress: bool) -> pd.DataFrame:
-    """A dataset's manifest with a lesion-grouped split drawn by ``cfg``'s split settings."""
-    ingest = build_manifest(src, progress=progress)
+def _split_dataset(sources: list[Path], cfg: TrainConfig, progress: bool) -> pd.DataFrame:
+    """The manifest of one or more datasets with a lesion-grouped split drawn by ``cfg``'s split settings."""
+    ingest = combine([build_manifest(s, progress=progress) for s in sources])
+    src = " + ".join(map(str, sources))
     if ingest.manifest.empty:
         raise DataError(
             f"{src}: no usable images ({len(ingest.problems)} item(s) dropped; `dermsight data manifest {src} "
@@ -236,9 +253,13 @@ def make_loaders(cfg: TrainConfig, data: PreparedData, meta: ModelMeta, d: Dist,
     in an order drawn by a plain, class-balanced (``imbalance: sampler``) or DDP-sharded sampler."""
     train_df = subset(data, "train")
     rows, y = train_df["cache_row"].to_numpy(), train_df["target"].to_numpy()
-    if cfg.imbalance == "sampler":
-        weights = class_weights(y, len(data.classes))[y]
-        sampler: Sampler[int] = WeightedSampler(weights, len(y), cfg.seed, d.rank, d.world)
+    weights = class_weights(y, len(data.classes))[y] if cfg.imbalance == "sampler" else None
+    if cfg.source_balance:
+        by_source = source_weights(train_df["source"])
+        weights = by_source if weights is None else weights * by_source
+    sampler: Sampler[int]
+    if weights is not None:
+        sampler = WeightedSampler(weights, len(y), cfg.seed, d.rank, d.world)
     elif d.world > 1:
         sampler = DistributedSampler(range(len(y)), d.world, d.rank, shuffle=True, seed=cfg.seed)
     else:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -132,7 +133,7 @@ def _assemble(run: Run, model: nn.Module, meta: ModelMeta, teacher: nn.Module | 
     cfg, data, device = run.cfg, run.data, run.device
     run.meta = replace(
         meta,
-        training_data=TrainingData.of([cfg.data], [len(data.manifest)]),
+        training_data=_training_data(cfg, data.manifest),
         # Sizes, fingerprint and the train/val image ids: calibrate and tune-decision check that they fit on this
         # split, and evaluate warns when it scores images the model learned from.
         split=SplitRecord.of(data.manifest, cfg.split_seed, LABEL_COLUMNS[cfg.taxonomy]),
@@ -185,3 +186,14 @@ def _tensorboard(cfg: TrainConfig) -> Any:
             "log.csv has the same figures)"
         ) from None
     return SummaryWriter
+
+
+def _training_data(cfg: TrainConfig, manifest: pd.DataFrame) -> TrainingData:
+    """The record of what the run read: one entry per configured folder, with its images (the manifest keeps each
+    folder's rows under its own `source`, in the order given)."""
+    paths = cfg.data_paths
+    sources = list(dict.fromkeys(manifest["source"].astype(str))) if "source" in manifest else []
+    if len(paths) > 1 and len(sources) == len(paths):
+        counts = manifest["source"].astype(str).value_counts()
+        return TrainingData.of(paths, [int(counts[s]) for s in sources])
+    return TrainingData.of(paths[:1], [len(manifest)])
