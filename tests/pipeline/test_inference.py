@@ -959,3 +959,27 @@ def test_evaluate_reports_each_source_and_the_apps_referral_per_class(calibrated
     assert metrics["referral"]["per_class"]["mel"]["referred"] == pytest.approx(referred[mel].mean(), abs=1e-9)
     report = (out / "report.md").read_text()
     assert "## By source" in report and "| clinic_a | 10 |" in report and "## Referred to a doctor" in report
+
+
+def test_generalization_bench_counts_the_apps_answers_per_set(calibrated, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_generalization", Path(__file__).parents[2] / "bench" / "generalization.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, _, manifest = calibrated
+    split_csv = tmp_path / "split.csv"
+    manifest.assign(label=manifest["label_ham7"]).to_csv(split_csv, index=False)
+    out = tmp_path / "generalization.md"
+    assert bench.main(["--model", str(path), "--set", f"own test={split_csv}:test", "--out", str(out)]) == 0
+    row = [line for line in out.read_text().splitlines() if line.startswith(f"| {path.name} | own test |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    test = manifest[manifest["split"] == "test"]
+    assert cells[2] == f"{len(test)} ({(test.label_ham7 == 'mel').sum()} mel, {(test.label_ham7 == 'nv').sum()} nv)"
+    # The refusals are the app's: the same images predict_batch refuses.
+    refused = sum(r.status != "ok" for r in Predictor.from_path(path).predict_batch(list(test["path"])))
+    assert cells[5].startswith(f"{refused / len(test):.1%}")
+    assert bench.wilson(0, 0) == "-" and bench.wilson(9, 10).startswith("90.0% (60%-98%)")

@@ -1,0 +1,143 @@
+"""How models hold up on images from other sources: the app's answers and the model's ranking, set by set.
+
+    .venv/bin/python bench/generalization.py \
+        --model src/dermsight/assets/default.safetensors \
+        --set "HAM10000 test=runs/default/split.csv:test" --set "ISIC Archive=../shared/data/isic_archive_val224" \
+        --out bench/generalization.md
+
+For each model and each labelled set (a folder or CSV any reader understands, or a split manifest with ``:SPLIT``):
+- what the app tells people (`Predictor.predict_batch`, then the app's advice, `domain.triage.advise`): the share of
+  melanomas and of nevi sent to a doctor, and the share of all images refused (image quality or not a lesion). A
+  refused melanoma is not counted as sent to a doctor: the app gave no diagnosis for it;
+- what the model ranks (`dermsight evaluate`, every image scored): balanced accuracy and the melanoma-vs-nevus AUC.
+Shares carry Wilson 95% intervals, balanced accuracy evaluate's lesion-grouped bootstrap interval, the AUC a
+bootstrap interval over images. `evaluate` warns when a set holds images a model was trained or validated on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+from dermsight.data.images import ImageError
+from dermsight.domain.knowledge import load_knowledge
+from dermsight.domain.triage import advise
+from dermsight.evaluation.run import evaluate, read_labelled
+from dermsight.inference.predictor import Predictor
+
+BATCH = 32
+
+
+def wilson(k: int, n: int) -> str:
+    if not n:
+        return "-"
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    return f"{k / n:.1%} ({ci.low:.0%}-{ci.high:.0%})"
+
+
+def share(hit: np.ndarray, among: np.ndarray) -> str:
+    return wilson(int((hit & among).sum()), int(among.sum()))
+
+
+def auc_interval(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> str:
+    """Melanoma-vs-nevus AUC with a bootstrap interval over images (``y``: 1 melanoma, 0 nevus)."""
+    if y.all() or not y.any():
+        return "-"
+    rng = np.random.default_rng(seed)
+    point, draws = roc_auc_score(y, score), []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if 0 < y[i].sum() < len(i):
+            draws.append(roc_auc_score(y[i], score[i]))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return f"{point:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def app_answers(model: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(refused, sent to a doctor) per image, as the app answers it."""
+    predictor, knowledge = Predictor.from_path(model), load_knowledge()
+    refused, referred = np.zeros(len(paths), bool), np.zeros(len(paths), bool)
+    for start in range(0, len(paths), BATCH):
+        for j, r in enumerate(predictor.predict_batch(paths[start : start + BATCH])):
+            i = start + j
+            if isinstance(r, ImageError) or r.status != "ok":
+                refused[i] = True
+            else:
+                referred[i] = advise(r, knowledge).level == "see_doctor"
+    return refused, referred
+
+
+def row(name: str, model: Path, data: str, split: str | None, work: Path) -> str:
+    manifest, _ = read_labelled(Path(data), split)
+    label = manifest["label_ham7"].to_numpy()
+    paths = [str(p) for p in manifest["path"]]
+    ev = evaluate(Path(data), work, model, split=split, progress=False)
+    m = ev.metrics
+    refused, referred = app_answers(model, paths)
+    mel, nv = label == "mel", label == "nv"
+    pred = pd.read_csv(work / "predictions.csv")
+    pair = pred["label"].isin(["mel", "nv"]).to_numpy()
+    auc = (
+        auc_interval((pred["label"][pair] == "mel").to_numpy(), pred["mel"][pair].to_numpy()) if "mel" in pred else "-"
+    )
+    ci = (m.get("ci95") or {}).get("balanced_accuracy")
+    ba = f"{m['balanced_accuracy']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    held = m["extra"].get("held_in_images", 0)
+    return (
+        f"| {model.name} | {name} | {len(paths)} ({mel.sum()} mel, {nv.sum()} nv) | "
+        f"{share(referred, mel)} | {share(referred, nv)} | {share(refused, np.ones(len(paths), bool))} | "
+        f"{ba} | {auc} | {held or ''} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", type=Path, required=True, help="a model file (repeat for several)")
+    ap.add_argument(
+        "--set", action="append", required=True, metavar="NAME=DATA[:SPLIT]", help="a labelled set (repeat)"
+    )
+    ap.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = ap.parse_args(argv)
+    sets = []
+    for spec in args.set:
+        name, sep, data = spec.partition("=")
+        if not sep:
+            ap.error(f"--set {spec!r}: expected NAME=DATA[:SPLIT]")
+        path, _, split = data.rpartition(":")
+        if split not in ("train", "val", "test"):
+            path, split = data, ""
+        sets.append((name, path, split or None))
+    lines = [
+        "# Generalization: the app's answers and the model's ranking, set by set",
+        "",
+        "`bench/generalization.py`. Melanomas and nevi *sent to a doctor* follow the app's own advice on the images "
+        "it answers (a refused image is not sent); *refused*: image quality or not a lesion. Balanced accuracy and the "
+        "melanoma-vs-nevus AUC score every image (`dermsight evaluate`). 95% intervals: Wilson for shares, "
+        "lesion-grouped bootstrap for balanced accuracy, bootstrap over images for the AUC. *Trained-on*: images of "
+        "the set in the model's own training or validation split.",
+        "",
+        "| model | set | images | melanomas sent to a doctor | nevi sent to a doctor | refused | balanced accuracy "
+        "| mel vs nv AUC | trained-on |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.model:
+            for k, (name, data, split) in enumerate(sets):
+                lines.append(row(name, model, data, split, Path(tmp) / f"{model.stem}_{k}"))
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
