@@ -809,3 +809,21 @@ def test_a_split_of_several_sources_spreads_each_sources_classes_over_the_parts(
     one = pd.DataFrame([r for r in rows if r["source"] == "big"])
     alone = split_manifest(one.drop(columns="source"), SplitConfig(val=0.2, test=0.2, seed=0))
     assert (split_manifest(one, SplitConfig(val=0.2, test=0.2, seed=0))["split"] == alone["split"]).all()
+
+
+def test_scan_markers_inside_metadata_are_not_counted_as_scans(tmp_path):
+    # EXIF, XMP and ICC segments are data: their bytes can hold FF DA anywhere. A photo with 151 of them in a
+    # comment segment is one scan, not a scan bomb; the segments before the first scan are stepped over by length.
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 48, 3), 140, np.uint8)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    payload = b"\xff\xda" * 151
+    comment = b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload
+    tagged = data[:2] + comment + data[2:]
+    assert tagged.count(b"\xff\xda") == 152
+    assert load_rgb(tagged).shape == (64, 48, 3)
+    # ... while real scans after the first still count.
+    last = tagged.rindex(b"\xff\xda")
+    bomb = tagged[:last] + tagged[last:-2] * (MAX_JPEG_SCANS + 1) + tagged[-2:]
+    with pytest.raises(ImageError, match=rf"JPEG with {MAX_JPEG_SCANS + 1} scans"):
+        load_rgb(bomb)

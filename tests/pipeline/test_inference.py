@@ -983,3 +983,13 @@ def test_generalization_bench_counts_the_apps_answers_per_set(calibrated, tmp_pa
     refused = sum(r.status != "ok" for r in Predictor.from_path(path).predict_batch(list(test["path"])))
     assert cells[5].startswith(f"{refused / len(test):.1%}")
     assert bench.wilson(0, 0) == "-" and bench.wilson(9, 10).startswith("90.0% (60%-98%)")
+
+
+def test_a_small_strip_is_described_by_its_uploaded_shorter_side(calibrated):
+    # A 3000x100 strip is cut to its centre 400x100 before the quality gate; the message must not call the upload
+    # 400 pixels wide.
+    p = Predictor.from_path(calibrated[0], backend="torch", threads=1)
+    strip = np.random.default_rng(0).integers(0, 255, (100, 3000, 3), dtype=np.uint8)
+    result = p.predict(png_bytes(strip))
+    assert result.status == "rejected"
+    assert "its shorter side is 100 pixels" in result.reason and "400" not in result.reason

@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,14 +103,16 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
 
 def _check_scans(im: Image.Image) -> None:
     """Refuse a JPEG with more than `MAX_JPEG_SCANS` scans before decoding it. A scan starts at an SOS marker
-    (FF DA); inside compressed data every FF byte is followed by 00, so each FF DA in the file is a real marker.
+    (FF DA). The segments before the first scan (EXIF, XMP, ICC profiles, comments) are stepped over by their lengths:
+    their bytes may hold FF DA anywhere. From the first scan on, every FF byte of compressed data is followed by 00, so
+    each FF DA is a real marker.
 
     The bytes are read through Pillow's open handle, a megabyte at a time, and the handle is put back where it was:
     a file given by path is read from disk once for this and once more only as far as decoding needs."""
     fp = im.fp
     start = fp.tell()
     try:
-        fp.seek(0)
+        fp.seek(_first_scan(fp))
         scans, last = 0, b""
         while chunk := fp.read(_SCAN_CHUNK):
             # A marker split across two chunks: FF at the end of one, DA at the start of the next.
@@ -121,6 +124,30 @@ def _check_scans(im: Image.Image) -> None:
         raise ImageError(
             f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}): not a file a camera or an image editor writes"
         )
+
+
+def _first_scan(fp: BinaryIO) -> int:
+    """The offset of the first SOS marker, found by walking the marker segments from the start of the file (0 when
+    the walk goes astray: then every FF DA of the file counts, the cautious side)."""
+    fp.seek(0)
+    if fp.read(2) != b"\xff\xd8":
+        return 0
+    while True:
+        at = fp.tell()
+        marker = fp.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return 0
+        if marker[1] == 0xFF:  # fill byte before a marker
+            fp.seek(at + 1)
+            continue
+        if marker[1] == 0xDA:
+            return at
+        if 0xD0 <= marker[1] <= 0xD7 or marker[1] in (0x01, 0xD8):  # markers without a length
+            continue
+        length = fp.read(2)
+        if len(length) < 2:
+            return 0
+        fp.seek(at + 2 + int.from_bytes(length, "big"))
 
 
 def _orientation(im: Image.Image) -> int:

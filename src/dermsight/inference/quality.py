@@ -153,9 +153,11 @@ def check_quality(image: np.ndarray, thresholds: QualityThresholds = QUALITY_THR
 
     reason = None
     if min(h, w) < t.min_side:
+        # The shorter side only: it is what is too small, and it is the uploaded one (decoding never scales such an
+        # image, while a long strip's far ends are cut before this check, see `preprocess.centre_band`).
         reason = (
-            f"the image is too small to assess ({w}x{h} pixels); use a photo at least {t.min_side} pixels "
-            "on its shorter side"
+            f"the image is too small to assess (its shorter side is {min(h, w)} pixels); use a photo at least "
+            f"{t.min_side} pixels on its shorter side"
         )
     elif brightness < t.min_brightness or clipped_dark > t.max_clipped_dark:
         reason = "the image is too dark (under-exposed); take the photo in better light"
