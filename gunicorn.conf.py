@@ -38,6 +38,7 @@ limit_request_fields = _options["limit_request_fields"]
 worker_tmp_dir = _options["worker_tmp_dir"]
 control_socket_disable = _options["control_socket_disable"]
 accesslog = _options["accesslog"]
+access_log_format = _options["access_log_format"]
 errorlog = _options["errorlog"]
 
 # This file runs in the master before it forks: one secret and one thread budget for every worker.

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import HAM_FULLRES, needs_fullres
+from conftest import HAM_FULLRES, ROOT, needs_fullres
 from dermsight.data.images import load_rgb
 from dermsight.domain.classes import CONDITIONS, HAM7
 from dermsight.domain.knowledge import KNOWLEDGE_PATH, KnowledgeError, load_knowledge, parse_knowledge
@@ -526,6 +526,14 @@ def test_served_model_facts_name_the_data_not_the_training_machines_paths():
     assert TrainingData.from_text("") is None
 
 
+def test_doubled_slashes_are_not_redirected_to_the_host_header(client):
+    # A redirect built from the Host header, which any client sets, would send people to another site through ours.
+    for path in ("/conditions//mel", "/api/v1//model", "//about"):
+        # PATH_INFO as a server passes "GET //about HTTP/1.1" on (the test client would read "//about" as a host).
+        r = client.get("/", environ_overrides={"PATH_INFO": path}, headers={"Host": "attacker.example"})
+        assert r.status_code in (200, 404) and "Location" not in r.headers, path
+
+
 def test_healthz(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "ok" and r.json["model_loaded"] is True
@@ -672,6 +680,30 @@ def test_gunicorn_options_share_cores_between_workers():
     assert threads_per_worker(4, cpus=16) == 4 and threads_per_worker(4, cpus=2) == 1
     opts = gunicorn_options("0.0.0.0", 8123, workers=3)
     assert opts["bind"] == "0.0.0.0:8123" and opts["workers"] == 3 and opts["preload_app"] is False
+
+
+def test_the_access_log_keeps_no_query_string_or_referrer():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    fmt = gunicorn_options("127.0.0.1", 8123)["access_log_format"]
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/conditions/mel?q=my+name",
+        "PATH_INFO": "/conditions/mel",
+        "QUERY_STRING": "q=my+name",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.0.0.1",
+        "HTTP_REFERER": "https://example.org/search?q=mole+on+my+back",
+    }
+    atoms = Logger(Config()).atoms(SimpleNamespace(status="200 OK", sent=512, headers=[]), [], environ, timedelta(0))
+    line = fmt % atoms
+    assert '"GET /conditions/mel HTTP/1.1" 200 512' in line and "10.0.0.1" in line
+    assert "my+name" not in line and "mole" not in line
+    assert "access_log_format = " in (ROOT / "gunicorn.conf.py").read_text()  # platforms that start gunicorn get it
 
 
 def test_serve_command_is_wired():

@@ -109,6 +109,9 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     """The web app. ``predictor``: an object with the `dermsight.inference.predictor.Predictor` interface; None
     loads the configured model lazily, in the worker process that first needs it."""
     app = Flask(__name__)
+    # "//about" or "/conditions//mel" would otherwise be redirected to an absolute URL built from the request's Host
+    # header, which anyone can set: a redirect to another site through ours. Such paths are simply not found.
+    app.url_map.merge_slashes = False
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
     app.config.update(

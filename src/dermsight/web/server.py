@@ -52,6 +52,9 @@ def gunicorn_options(host: str, port: int, workers: int | None = None) -> dict[s
         # it, and nothing here uses it.
         "control_socket_disable": True,
         "accesslog": "-",  # request lines only (method, path, status): never bodies or file names
+        # gunicorn's default line holds the query string and the referrer, which can carry what people typed or where
+        # they came from; the path without its query is enough to operate a server.
+        "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
         "errorlog": "-",
     }
 
