@@ -472,6 +472,14 @@ def test_rate_limit_429_with_retry_after(fake):
     assert other.status_code == 200
 
 
+def test_forged_posts_do_not_use_up_a_visitors_budget(fake):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "2/60"})
+    client = app.test_client()
+    for _ in range(3):  # another site's page posting in the visitor's browser, without the form's token
+        assert _form_post(client, _jpeg(), token="forged").status_code == 400
+    assert _form_post(client, _jpeg()).status_code == 200
+
+
 def test_rate_limiter_sliding_window():
     now = [0.0]
     rl = RateLimiter(3, 10, max_keys=2, clock=lambda: now[0])

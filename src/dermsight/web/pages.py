@@ -34,8 +34,9 @@ def index():
 
 @pages.post("/analyse")
 def analyse_page():
-    enforce_rate_limit()
+    # The form's own token first: a post forged by another site is refused without using up the visitor's budget.
     check_csrf(request.form)
+    enforce_rate_limit()
     data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form)
     analysis = analyse(_model(), data, explain=True)
     result = analysis.result
