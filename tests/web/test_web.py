@@ -472,6 +472,29 @@ def test_rate_limit_429_with_retry_after(fake):
     assert other.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content_type", "tail"),
+    [
+        ("multipart/form-data", b"\r\n--x--\r\n"),  # no boundary parameter
+        ("multipart/form-data; boundary=y", b"\r\n--x--\r\n"),  # another boundary than the body's
+        ("multipart/form-data; boundary=x", b""),  # cut short
+    ],
+)
+def test_a_malformed_form_is_called_malformed_not_an_expired_session(fake, content_type, tail):
+    app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "off", "SECRET_KEY": "t"})
+    client = app.test_client()
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n' + _token(client).encode() + b"\r\n"
+        b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + _jpeg() + tail
+    )
+    page = client.post("/analyse", data=body, content_type=content_type)
+    assert page.status_code == 400 and "could not be read" in page.get_data(as_text=True)
+    assert "expired" not in page.get_data(as_text=True)
+    api = client.post("/api/v1/predict", data=body, content_type=content_type)
+    assert api.status_code == 400 and api.json["error"] == "malformed_form"
+    assert fake.calls == 0
+
+
 def test_forged_posts_do_not_use_up_a_visitors_budget(fake):
     app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "2/60"})
     client = app.test_client()

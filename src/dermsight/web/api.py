@@ -13,7 +13,7 @@ from dermsight.domain.results import PredictionResult
 from dermsight.domain.triage import advise
 from dermsight.web.openapi import openapi_document
 from dermsight.web.security import RequestRefused, enforce_rate_limit
-from dermsight.web.service import analyse, read_upload
+from dermsight.web.service import analyse, read_upload, refuse_unreadable_form
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -38,6 +38,7 @@ def prediction_json(result: PredictionResult) -> dict[str, Any]:
 @api.post("/predict")
 def predict():
     enforce_rate_limit()
+    refuse_unreadable_form(request)
     data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form)
     return jsonify(prediction_json(analyse(_model(), data, explain=False).result))
 

@@ -12,7 +12,7 @@ from dermsight.web.service import human_size
 ERROR_CODES = (
     "no_image", "not_a_file", "empty_file", "two_photos", "unreadable_image", "bad_request", "csrf_failed",
     "not_found", "method_not_allowed", "too_large", "form_too_large", "unsupported_type", "rate_limited",
-    "internal_error",
+    "internal_error", "malformed_form",
 )  # fmt: skip
 
 

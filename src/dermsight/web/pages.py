@@ -10,7 +10,7 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 from dermsight.domain.results import UNCERTAIN_BELOW
 from dermsight.domain.triage import advise, worth_naming
 from dermsight.web.security import check_csrf, enforce_rate_limit
-from dermsight.web.service import ACCEPT, analyse, read_upload
+from dermsight.web.service import ACCEPT, analyse, read_upload, refuse_unreadable_form
 
 pages = Blueprint("pages", __name__)
 
@@ -34,6 +34,7 @@ def index():
 
 @pages.post("/analyse")
 def analyse_page():
+    refuse_unreadable_form(request)
     # The form's own token first: a post forged by another site is refused without using up the visitor's budget.
     check_csrf(request.form)
     enforce_rate_limit()

@@ -129,6 +129,20 @@ class ModelService:
             return display_photo(data)
 
 
+def refuse_unreadable_form(request) -> None:
+    """Refuse a multipart body from which nothing at all could be read (a truncated upload, a wrong boundary, a file
+    name that is not UTF-8): it would otherwise read as a form without its token or photo, and people would be told
+    their session expired or that no photo came."""
+    multipart = request.mimetype == "multipart/form-data" and (request.content_length or 0) > 0
+    if multipart and not request.form and not request.files:
+        raise RequestRefused(
+            400,
+            "The upload could not be read: its form data is malformed or cut short. Please send the photo again; "
+            "if its file name has unusual characters, rename the file first.",
+            "malformed_form",
+        )
+
+
 def read_upload(files, max_bytes: int, form=None) -> bytes:
     """The uploaded image's bytes from the multipart ``files``, checked to be a supported image type by its bytes.
 
