@@ -993,3 +993,14 @@ def test_a_small_strip_is_described_by_its_uploaded_shorter_side(calibrated):
     result = p.predict(png_bytes(strip))
     assert result.status == "rejected"
     assert "its shorter side is 100 pixels" in result.reason and "400" not in result.reason
+
+
+def test_parity_never_passes_probabilities_that_are_not_finite():
+    from dermsight.inference.export import PARITY_TOLERANCE, compare_backends
+
+    good = np.full((3, 7), 1 / 7)
+    broken = good.copy()
+    broken[1] = np.nan  # a model whose weights were overwritten with NaN gives NaN on both backends
+    assert compare_backends(good, good).max_abs_diff == 0.0
+    for a, b in ((broken, broken), (good, broken), (broken, good)):
+        assert not compare_backends(a, b).max_abs_diff <= PARITY_TOLERANCE

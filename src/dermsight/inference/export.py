@@ -159,7 +159,8 @@ def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = 
         acc_b = float((b.argmax(1) == targets).mean())
     return Comparison(
         n=len(a),
-        max_abs_diff=float(np.abs(a - b).max(initial=0.0)),
+        # NaN compares false with any tolerance: probabilities that are not all finite never pass as equal.
+        max_abs_diff=float(np.abs(a - b).max(initial=0.0)) if np.isfinite(a).all() and np.isfinite(b).all() else np.inf,
         top1_agreement=float((a.argmax(1) == b.argmax(1)).mean()) if len(a) else 1.0,
         accuracy_a=acc_a,
         accuracy_b=acc_b,
