@@ -1004,3 +1004,17 @@ def test_parity_never_passes_probabilities_that_are_not_finite():
     assert compare_backends(good, good).max_abs_diff == 0.0
     for a, b in ((broken, broken), (good, broken), (broken, good)):
         assert not compare_backends(a, b).max_abs_diff <= PARITY_TOLERANCE
+
+
+def test_a_damaged_onnx_cache_is_exported_again_not_replaced_by_pytorch(tmp_path, caplog):
+    from dermsight.inference.export import cached_onnx_path
+
+    model = tiny_model(tmp_path / "m.safetensors")
+    assert Predictor.from_path(model, backend="auto", threads=1).backend == "onnx"
+    cached = cached_onnx_path(model)
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 3])  # cut short, as a full disk leaves it
+    with caplog.at_level("WARNING", logger="dermsight.inference"):
+        p = Predictor.from_path(model, backend="auto", threads=1)
+    assert p.backend == "onnx" and cached.read_bytes() == good
+    assert "exporting it again" in caplog.text and "using PyTorch" not in caplog.text

@@ -120,6 +120,18 @@ def resolve_threads(threads: int | None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _cached_onnx_runner(model_path: Path, threads: int) -> OnnxRunner:
+    """ONNX Runtime on the cached export of ``model_path``. A cached file that cannot be loaded (cut short by a full
+    disk, say) is exported again, once: left alone it would send every start to the slower PyTorch path for good."""
+    path = ensure_onnx(model_path, threads=threads)
+    try:
+        return OnnxRunner(path, threads)
+    except Exception as e:  # onnxruntime raises its own error types for a damaged graph
+        log.warning("the cached ONNX export %s cannot be loaded (%s); exporting it again", path, str(e)[:200])
+        path.unlink(missing_ok=True)
+        return OnnxRunner(ensure_onnx(model_path, threads=threads), threads)
+
+
 class Predictor:
     """Calibrated, gated, optionally explained predictions from one saved model. Build it with `from_path`.
 
@@ -185,10 +197,8 @@ class Predictor:
         runner: TorchRunner | OnnxRunner | None = None
         if backend in ("auto", "onnx"):
             try:
-                if onnx_path is None:
-                    # Loads the PyTorch model only when the export is not cached yet.
-                    onnx_path = ensure_onnx(model_path, threads=n)
-                runner = OnnxRunner(onnx_path, n)
+                # The cached export loads the PyTorch model only when the export is not cached yet.
+                runner = _cached_onnx_runner(model_path, n) if onnx_path is None else OnnxRunner(onnx_path, n)
             except ModelLoadError:
                 raise
             except Exception as e:  # onnxruntime missing, export or parity failure: all mean "use PyTorch"
