@@ -129,17 +129,16 @@ class ModelService:
             return display_photo(data)
 
 
-_EMPTY_MULTIPART = 2 + 70 + 2 + 2
-
-
 def refuse_unreadable_form(request) -> None:
     """Refuse a multipart body from which nothing at all could be read (a truncated upload, a wrong boundary, a file
     name that is not UTF-8): it would otherwise read as a form without its token or photo, and people would be told
     their session expired or that no photo came."""
-    # An empty form is only its closing delimiter: "--" + a boundary of at most 70 characters + "--" + CRLF. Anything
-    # longer that yields no field at all held parts that could not be read.
-    multipart = request.mimetype == "multipart/form-data" and (request.content_length or 0) > _EMPTY_MULTIPART
-    if multipart and not request.form and not request.files:
+    if request.mimetype != "multipart/form-data" or request.form or request.files:
+        return
+    # A well-formed empty form is only its closing delimiter, "--BOUNDARY--" between line breaks (the leading one is
+    # optional); anything longer that yields no field at all held parts that could not be read.
+    empty = len(request.mimetype_params["boundary"]) + 8 if "boundary" in request.mimetype_params else 0
+    if (request.content_length or 0) > empty:
         raise RequestRefused(
             400,
             "The upload could not be read: its form data is malformed or cut short. Please send the photo again; "
