@@ -42,11 +42,9 @@ from dermsight.inference.ood import OODGate
 from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input
 from dermsight.inference.quality import (
     QUALITY_THRESHOLDS,
-    QualityReport,
     QualityThresholds,
-    check_quality,
 )
-from dermsight.inference.scoring import Scored, View, forward, score_images, softmax
+from dermsight.inference.scoring import Scored, View, score_images, softmax
 from dermsight.inference.transforms import EvalPreset
 from dermsight.inference.types import BACKENDS
 from dermsight.models.bundle import ModelLoadError, default_model_path, load_model, read_extra, read_meta
@@ -274,22 +272,9 @@ class Predictor:
         input."""
         return decode(source, self.decode_side)
 
-    def check_quality(self, image: np.ndarray) -> QualityReport:
-        """The image-quality gate with this predictor's thresholds (see `quality.check_quality`)."""
-        return check_quality(image, self.quality)
-
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """Decoded image -> normalised (3, S, S) float32 model input, per the model's contract."""
-        if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. np.asarray of a PIL image)
-            image = image.copy()
         return to_model_input(image, self._meta, self.preset).numpy()
-
-    def forward(self, x: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, S, S) inputs -> (N, C) logits and (N, D) features (`scoring.forward`, `BATCH_SIZE` per pass)."""
-        logits, feats = forward(self._runner, x, tta=tta, batch_size=BATCH_SIZE)
-        if not len(logits):
-            return np.zeros((0, self._meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
-        return logits, feats
 
     def score(
         self,

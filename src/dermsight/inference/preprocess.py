@@ -158,4 +158,6 @@ def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> to
     """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, the model's
     colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
     parity check call it too."""
+    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
+        image = image.copy()
     return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))

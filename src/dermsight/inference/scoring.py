@@ -72,10 +72,18 @@ class Scored:
 
     logits: np.ndarray  # (N, C); NaN rows for images that failed or that the quality gate rejected
     features: np.ndarray  # (N, D); same
-    quality_rejected: np.ndarray  # (N,) bool
-    failed: np.ndarray  # (N,) bool: could not be decoded
-    errors: dict[int, ImageError] = field(default_factory=dict)  # why each failed image failed
+    errors: dict[int, ImageError] = field(default_factory=dict)  # why each image that could not be decoded failed
     quality: dict[int, QualityReport] = field(default_factory=dict)  # the gate's report per checked image
+
+    @property
+    def failed(self) -> np.ndarray:
+        """(N,) bool: could not be decoded."""
+        return np.isin(np.arange(len(self.logits)), list(self.errors))
+
+    @property
+    def quality_rejected(self) -> np.ndarray:
+        """(N,) bool: refused by the image-quality gate."""
+        return np.isin(np.arange(len(self.logits)), [i for i, r in self.quality.items() if not r.ok])
 
     @property
     def usable(self) -> np.ndarray:
@@ -108,8 +116,6 @@ def _prepare(
         report = check_quality(image, quality)
         if not report.ok:
             return _Prepared(report=report)
-    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
-        image = image.copy()
     return _Prepared(to_model_input(image, meta, preset).numpy(), report=report)
 
 
@@ -166,7 +172,6 @@ def score_images(
     n = len(sources)
     logits = np.full((n, meta.num_classes), np.nan, np.float32)
     feats: np.ndarray | None = None
-    rejected, failed = np.zeros(n, bool), np.zeros(n, bool)
     errors: dict[int, ImageError] = {}
     reports: dict[int, QualityReport] = {}
     for idx, prepared in input_batches(
@@ -175,13 +180,10 @@ def score_images(
         keep = []
         for i, p in zip(idx, prepared, strict=True):
             if p.error is not None:
-                failed[i], errors[i] = True, p.error
-                continue
+                errors[i] = p.error
             if p.report is not None:
                 reports[i] = p.report
-            if p.x is None:
-                rejected[i] = True
-            else:
+            if p.x is not None:
                 keep.append(i)
         if not keep:
             continue
@@ -191,4 +193,4 @@ def score_images(
             feats = np.full((n, fe.shape[1]), np.nan, np.float32)
         logits[keep], feats[keep] = lo, fe
     features = feats if feats is not None else np.zeros((n, 0), np.float32)
-    return Scored(logits, features, rejected, failed, errors, reports)
+    return Scored(logits, features, errors, reports)
