@@ -39,6 +39,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from dermsight.models.records import TrainingData
+
 ARCHS: tuple[str, ...] = (
     "vgg19",
     "inception_v3",
@@ -368,9 +370,11 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
     _load_backbone(model, state, str(path))
     if meta is not None:
         # A dermsight model: keep the preprocessing it was trained with.
+        recorded = meta.get("training_data")
+        data = TrainingData.model_validate(recorded) if isinstance(recorded, dict) else TrainingData.from_text(recorded)
         description = (
             f"backbone of dermsight model {path.name} ({meta.get('architecture')}, trained on "
-            f"{_data_words(meta.get('training_data'))})"
+            f"{data.describe() if data else 'unstated data'})"
         )
         try:
             return WeightsInfo.from_dict(meta | {"source": f"file:{path}", "description": description})
@@ -385,15 +389,6 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> WeightsInfo:
         interpolation=cfg["interpolation"],
         input_size=int(cfg["input_size"][-1]),
     )
-
-
-def _data_words(training_data: Any) -> str:
-    """A dermsight model's training data as recorded: a record (`models.records.TrainingData`) or, in files of the
-    earlier format, a sentence."""
-    if isinstance(training_data, dict):
-        sources = training_data.get("sources") or []
-        return " + ".join(f"{s.get('path') or s.get('name')} ({s.get('images')} images)" for s in sources) or "?"
-    return str(training_data or "unstated data")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
