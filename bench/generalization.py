@@ -9,7 +9,8 @@ For each model and each labelled set (a folder or CSV any reader understands, or
 - what the app tells people (`Predictor.predict_batch`, then the app's advice, `domain.triage.advise`): the share of
   melanomas and of nevi sent to a doctor, and the share of all images refused (image quality or not a lesion). A
   refused melanoma is not counted as sent to a doctor: the app gave no diagnosis for it;
-- what the model ranks (`dermsight evaluate`, every image scored): balanced accuracy and the melanoma-vs-nevus AUC.
+- what the model ranks (`dermsight evaluate`, every image it can decode scored; the images counted are those):
+  balanced accuracy and the melanoma-vs-nevus AUC.
 Shares carry Wilson 95% intervals, balanced accuracy evaluate's lesion-grouped bootstrap interval, the AUC a
 bootstrap interval over images. `evaluate` warns when a set holds images a model was trained or validated on.
 """
@@ -24,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
-from sklearn.metrics import roc_auc_score
 
 from dermsight.data.images import ImageError
 from dermsight.domain.knowledge import load_knowledge
 from dermsight.domain.triage import advise
-from dermsight.evaluation.run import evaluate, read_labelled
+from dermsight.evaluation.metrics import mel_vs_nv_auc
+from dermsight.evaluation.run import evaluate
 from dermsight.inference.predictor import Predictor
 
 BATCH = 32
@@ -46,16 +47,18 @@ def share(hit: np.ndarray, among: np.ndarray) -> str:
     return wilson(int((hit & among).sum()), int(among.sum()))
 
 
-def auc_interval(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> str:
-    """Melanoma-vs-nevus AUC with a bootstrap interval over images (``y``: 1 melanoma, 0 nevus)."""
-    if y.all() or not y.any():
+def auc_interval(y: np.ndarray, probs: np.ndarray, labels: list[str], n_boot: int = 1000, seed: int = 0) -> str:
+    """`metrics.mel_vs_nv_auc` with a bootstrap interval over the melanoma and nevus images."""
+    point = mel_vs_nv_auc(y, probs, labels)
+    if point is None:
         return "-"
-    rng = np.random.default_rng(seed)
-    point, draws = roc_auc_score(y, score), []
+    pair = np.isin(y, [labels.index("mel"), labels.index("nv")])
+    y, probs = y[pair], probs[pair]
+    rng, draws = np.random.default_rng(seed), []
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
-        if 0 < y[i].sum() < len(i):
-            draws.append(roc_auc_score(y[i], score[i]))
+        if (auc := mel_vs_nv_auc(y[i], probs[i], labels)) is not None:
+            draws.append(auc)
     lo, hi = np.percentile(draws, [2.5, 97.5])
     return f"{point:.3f} ({lo:.3f}-{hi:.3f})"
 
@@ -75,25 +78,20 @@ def app_answers(model: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row(name: str, model: Path, data: str, split: str | None, work: Path) -> str:
-    manifest, _ = read_labelled(Path(data), split)
-    label = manifest["label_ham7"].to_numpy()
-    paths = [str(p) for p in manifest["path"]]
-    ev = evaluate(Path(data), work, model, split=split, progress=False)
-    m = ev.metrics
-    refused, referred = app_answers(model, paths)
-    mel, nv = label == "mel", label == "nv"
+    m = evaluate(Path(data), work, model, split=split, progress=False).metrics
+    # The images evaluate scored, with their labels in its scoring taxonomy: read once, for both halves of the row.
     pred = pd.read_csv(work / "predictions.csv")
-    pair = pred["label"].isin(["mel", "nv"]).to_numpy()
-    auc = (
-        auc_interval((pred["label"][pair] == "mel").to_numpy(), pred["mel"][pair].to_numpy()) if "mel" in pred else "-"
-    )
+    labels = m["labels"]
+    y = pred["label"].map({c: i for i, c in enumerate(labels)}).to_numpy()
+    refused, referred = app_answers(model, [str(p) for p in pred["path"]])
+    mel, nv = (pred["label"] == "mel").to_numpy(), (pred["label"] == "nv").to_numpy()
     ci = (m.get("ci95") or {}).get("balanced_accuracy")
     ba = f"{m['balanced_accuracy']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
     held = m["extra"].get("held_in_images", 0)
     return (
-        f"| {model.name} | {name} | {len(paths)} ({mel.sum()} mel, {nv.sum()} nv) | "
-        f"{share(referred, mel)} | {share(referred, nv)} | {share(refused, np.ones(len(paths), bool))} | "
-        f"{ba} | {auc} | {held or ''} |"
+        f"| {model.name} | {name} | {len(pred)} ({mel.sum()} mel, {nv.sum()} nv) | "
+        f"{share(referred, mel)} | {share(referred, nv)} | {share(refused, np.ones(len(pred), bool))} | "
+        f"{ba} | {auc_interval(y, pred[labels].to_numpy(), labels)} | {held or ''} |"
     )
 
 
