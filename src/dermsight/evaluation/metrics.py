@@ -386,6 +386,14 @@ def map_labels(
     return mapped
 
 
+def summary(m: dict[str, Any]) -> dict[str, Any]:
+    """The figures a model records of one evaluated set (`compute_metrics`' result): the headline metrics with their
+    intervals and the recall of each class."""
+    return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")} | {
+        "recall": {c: v["recall"] for c, v in m["per_class"].items()}
+    }
+
+
 def headline(m: dict[str, Any]) -> str:
     """One line of `compute_metrics`'s figures for a terminal. A figure that is undefined on these images (macro AUC
     when only one class is present) reads "n/a" instead of crashing the end of a training run."""

@@ -29,6 +29,7 @@ from dermsight.evaluation.metrics import (
     map_probabilities,
     mel_vs_nv_auc,
     referral_rates,
+    summary,
 )
 from dermsight.evaluation.report import write_report
 from dermsight.inference.scoring import score_images, softmax
@@ -130,9 +131,7 @@ def source_metrics(
 ) -> dict[str, Any]:
     """The headline figures of one source's images: the metrics with their intervals, recall per class, the advice's
     referral per class and the melanoma-vs-nevus AUC."""
-    m = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
-    return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")} | {
-        "recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"]},
+    return summary(compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)) | {
         "referral": referral_rates(referred, y, labels),
         "mel_vs_nv_auc": mel_vs_nv_auc(y, probs, labels),
     }

@@ -24,7 +24,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manifest
 from dermsight.data.problems import DataError
-from dermsight.evaluation.metrics import headline
+from dermsight.evaluation.metrics import headline, summary
 from dermsight.evaluation.run import evaluate
 from dermsight.inference.scoring import score_images
 from dermsight.models.bundle import load_model, update_meta
@@ -54,11 +54,7 @@ def train_prior(train: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, np.nd
 
 
 def _summary(metrics: dict) -> dict:
-    extra = metrics.get("extra", {})
-    return {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")} | {
-        "ece_before_temperature": extra.get("ece_before_temperature"),
-        "recall": {c: v["recall"] for c, v in metrics["per_class"].items()},
-    }
+    return summary(metrics) | {"ece_before_temperature": metrics.get("extra", {}).get("ece_before_temperature")}
 
 
 def tune_decision(

@@ -19,6 +19,7 @@ from torch import nn
 
 from dermsight.evaluation import compute_metrics, write_report
 from dermsight.evaluation.metrics import headline
+from dermsight.evaluation.metrics import summary as metrics_summary
 from dermsight.evaluation.run import lesion_groups
 from dermsight.inference.scoring import score_images, softmax
 from dermsight.models.bundle import load_model, read_meta, save_model
@@ -29,8 +30,6 @@ from dermsight.posthoc.calibrate import calibrate_model, report_lines
 from dermsight.training.config import TrainConfig
 from dermsight.training.data import subset
 from dermsight.training.state import Run
-
-SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "ci95")
 
 
 @dataclass
@@ -49,10 +48,7 @@ def finish(run: Run, stop: StopRecord, swa_selected: bool | None) -> FitResult:
     cfg, best_epoch = run.cfg, run.state.best_epoch
     model, meta = load_model(run.best_path, device=run.device)
     scores = {name: m for name in ("val", "test") if (m := _score_split(run, model, meta, name)) is not None}
-    summary: dict = {
-        name: {k: m[k] for k in SUMMARY_KEYS} | {"recall": {c: v["recall"] for c, v in m["per_class"].items()}}
-        for name, m in scores.items()
-    }
+    summary: dict = {name: metrics_summary(m) for name, m in scores.items()}
     summary["best_epoch"] = best_epoch + 1
     if run.state.stopped_after is not None:
         summary["time_limit"] = {"seconds": cfg.time_limit_s, "stopped_after_epoch": run.state.stopped_after}
