@@ -153,14 +153,18 @@ def check_split(df: pd.DataFrame, label: str = "label_ham7") -> list[str]:
     return issues
 
 
+def split_rows(df: pd.DataFrame, label: str | None = None) -> pd.DataFrame:
+    """The rows of a split manifest that are in train, val or test and, with ``label``, have a value in that column."""
+    used = df[df["split"].isin(SPLITS)]
+    return used[used[label].notna()] if label is not None and label in used else used
+
+
 def split_fingerprint(df: pd.DataFrame, label: str | None = None) -> str:
     """A short hash of which image is in which split (train/val/test), to tell a model's own split from another of
     the same sizes. Images are keyed by `manifest.image_ids` (``image_id`` where the manifest has one, else the file
     name without folder or suffix), so the same split moved to another folder (or machine) keeps its fingerprint.
     ``label``: count only rows with a value in this column (the rows a taxonomy can train on)."""
-    used = df[df["split"].isin(SPLITS)]
-    if label is not None and label in used:
-        used = used[used[label].notna()]
+    used = split_rows(df, label)
     lines = sorted(f"{k}\t{s}" for k, s in zip(image_ids(used), used["split"], strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 

@@ -17,7 +17,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from dermsight.data.manifest import image_ids
-from dermsight.data.split import SPLITS, split_fingerprint
+from dermsight.data.split import SPLITS, split_fingerprint, split_rows
 
 SPLIT_METHOD = "lesion/patient-grouped, stratified (StratifiedGroupKFold)"
 
@@ -96,9 +96,7 @@ class SplitRecord(Record):
     def of(cls, df: pd.DataFrame, seed: int | None, label: str | None, method: str = SPLIT_METHOD) -> SplitRecord:
         """The record of split manifest ``df`` (``label``: count only rows with a value in this column, the rows a
         taxonomy can train on)."""
-        used = df[df["split"].isin(SPLITS)]
-        if label is not None and label in used:
-            used = used[used[label].notna()]
+        used = split_rows(df, label)
         held = used[used["split"].isin(("train", "val"))]
         sources = used["source"].dropna().astype(str).value_counts() if "source" in used else pd.Series(dtype=int)
         return cls(
@@ -135,7 +133,7 @@ class SplitRecord(Record):
         two splits of the same sizes; a record without sizes checks nothing."""
         if set(self.sizes) != set(SPLITS):
             return None
-        labelled = df[df[label].notna()] if label in df.columns else df
+        labelled = split_rows(df, label)
         given = {name: int((labelled["split"] == name).sum()) for name in SPLITS}
         risk = "its val and test images may include training images, which would make the fit look better than it is"
         if given != self.sizes:
