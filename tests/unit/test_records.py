@@ -84,7 +84,11 @@ def test_records_round_trip_through_the_file_format_and_raise_its_version():
         training_data=TrainingData.of(["/data/ham10000", "/data/isic"], [10, 5]),
         stop=StopRecord(reason="early_stopping", epochs_run=9, best_epoch=3),
     )
-    assert typed.format_version == FORMAT_VERSION == 5  # a reader of sentences must not take records for them
+    assert typed.format_version == 5  # a reader of sentences must not take records for them
+    # A reader from before per-model referral thresholds would advise by the default one: it must refuse the file.
+    assert replace(typed, refer_from=0.08).format_version == FORMAT_VERSION == 6
+    with pytest.raises(ValueError, match="refer_from"):
+        replace(meta, refer_from=1.5)
     again = ModelMeta.from_json(typed.to_json())
     assert again == typed
     assert again.training_data.images == 15

@@ -48,3 +48,69 @@ def test_mel_vs_nv_auc_ranks_the_pair_alone():
     assert mel_vs_nv_auc(y, probs, LABELS) == pytest.approx(0.75)
     assert mel_vs_nv_auc(np.array([5, 5]), probs[2:4], LABELS) is None  # no melanoma, no AUC
     assert mel_vs_nv_auc(y, probs, ["a", "b", "c", "d", "e", "f", "g"]) is None
+
+
+def test_a_models_own_threshold_decides_its_advice():
+    from dermsight.domain.knowledge import load_knowledge
+    from dermsight.domain.results import prediction_result
+
+    from dermsight.domain.classes import CONDITIONS
+
+    names = [CONDITIONS[c].name for c in LABELS]
+    p = probs_of(nv=0.9, mel=0.1)  # 10% concerning: under the default 15%
+    default = prediction_result(p, LABELS, names)
+    own = prediction_result(p, LABELS, names, refer_from=0.08)
+    k = load_knowledge()
+    assert triage.advise(default, k).level == "monitor"
+    assert triage.advise(own, k).level == "see_doctor"
+    assert triage.advise(own, k, concern_at=0.2).level == "monitor"  # an explicit threshold wins
+    assert triage.referred(p[None], LABELS, 0.08).tolist() == [True]
+    assert "8%" in triage.rule(0.08) and "15%" in triage.RULE
+
+
+def test_referral_fit_takes_the_highest_threshold_that_keeps_95_percent_of_melanomas():
+    from dermsight.posthoc.referral import fit_referral
+
+    # 20 melanomas with concerning shares 0.40, 0.38, ..., 0.02 under a confident-enough nevus top class, and 20 nevi
+    # with shares 0.01..0.20. 95% of 20 melanomas = 19: the threshold must reach the 19th, 0.04.
+    shares = [0.40 - 0.02 * i for i in range(20)] + [0.01 * (i + 1) for i in range(20)]
+    probs = np.stack([probs_of(nv=1 - s, mel=s) for s in shares])
+    labels = ["mel"] * 20 + ["nv"] * 20
+    sources = ["a", "b"] * 20
+    fit = fit_referral(probs, labels, LABELS, sources)
+    assert fit["refer_from"] == pytest.approx(0.04) and fit["met"]
+    assert fit["pooled"]["melanomas_referred"] == 0.95
+    assert fit["pooled"]["nevi_referred"] == pytest.approx(17 / 20)  # 0.04..0.20
+    assert set(fit["by_source"]) == {"a", "b"}
+    # When even 1% misses the target, the lowest is chosen and the fit says so.
+    hopeless = fit_referral(np.stack([probs_of(nv=1.0, mel=0.0)] * 3), ["mel"] * 3, LABELS)
+    assert hopeless["refer_from"] == pytest.approx(0.01) and not hopeless["met"]
+    with pytest.raises(ValueError, match="no melanomas"):
+        fit_referral(probs[20:], labels[20:], LABELS)
+
+
+def test_the_gate_threshold_holds_for_every_group():
+    from dermsight.inference.ood import OODGate
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 8))
+    gate = OODGate.fit(train, [("pooled", 0, 8)], k=4)
+    # A large source near the training data and a small one further out: a pooled 1% quantile would reject much of
+    # the small one; per group, at most 1% of each.
+    near, far = rng.normal(size=(900, 8)), rng.normal(size=(100, 8)) * 1.6
+    feats, groups = np.concatenate([near, far]), np.array(["near"] * 900 + ["far"] * 100)
+    pooled = gate.calibrated(feats, 0.01)
+    grouped = gate.calibrated(feats, 0.01, groups)
+    assert (grouped.score(far) > grouped.threshold).mean() <= 0.01
+    assert (pooled.score(far) > pooled.threshold).mean() > 0.01
+    assert grouped.threshold > pooled.threshold
+
+
+def test_dermatoscope_field_blacks_out_all_but_a_centred_disc():
+    from dermsight.inference.preprocess import dermatoscope_field
+
+    img = np.full((150, 200, 3), 200, np.uint8)
+    out = dermatoscope_field(img)
+    assert out[0, 0].tolist() == [0, 0, 0] and out[75, 0].tolist() == [0, 0, 0]  # corner and side
+    assert out[75, 100].tolist() == [200, 200, 200] and out[0, 100].tolist() == [200, 200, 200]  # centre, top middle
+    assert img[0, 0].tolist() == [200, 200, 200]  # the input is not changed

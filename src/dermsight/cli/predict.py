@@ -29,7 +29,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dermsight.cli.output import format_table, result_record
     from dermsight.data.images import ImageError
     from dermsight.domain.knowledge import load_knowledge
-    from dermsight.domain.triage import RULE, advise
+    from dermsight.domain.triage import CONCERN_PROBABILITY, advise, rule
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import ModelLoadError
 
@@ -59,5 +59,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 written.add(out)
                 record["explanation"] = str(out)
             records.append(record)
-    print(json.dumps(records, indent=2) if args.json else format_table(records, advice_rule=RULE))
+    print(
+        json.dumps(records, indent=2)
+        if args.json
+        else format_table(records, advice_rule=rule(predictor.meta.refer_from or CONCERN_PROBABILITY))
+    )
     return EXIT_DROPPED if failed else EXIT_OK

@@ -55,6 +55,10 @@ class PredictionResult:
     # The measurements behind the decision (image-quality scores, out-of-distribution score and its threshold),
     # for logs and for the API; never needed to read the result.
     scores: dict[str, float] = field(default_factory=dict)
+    # The answering model's referral threshold: malignant and pre-malignant classes together this probable send
+    # people to a doctor (`ModelMeta.refer_from`, fitted on its validation images). None: dermsight's default,
+    # `triage.CONCERN_PROBABILITY`.
+    refer_from: float | None = None
 
     @property
     def top(self) -> ClassProbability | None:
@@ -76,6 +80,7 @@ def prediction_result(
     model: str = "",
     image: str | None = None,
     scores: dict[str, float] | None = None,
+    refer_from: float | None = None,
 ) -> PredictionResult:
     """An accepted image's result from its calibrated probabilities (in ``classes`` order, catalogue codes, with their
     display ``names``): sorted, with the flags the advice reads (`uncertain`, `concerning_probability`). One rule for
@@ -98,4 +103,5 @@ def prediction_result(
         image=image,
         concerning_probability=float(sum(probs[k] for k, c in enumerate(conds) if c.is_concerning)),
         scores=scores or {},
+        refer_from=refer_from,
     )

@@ -24,12 +24,17 @@ CONCERN_PROBABILITY = 0.15
 # reader of "mole 88%, melanoma 8%" headed "Probably harmless" should not have to find the 8% in the list.
 MENTION_PROBABILITY = 0.05
 
-# The rule in words, from the thresholds themselves (`dermsight predict` prints it under its advice column).
-RULE = (
-    "see a doctor when the top class is malignant or pre-malignant, when such classes together reach "
-    f"{CONCERN_PROBABILITY:.0%}, or when the model is uncertain (top class under {UNCERTAIN_BELOW:.0%}); otherwise "
-    "monitor."
-)
+
+def rule(concern_at: float = CONCERN_PROBABILITY) -> str:
+    """The rule in words, from the thresholds themselves (`dermsight predict` prints it under its advice column)."""
+    return (
+        "see a doctor when the top class is malignant or pre-malignant, when such classes together reach "
+        f"{concern_at:.0%}, or when the model is uncertain (top class under {UNCERTAIN_BELOW:.0%}); otherwise monitor."
+    )
+
+
+RULE = rule()
+
 
 # What a concerning class is, in words (the catalogue's malignancy), and what to do by the knowledge file's urgency.
 _KIND = {
@@ -135,9 +140,18 @@ def worth_naming(result: PredictionResult) -> list:
     return [p for p in result.predictions if _concerning(p.code) and not below(p.probability, MENTION_PROBABILITY)]
 
 
-def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = CONCERN_PROBABILITY) -> Advice:
+def concern_threshold(result: PredictionResult, concern_at: float | None = None) -> float:
+    """The referral threshold that applies to ``result``: ``concern_at`` when given, else the answering model's own
+    (`PredictionResult.refer_from`), else the default."""
+    if concern_at is not None:
+        return concern_at
+    return result.refer_from if result.refer_from is not None else CONCERN_PROBABILITY
+
+
+def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float | None = None) -> Advice:
     """The advice for ``result``. ``knowledge`` gives each class's urgency; ``concern_at`` is the share of malignant
-    and pre-malignant classes together that sends people to a doctor (`bench/triage.py` varies it).
+    and pre-malignant classes together that sends people to a doctor (default: the model's own, `concern_threshold`;
+    `bench/triage.py` varies it).
 
     In order: a concerning top class, then the concerning share, then an uncertain model send people to a doctor; the
     share comes before "uncertain" so that nv 45% / mel 40% is not advised more mildly than nv 55% / mel 40%. Every
@@ -163,7 +177,7 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
             f"{action} and show them this spot. Only a doctor can diagnose it.",
         )
     concern = concerning_probability(result)
-    if concerning and not below(concern, concern_at):
+    if concerning and not below(concern, concern_threshold(result, concern_at)):
         # Spread thin (ISIC 2019's four concerning classes at 4% each), none is named; all of them set the heading.
         parts = (
             f"{_listed(named, 'and')}, {_kinds(named)}"
@@ -203,11 +217,12 @@ def advise(result: PredictionResult, knowledge: Knowledge, concern_at: float = C
 def referred(
     probs: np.ndarray,
     classes: Sequence[str],
-    concern_at: float = CONCERN_PROBABILITY,
+    concern_at: float | None = None,
     knowledge: Knowledge | None = None,
 ) -> np.ndarray:
     """Whether the advice sends each row of calibrated probabilities (in ``classes`` order) to a doctor: the app's own
-    rule replayed on labelled images (`dermsight evaluate`, `bench/triage.py`)."""
+    rule replayed on labelled images (`dermsight evaluate`, `bench/triage.py`, the referral fit). ``concern_at``:
+    the model's referral threshold (`ModelMeta.refer_from`; None: the default)."""
     knowledge = knowledge if knowledge is not None else load_knowledge()
     names = [CONDITIONS[c].name for c in classes]
     return np.array(

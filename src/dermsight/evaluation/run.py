@@ -208,7 +208,7 @@ def evaluate(
     adjusted = meta.adjust(logits)
     probs_raw, probs = softmax(adjusted), softmax(adjusted, meta.temperature)
     # The advice is given on the served probabilities, in the model's own classes, whatever taxonomy scores them.
-    referred = triage.referred(probs, meta.classes)
+    referred = triage.referred(probs, meta.classes, meta.refer_from or None)
     if taxonomy != meta.taxonomy:
         # Scored in the coarser taxonomy on summed probabilities (AK + SCC -> akiec), and decided by their argmax:
         # with calibrated probabilities that is the best decision among the coarse classes, which is what the

@@ -148,14 +148,19 @@ class OODGate:
         scales = np.array([b.scale for b in self.blocks])
         return (self.block_scores(features) / scales).sum(1)
 
-    def calibrated(self, val_features: np.ndarray, target_rejection: float) -> OODGate:
+    def calibrated(
+        self, val_features: np.ndarray, target_rejection: float, groups: np.ndarray | None = None
+    ) -> OODGate:
         """Scales from the validation lesions' median block scores, and the threshold that rejects
-        ``target_rejection`` of them."""
+        ``target_rejection`` of them; with ``groups`` (one label per row: the image's source, say), at most that share
+        of each group, so a minority source cannot hide behind the pooled rate."""
         raw = self.block_scores(val_features)
         scales = np.maximum(np.median(raw, 0), 1e-12)
         blocks = tuple(Block(b.name, b.start, b.end, float(s)) for b, s in zip(self.blocks, scales, strict=True))
         total = (raw / scales).sum(1)
-        return OODGate(blocks, self.densities, float(np.quantile(total, 1 - target_rejection)))
+        keys = np.zeros(len(total)) if groups is None else np.asarray(groups)
+        threshold = max(float(np.quantile(total[keys == g], 1 - target_rejection)) for g in np.unique(keys))
+        return OODGate(blocks, self.densities, threshold)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors for `save_model(..., extra=...)`."""

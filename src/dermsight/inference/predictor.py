@@ -360,8 +360,9 @@ class Predictor:
         return PredictionResult(status="rejected", reason=reason, model=self._model_label(), image=image, scores=scores)
 
     def _result(self, probs: np.ndarray, image: str | None, scores: dict[str, float]) -> PredictionResult:
+        meta = self._meta
         return prediction_result(
-            probs, self._meta.classes, self._meta.class_names, model=self._model_label(), image=image, scores=scores
+            probs, meta.classes, meta.class_names, self._model_label(), image, scores, meta.refer_from or None
         )
 
     # ---------------------------------------------------------------------------------------------- explanation

@@ -29,6 +29,20 @@ def square_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
     return np.array(Image.fromarray(image[y0 : y0 + s, x0 : x0 + s]).resize((size, size), Image.Resampling.BICUBIC))
 
 
+def dermatoscope_field(image: np.ndarray, diameter: float = 1.1) -> np.ndarray:
+    """``image`` as a contact dermatoscope shows it: black outside a centred disc ``diameter`` times the shorter side
+    across (corners black on a square crop; the sides and corners on a whole 4:3 frame). Many clinics' dermoscopy
+    looks like this, HAM10000's rarely does, so the not-a-lesion threshold is set on such views too
+    (`posthoc.calibrate`)."""
+    h, w = image.shape[:2]
+    yy, xx = np.ogrid[:h, :w]
+    r = diameter * min(h, w) / 2
+    outside = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 > r * r
+    out = np.array(image, copy=True)
+    out[outside] = 0
+    return out
+
+
 Source: TypeAlias = str | os.PathLike | bytes | np.ndarray
 
 

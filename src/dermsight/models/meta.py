@@ -29,8 +29,9 @@ from dermsight.models.records import (
 # network, 2 for an ensemble (`members` > 1), which a dermsight from before ensembles would misread, 3 for an
 # ensemble of several backbones (`member_specs`), which one from before those would build wrongly, 4 for colour
 # constancy, 5 for the typed records (`models.records`: split, training data, stop), which earlier readers would take
-# for sentences.
-FORMAT_VERSION = 5
+# for sentences, 6 for a model's own referral threshold (`refer_from`), which earlier readers would drop and so
+# advise by the default.
+FORMAT_VERSION = 6
 
 
 # What models must share to be averaged (`dermsight soup`) or combined (`dermsight ensemble`): one architecture,
@@ -98,6 +99,11 @@ class ModelMeta:
     # loss's shift towards rare classes), and whether predictions average the eight flips/rotations by default.
     logit_bias: tuple[float, ...] = ()
     tta: bool = False
+    # The referral threshold: malignant and pre-malignant classes together this probable send people to a doctor
+    # (`domain.triage.advise`). Fitted on the validation split pooled over its sources (`posthoc.referral`): the
+    # highest whole percent that refers at least 95% of validation melanomas. 0: the default,
+    # `triage.CONCERN_PROBABILITY`.
+    refer_from: float = 0.0
     # Typed records (`models.records`); a file of the earlier format holds sentences here, converted when read.
     training_data: TrainingData | None = None
     split: SplitRecord | None = None
@@ -144,7 +150,17 @@ class ModelMeta:
         self._convert_records()
         typed = self.split is not None or self.training_data is not None or self.stop is not None
         version = (
-            5 if typed else 4 if self.colour_constancy else 3 if self.member_specs else 2 if self.members > 1 else 1
+            6
+            if self.refer_from
+            else 5
+            if typed
+            else 4
+            if self.colour_constancy
+            else 3
+            if self.member_specs
+            else 2
+            if self.members > 1
+            else 1
         )
         if self.format_version < version:
             object.__setattr__(self, "format_version", version)  # frozen dataclass: set once, while it is being built
@@ -154,6 +170,8 @@ class ModelMeta:
             raise ValueError("logit_bias must give one value per class (or none)")
         if self.source_short_side < 0 or not 0 <= self.source_jpeg_quality <= 100:
             raise ValueError("source_short_side must be >= 0 and source_jpeg_quality in 0..100")
+        if not 0 <= self.refer_from < 1:
+            raise ValueError(f"refer_from (a probability) must be in [0, 1), got {self.refer_from}")
         if self.colour_constancy < 0:
             raise ValueError(f"colour_constancy (a Shades of Gray p) must be >= 0, got {self.colour_constancy}")
         # Store the free-form dicts as their JSON round trip: a value that cannot be saved fails here rather than at

@@ -26,9 +26,11 @@ from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manif
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import headline, summary
 from dermsight.evaluation.run import evaluate
-from dermsight.inference.scoring import score_images
+from dermsight.inference.scoring import score_images, softmax
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
+from dermsight.posthoc.referral import fit_referral
+from dermsight.posthoc.referral import report_line as referral_line
 from dermsight.posthoc.temperature import fit_temperature
 
 TAUS = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.05))
@@ -83,7 +85,9 @@ def tune_decision(
         logits = score_images(model, meta, paths, tta=tta, progress=progress, desc="val").logits
         ok = ~np.isnan(logits).any(axis=1)
         tau, ba, acc = choose(logits[ok], y[ok], log_prior)
-        candidates[tta] = {"tau": tau, "balanced_accuracy": ba, "accuracy": acc, "logits": logits[ok], "y": y[ok]}
+        candidates[tta] = {
+            "tau": tau, "balanced_accuracy": ba, "accuracy": acc, "logits": logits[ok], "y": y[ok], "ok": ok,
+        }  # fmt: skip
     tta = candidates[True]["balanced_accuracy"] + candidates[True]["accuracy"] > (
         candidates[False]["balanced_accuracy"] + candidates[False]["accuracy"]
     )
@@ -105,7 +109,12 @@ def tune_decision(
         },
         "train_prior": {c: round(float(p), 4) for c, p in zip(meta.classes, prior, strict=True)},
     }
-    new = replace(biased, tta=bool(tta), temperature=temperature)
+    # The referral threshold on the probabilities as served with this rule, every source's melanomas pooled.
+    sources = val["source"].astype(str).to_numpy()[pick["ok"]] if "source" in val else None
+    served = softmax(biased.adjust(pick["logits"]), temperature)
+    referral = fit_referral(served, [meta.classes[i] for i in pick["y"]], meta.classes, sources)
+    decision["referral"] = referral
+    new = replace(biased, tta=bool(tta), temperature=temperature, refer_from=referral["refer_from"])
     out = update_meta(model_path, new, out_path)
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
@@ -134,6 +143,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         f"decision rule: tta {'on' if d['tta'] else 'off'}, tau {d['tau']} (chosen on the {d['chosen_on']}); "
         f"temperature {report['temperature']:.4f}"
     ]
+    if "referral" in d:
+        lines.append(referral_line(d["referral"]))
     for name in ("val", "test"):
         m = report["metrics"].get(name)
         if m:

@@ -221,6 +221,11 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                             "description": "sum of the probabilities of the malignant and pre-malignant classes; "
                             "null when rejected",
                         },
+                        "refer_from": {
+                            "type": ["number", "null"],
+                            "description": "the model's referral threshold: malignant and pre-malignant classes "
+                            "together this probable advise seeing a doctor (null: the default, 0.15)",
+                        },
                         "scores": {
                             "type": "object",
                             "additionalProperties": {"type": "number"},
