@@ -77,27 +77,38 @@ def app_answers(model: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return refused, referred
 
 
-def row(name: str, model: Path, data: str, split: str | None, work: Path) -> str:
+def row(name: str, model: Path, data: str, split: str | None, work: Path, label: str) -> list[str]:
+    """The set's line, then one per source when it holds several (a multi-folder split's test part)."""
     m = evaluate(Path(data), work, model, split=split, progress=False).metrics
     # The images evaluate scored, with their labels in its scoring taxonomy: read once, for both halves of the row.
     pred = pd.read_csv(work / "predictions.csv")
     labels = m["labels"]
     y = pred["label"].map({c: i for i, c in enumerate(labels)}).to_numpy()
     refused, referred = app_answers(model, [str(p) for p in pred["path"]])
-    mel, nv = (pred["label"] == "mel").to_numpy(), (pred["label"] == "nv").to_numpy()
-    ci = (m.get("ci95") or {}).get("balanced_accuracy")
-    ba = f"{m['balanced_accuracy']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
     held = m["extra"].get("held_in_images", 0)
-    return (
-        f"| {model.name} | {name} | {len(pred)} ({mel.sum()} mel, {nv.sum()} nv) | "
-        f"{share(referred, mel)} | {share(referred, nv)} | {share(refused, np.ones(len(pred), bool))} | "
-        f"{ba} | {auc_interval(y, pred[labels].to_numpy(), labels)} | {held or ''} |"
-    )
+
+    def line(what: str, rows: np.ndarray, figures: dict) -> str:
+        mel, nv = (pred["label"] == "mel").to_numpy() & rows, (pred["label"] == "nv").to_numpy() & rows
+        ci = (figures.get("ci95") or {}).get("balanced_accuracy")
+        ba = f"{figures['balanced_accuracy']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        auc = auc_interval(y[rows], pred.loc[rows, labels].to_numpy(), labels)
+        return (
+            f"| {label} | {what} | {rows.sum()} ({mel.sum()} mel, {nv.sum()} nv) | "
+            f"{share(referred, mel)} | {share(referred, nv)} | {share(refused, rows)} | "
+            f"{ba} | {auc} | {held or ''} |"
+        )
+
+    lines = [line(name, np.ones(len(pred), bool), m)]
+    for source, figures in (m.get("by_source") or {}).items():
+        lines.append(line(f"{name}: {source}", (pred["source"].astype(str) == source).to_numpy(), figures))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", type=Path, required=True, help="a model file (repeat for several)")
+    ap.add_argument(
+        "--model", action="append", required=True, metavar="[NAME=]FILE", help="a model file (repeat for several)"
+    )
     ap.add_argument(
         "--set", action="append", required=True, metavar="NAME=DATA[:SPLIT]", help="a labelled set (repeat)"
     )
@@ -126,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.model:
+        for j, spec in enumerate(args.model):
+            label, sep, file = spec.partition("=")
+            model = Path(file if sep else spec)
+            label = label if sep else model.name
             for k, (name, data, split) in enumerate(sets):
-                lines.append(row(name, model, data, split, Path(tmp) / f"{model.stem}_{k}"))
-                print(lines[-1], flush=True)
+                for text in row(name, model, data, split, Path(tmp) / f"{j}_{k}", label):
+                    lines.append(text)
+                    print(text, flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text)

@@ -854,6 +854,12 @@ def test_cli_evaluate_counts_what_the_serving_gates_would_refuse(calibrated, tmp
     assert counts["refused"] >= 2 and counts["refused"] == counts["not_a_lesion"] + counts["image_quality"]
     assert f"the app would refuse {counts['refused']} of these {len(rows)} images" in stdout
     assert f"| serving_gates | the app would refuse {counts['refused']} of" in (out / "report.md").read_text()
+    # What the app tells people: the two refused pictures labelled nv are counted as refused, never as sent.
+    app = metrics["app_referral"]
+    nv_refused = app["refused"]["per_class"]["nv"]
+    assert round(nv_refused["referred"] * nv_refused["n"]) >= 2
+    assert app["per_class"]["nv"]["referred"] <= metrics["referral"]["per_class"]["nv"]["referred"]
+    assert "as the app answers (a refused image is not sent)" in stdout
     # Without --gates: no second pass, nothing said.
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert "serving gates" not in capsys.readouterr().out

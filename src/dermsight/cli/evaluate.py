@@ -66,6 +66,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.gates:
         print(f"serving gates: {m['extra']['serving_gates']} (the metrics above count every image)")
+        app = m["app_referral"]
+        print(
+            f"as the app answers (a refused image is not sent): sent to a doctor {_referral_words(app, ('mel', 'nv'))}"
+            f"; refused {_referral_words(app['refused'], ('mel', 'nv'))}"
+        )
+        for name, s in (m.get("by_source") or {}).items():
+            app = s["app_referral"]
+            print(
+                f"  {name}: sent {_referral_words(app, ('mel', 'nv'))}; refused "
+                f"{_referral_words(app['refused'], ('mel', 'nv'))}"
+            )
     if m["extra"]["held_in_images"]:
         held = m["extra"]["held_in_images"]
         print(f"WARNING: {held_in_words(held, m['n'] + m['extra']['images_failed'])}", file=sys.stderr)

@@ -96,13 +96,21 @@ def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = Tr
     """How many of ``paths`` the serving gates would refuse (`Predictor`: the image-quality checks, then the
     not-a-lesion gate), which `predict` and the web app answer with a reason and no diagnosis. `evaluate` itself
     scores every image, so its metrics describe the model, not what a user of the app would be told."""
+    return serving_answers(model_path, paths, progress)[1]
+
+
+def serving_answers(model_path: Path, paths: Sequence[str], progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """(refused, counts): whether the app refuses each of ``paths`` (an image that cannot be read included), and the
+    counts `serving_refusals` reports."""
     from dermsight.inference.predictor import NOT_A_LESION, Predictor
 
     predictor = Predictor.from_path(model_path)
     quality: dict[str, int] = {}
     not_a_lesion = failed = 0
+    refused_each = np.zeros(len(paths), bool)
     for start in tqdm(range(0, len(paths), 32), desc="serving gates", unit="batch", disable=not progress or None):
-        for r in predictor.predict_batch(list(paths[start : start + 32])):
+        for j, r in enumerate(predictor.predict_batch(list(paths[start : start + 32]))):
+            refused_each[start + j] = isinstance(r, ImageError) or r.status == "rejected"
             if isinstance(r, ImageError):
                 failed += 1
             elif r.status == "rejected" and r.reason == NOT_A_LESION:
@@ -111,7 +119,7 @@ def serving_refusals(model_path: Path, paths: Sequence[str], progress: bool = Tr
                 quality[str(r.reason)] = quality.get(str(r.reason), 0) + 1
     n = len(paths) - failed
     refused = not_a_lesion + sum(quality.values())
-    return {
+    return refused_each, {
         "images": n,
         "refused": refused,
         "share": refused / n if n else 0.0,
@@ -233,7 +241,16 @@ def evaluate(
     if gates:
         # Counted beside the metrics, which still cover every image (metrics.json "serving_gates").
         scored = [p for p, k in zip(paths, ok, strict=True) if k]
-        metrics["serving_gates"] = serving_refusals(model_path, scored, progress)
+        refused, metrics["serving_gates"] = serving_answers(model_path, scored, progress)
+        # What a user is told: a refused image gets no advice, so it is not sent to a doctor by the app.
+        metrics["app_referral"] = referral_rates(referred & ~refused, y, labels) | {
+            "refused": referral_rates(refused, y, labels)
+        }
+        for src, m in metrics.get("by_source", {}).items():
+            here = sources == src
+            m["app_referral"] = referral_rates((referred & ~refused)[here], y[here], labels) | {
+                "refused": referral_rates(refused[here], y[here], labels)
+            }
     extra = {
         "model": str(model_path),
         "architecture": meta.architecture,
@@ -264,7 +281,8 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
     """One row per scored image: ``image`` (the id its label file gave it, else the file name without suffix, as
     ISIC names images), ``path``, ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the
     calibrated probability of each class, one column per class code (the layout of ISIC's challenge submissions).
-    For finding which images a model gets wrong, and for any metric this module does not compute."""
+    For finding which images a model gets wrong, and for any metric this module does not compute. A manifest of
+    several folders adds each image's ``source`` after its path."""
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
@@ -275,6 +293,8 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
             "correct": pred == y,
         }
     )
+    if "source" in manifest:  # which of several folders the image came from (`dermsight data manifest A B`)
+        table.insert(2, "source", manifest["source"].astype(str).to_numpy())
     table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
     table.to_csv(path, index=False)
     return path

@@ -46,6 +46,38 @@ def _fmt(v: Any, ci: Any = None) -> str:
     return s
 
 
+def _source(name: str) -> str:
+    """A manifest's source ("labels-csv:ham10000": reader, then folder) as the folder's name."""
+    return name.partition(":")[2] or name
+
+
+def _share(rate: float | None, n: int) -> str:
+    return "n/a" if rate is None else f"{rate:.1%} of {n}"
+
+
+def _by_source(s: dict) -> list[str]:
+    """The split's figures per source, when it holds several: a pooled figure hides where the model fails."""
+    rows = s.get("by_source") or {}
+    if not rows:
+        return []
+    lines = [
+        "",
+        "By source (the app's advice replayed on every image, no refusals applied):",
+        "",
+        "| source | images | balanced accuracy | accuracy | melanoma vs nevus AUC | melanomas sent to a doctor "
+        "| nevi sent to a doctor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for src, m in rows.items():
+        ref = m.get("referral") or {}
+        ci = m.get("ci95", {})
+        lines.append(
+            f"| {_source(src)} | {m['n']} | {_fmt(m['balanced_accuracy'], ci.get('balanced_accuracy'))} | "
+            f"{_fmt(m['accuracy'])} | {_fmt(m.get('mel_vs_nv_auc'))} | {_fmt(ref.get('mel'))} | {_fmt(ref.get('nv'))} |"
+        )
+    return lines
+
+
 def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "", notes: tuple[str, ...] = ()) -> str:
     m = meta.metrics or {}
     ens = m.get("ensemble", {}).get("members", [])
@@ -163,6 +195,28 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
         if recall:
             lines += ["", "| class | recall |", "|---|---:|"]
             lines += [f"| {c} ({CONDITIONS[c].name}) | {_fmt(r)} |" for c, r in recall.items()]
+        lines += _by_source(s)
+    ref = (d or {}).get("referral")
+    if ref:
+        lines += [
+            "",
+            "## Referral threshold",
+            "",
+            f"The advice sends a person to a doctor when malignant and pre-malignant classes together reach "
+            f"**{ref['refer_from']:.0%}** (or the top class is one, or the model is uncertain). Chosen on the "
+            f"validation split, every source's images pooled: the highest whole percent that sends at least "
+            f"{ref['target']:.0%} of the validation melanomas to a doctor"
+            + ("" if ref["met"] else " (not reached even at 1%)")
+            + ". On those images:",
+            "",
+            "| validation images | melanomas sent to a doctor | nevi sent to a doctor |",
+            "|---|---:|---:|",
+        ]
+        for name, r in [("all sources", ref["pooled"]), *ref.get("by_source", {}).items()]:
+            lines.append(
+                f"| {_source(name)} | {_share(r['melanomas_referred'], r['melanomas'])} | "
+                f"{_share(r['nevi_referred'], r['nevi'])} |"
+            )
     for key, title in (("rejection", "Image gate and out-of-distribution rejection"),):
         if m.get(key):
             lines += ["", f"## {title}", ""]

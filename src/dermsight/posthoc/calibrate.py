@@ -41,9 +41,15 @@ from dermsight.posthoc.temperature import fit_temperature, nll
 # ------------------------------------------------------------------------------------------------ source detail
 
 
-def source_detail(paths: Sequence[str], sample: int = 64) -> tuple[int, int]:
+def source_detail(paths: Sequence[str], sample: int = 64, sources: Sequence[str] | None = None) -> tuple[int, int]:
     """(median shorter side, median JPEG quality) of a random sample of training images; quality 0 when most are
-    not JPEGs."""
+    not JPEGs. With ``sources`` (one per path), each source's medians, then the finest of them: a network trained on
+    several levels of detail can use the finest, so serving should not throw it away (HAM10000's 150 px side
+    would otherwise shrink every upload, the 224 px crops it also trained on included)."""
+    if sources is not None:
+        keys = np.asarray(sources, dtype=object)
+        found = [source_detail([p for p, k in zip(paths, keys, strict=True) if k == s], sample) for s in set(keys)]
+        return max(side for side, _ in found), max(quality for _, quality in found)
     rng = np.random.default_rng(0)
     pick = [paths[i] for i in rng.choice(len(paths), min(sample, len(paths)), replace=False)]
     sides, qualities = [], []
@@ -128,7 +134,8 @@ def calibrate_model(
     if parts["val"].empty:
         raise DataError("the manifest has no `val` split to calibrate on")
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
-    side, quality = source_detail([str(p) for p in fit_df["path"]]) if match_source else (0, 0)
+    fit_sources = fit_df["source"].astype(str).tolist() if "source" in fit_df else None
+    side, quality = source_detail([str(p) for p in fit_df["path"]], sources=fit_sources) if match_source else (0, 0)
     meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality})
     predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:

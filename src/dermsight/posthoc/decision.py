@@ -56,7 +56,26 @@ def train_prior(train: pd.DataFrame, meta: ModelMeta) -> tuple[np.ndarray, np.nd
 
 
 def _summary(metrics: dict) -> dict:
-    return summary(metrics) | {"ece_before_temperature": metrics.get("extra", {}).get("ece_before_temperature")}
+    """What the model records of a scored split: the headline figures, the advice's referral of melanomas and nevi,
+    and, for a split of several sources, the same per source."""
+    out = summary(metrics) | {
+        "ece_before_temperature": metrics.get("extra", {}).get("ece_before_temperature"),
+        "mel_vs_nv_auc": metrics.get("mel_vs_nv_auc"),
+        "referral": _referral(metrics.get("referral")),
+    }
+    if metrics.get("by_source"):
+        out["by_source"] = {
+            src: summary(m) | {"mel_vs_nv_auc": m.get("mel_vs_nv_auc"), "referral": _referral(m.get("referral"))}
+            for src, m in metrics["by_source"].items()
+        }
+    return out
+
+
+def _referral(rates: dict | None) -> dict:
+    """Share of each true class the advice sends to a doctor, and of all images (`metrics.referral_rates`)."""
+    if not rates:
+        return {}
+    return {c: round(v["referred"], 4) for c, v in rates["per_class"].items()} | {"all": rates["all"]}
 
 
 def tune_decision(
