@@ -51,10 +51,9 @@ def test_mel_vs_nv_auc_ranks_the_pair_alone():
 
 
 def test_a_models_own_threshold_decides_its_advice():
+    from dermsight.domain.classes import CONDITIONS
     from dermsight.domain.knowledge import load_knowledge
     from dermsight.domain.results import prediction_result
-
-    from dermsight.domain.classes import CONDITIONS
 
     names = [CONDITIONS[c].name for c in LABELS]
     p = probs_of(nv=0.9, mel=0.1)  # 10% concerning: under the default 15%
