@@ -17,6 +17,13 @@ def _split(n: int, ba: float, mel: float, nv: float) -> dict:
     }  # fmt: skip
 
 
+EXTERNAL = {
+    "n": 555, "melanomas": 159, "nevi": 396, "balanced_accuracy": 0.7, "balanced_accuracy_ci95": [0.65, 0.75],
+    "accuracy": 0.75, "mel_vs_nv_auc": 0.8, "melanomas_sent": 0.881, "nevi_sent": 0.333, "melanomas_refused": 0.02,
+    "refused": 0.041,
+}  # fmt: skip
+
+
 def test_card_shows_each_source_and_the_fitted_referral_threshold():
     test = _split(300, 0.7, 0.9, 0.25) | {
         "by_source": {
@@ -35,7 +42,7 @@ def test_card_shows_each_source_and_the_fitted_referral_threshold():
     meta = replace(
         ModelMeta.new("tf_efficientnet_lite0", "ham7", WEIGHTS, input_size=64),
         refer_from=0.08,
-        metrics={"test": test, "decision": decision},
+        metrics={"test": test, "decision": decision, "external": {"ISIC Archive": EXTERNAL}},
     )
     card = render_model_card(meta)
     assert "| isic2017_256 | 100 | 0.550 | 0.800 | 0.850 | 0.810 | 0.400 |" in card
@@ -43,6 +50,7 @@ def test_card_shows_each_source_and_the_fitted_referral_threshold():
     assert "reach **8%**" in card
     assert "| all sources | 95.0% of 60 | 31.0% of 200 |" in card
     assert "| isic2017_256 | 90.0% of 20 | 44.0% of 50 |" in card
+    assert "| ISIC Archive | 555 (159 mel, 396 nv) | 88.1% | 33.3% | 4.1% | 0.800 | 0.700 (0.650-0.750) |" in card
     # A model of one source and the default threshold says neither.
     plain = replace(meta, refer_from=0.0, metrics={"test": _split(300, 0.7, 0.9, 0.25)})
     assert "By source" not in render_model_card(plain) and "Referral threshold" not in render_model_card(plain)

@@ -350,6 +350,25 @@ def test_about_page_shows_model_card(client, fake):
         assert name in page
 
 
+def test_about_page_says_how_often_melanomas_are_missed_elsewhere(client, fake):
+    from dataclasses import replace
+
+    external = {
+        "n": 555, "melanomas": 159, "nevi": 396, "balanced_accuracy": 0.7, "balanced_accuracy_ci95": None,
+        "accuracy": 0.75, "mel_vs_nv_auc": 0.8, "melanomas_sent": 0.881, "nevi_sent": 0.333,
+        "melanomas_refused": 0.02, "refused": 0.041,
+    }  # fmt: skip
+    fake.meta = replace(fake.meta, metrics=fake.meta.metrics | {"external": {"ISIC Archive": external}})
+    page = client.get("/about").get_data(as_text=True)
+    row = re.search(r"<tr><th scope=\"row\">ISIC Archive: 555 \(159 melanomas\)</th>(.*?)</tr>", page, re.S)
+    assert row and re.findall(r"<td>([^<]*)</td>", row.group(1)) == ["88%", "33%", "4%"]
+    assert "it sent 88% of the\n      melanomas of ISIC Archive to a doctor" in page
+    # Without external figures, neither the table nor the sentence.
+    fake.meta = replace(fake.meta, metrics={k: v for k, v in fake.meta.metrics.items() if k != "external"})
+    page = client.get("/about").get_data(as_text=True)
+    assert 'id="external"' not in page and "images from other clinics it sent" not in page
+
+
 def test_unknown_page_is_html_404_and_api_404_is_json(client):
     r = client.get("/no/such/page")
     assert r.status_code == 404 and r.mimetype == "text/html" and "Page not found" in r.get_data(as_text=True)

@@ -78,6 +78,35 @@ def _by_source(s: dict) -> list[str]:
     return lines
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _external(sets: dict) -> list[str]:
+    """Sets from other sources, never used to train or select the model (`scripts/record_external.py`): what the
+    app tells people there, refusals included."""
+    if not sets:
+        return []
+    lines = [
+        "",
+        "## On images from other sources",
+        "",
+        "Labelled sets the model never trained on, scored as the app answers (`dermsight evaluate --gates`): a refused "
+        "image gets no advice, so a refused melanoma counts as not sent to a doctor.",
+        "",
+        "| set | images | melanomas sent to a doctor | nevi sent to a doctor | refused | melanoma vs nevus AUC "
+        "| balanced accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in sets.items():
+        lines.append(
+            f"| {name} | {e['n']} ({e['melanomas']} mel, {e['nevi']} nv) | {_pct(e['melanomas_sent'])} | "
+            f"{_pct(e['nevi_sent'])} | {_pct(e['refused'])} | {_fmt(e['mel_vs_nv_auc'])} | "
+            f"{_fmt(e['balanced_accuracy'], e.get('balanced_accuracy_ci95'))} |"
+        )
+    return lines
+
+
 def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = "", notes: tuple[str, ...] = ()) -> str:
     m = meta.metrics or {}
     ens = m.get("ensemble", {}).get("members", [])
@@ -196,6 +225,7 @@ def render_model_card(meta: ModelMeta, model_file: str = "", reproduce: str = ""
             lines += ["", "| class | recall |", "|---|---:|"]
             lines += [f"| {c} ({CONDITIONS[c].name}) | {_fmt(r)} |" for c, r in recall.items()]
         lines += _by_source(s)
+    lines += _external(m.get("external") or {})
     ref = (d or {}).get("referral")
     if ref:
         lines += [

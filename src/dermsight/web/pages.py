@@ -91,7 +91,12 @@ def about():
     model = _model()
     meta = model.meta
     return render_template(
-        "about.html", meta=meta, info=model.info(), metrics=_metrics_view(meta.metrics), knowledge=_knowledge()
+        "about.html",
+        meta=meta,
+        info=model.info(),
+        metrics=_metrics_view(meta.metrics),
+        external=meta.metrics.get("external") or {},
+        knowledge=_knowledge(),
     )
 
 
@@ -117,6 +122,8 @@ def _metrics_view(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     order = {"test": 0, "val": 2}
     for split in sorted(metrics, key=lambda k: (order.get(k, 1), k)):
         m = metrics[split]
+        if split == "external":  # sets from other sources: a table of their own
+            continue
         if not isinstance(m, dict) or not any(key in m for key in _HEADLINE):
             continue
         ci = m.get("ci95") or {}
