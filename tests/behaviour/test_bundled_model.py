@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageEnhance
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import HAM, needs_ham
-from dermsight.data.manifest import build_manifest
+from conftest import SHARED_DATA
+from dermsight.data.manifest import build_manifest, combine
 from dermsight.data.split import SplitConfig, split_fingerprint, split_manifest
 from dermsight.inference.predictor import Predictor
 from dermsight.models.bundle import DEFAULT_MODEL, read_meta
@@ -26,6 +26,13 @@ from dermsight.models.bundle import DEFAULT_MODEL, read_meta
 pytestmark = pytest.mark.slow
 
 META = read_meta(DEFAULT_MODEL)
+# The folders the model learned from, as they sit under ../shared/data: its held-out split is rebuilt from all of them.
+SOURCES = [SHARED_DATA / s.name for s in META.training_data.sources]
+needs_ham = pytest.mark.skipif(
+    not all((p / "labels.csv").is_file() for p in SOURCES),
+    reason=f"the model's training data ({', '.join(p.name for p in SOURCES)}) not found under {SHARED_DATA} (set "
+    "DERMSIGHT_SHARED_DATA)",
+)
 LABEL = "label_ham7"  # the model's taxonomy is ham7; training splits and scores on this column
 # The fingerprint of the split `held_out` rebuilds from the bundled model's recorded seed, for a record without one
 # (the model's sentence record, "seed 0: train 7010, val 1502, test 1503 images", predated fingerprints). It is the
@@ -109,7 +116,7 @@ def held_out() -> pd.DataFrame:
     seed, sizes, fingerprint, held_in = recorded_split(META)
     # verify="none": opening every image adds about a second and cannot change the split unless a file is broken,
     # which the fingerprint below would catch.
-    manifest = build_manifest(HAM, verify="none", progress=False).manifest
+    manifest = combine([build_manifest(p, verify="none", progress=False) for p in SOURCES]).manifest
     # The val and test fractions are SplitConfig's defaults, as in configs/default.yaml; folds=0 skips the
     # cross-validation folds of train+val, which do not move any image between train, val and test.
     split = split_manifest(manifest, SplitConfig(seed=seed, folds=0, label=LABEL))
