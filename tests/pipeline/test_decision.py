@@ -54,3 +54,7 @@ def test_tune_decision_stores_the_rule_and_scores_val_and_test(tmp_path):
     assert meta.metrics["decision"]["chosen_on"].startswith("val split")
     assert {"val", "test"} <= set(meta.metrics) and (tmp_path / "reports" / "test" / "metrics.json").is_file()
     assert read_meta(run.model_path).logit_bias == ()  # the input model is left as it was
+    # The referral threshold is fitted on the same served probabilities and travels in the file.
+    referral = meta.metrics["decision"]["referral"]
+    assert meta.refer_from == referral["refer_from"] and 0 < meta.refer_from <= 0.5
+    assert referral["met"] == (referral["pooled"]["melanomas_referred"] >= 0.95)

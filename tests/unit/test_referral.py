@@ -113,3 +113,20 @@ def test_dermatoscope_field_blacks_out_all_but_a_centred_disc():
     assert out[0, 0].tolist() == [0, 0, 0] and out[75, 0].tolist() == [0, 0, 0]  # corner and side
     assert out[75, 100].tolist() == [200, 200, 200] and out[0, 100].tolist() == [200, 200, 200]  # centre, top middle
     assert img[0, 0].tolist() == [200, 200, 200]  # the input is not changed
+
+
+def test_serving_keeps_the_finest_detail_any_training_source_had(tmp_path):
+    from PIL import Image
+
+    from dermsight.posthoc.calibrate import source_detail
+
+    rng = np.random.default_rng(0)
+    paths, sources = [], []
+    for name, (w, h), quality, n in (("coarse", (200, 150), 75, 6), ("fine", (224, 224), 95, 3)):
+        for i in range(n):
+            p = tmp_path / f"{name}{i}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=quality)
+            paths.append(str(p))
+            sources.append(name)
+    assert source_detail(paths) == (150, 75)  # pooled: the majority's detail
+    assert source_detail(paths, sources=sources) == (224, 95)  # by source: the finest

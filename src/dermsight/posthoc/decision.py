@@ -131,9 +131,12 @@ def tune_decision(
     # The referral threshold on the probabilities as served with this rule, every source's melanomas pooled.
     sources = val["source"].astype(str).to_numpy()[pick["ok"]] if "source" in val else None
     served = softmax(biased.adjust(pick["logits"]), temperature)
-    referral = fit_referral(served, [meta.classes[i] for i in pick["y"]], meta.classes, sources)
+    codes = [meta.classes[i] for i in pick["y"]]
+    # Without validation melanomas there is nothing to fit: the model keeps the threshold it has.
+    referral = fit_referral(served, codes, meta.classes, sources) if "mel" in codes else None
     decision["referral"] = referral
-    new = replace(biased, tta=bool(tta), temperature=temperature, refer_from=referral["refer_from"])
+    refer_from = referral["refer_from"] if referral else meta.refer_from
+    new = replace(biased, tta=bool(tta), temperature=temperature, refer_from=refer_from)
     out = update_meta(model_path, new, out_path)
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
@@ -162,7 +165,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         f"decision rule: tta {'on' if d['tta'] else 'off'}, tau {d['tau']} (chosen on the {d['chosen_on']}); "
         f"temperature {report['temperature']:.4f}"
     ]
-    if "referral" in d:
+    if d.get("referral"):
         lines.append(referral_line(d["referral"]))
     for name in ("val", "test"):
         m = report["metrics"].get(name)
