@@ -4,6 +4,8 @@ not-a-lesion gate: real photos shipped inside dependencies, crops of them, and s
 - scikit-learn's ``china.jpg`` (a building) and ``flower.jpg`` (CC BY 2.0, see sklearn/datasets/images/README.txt)
 - matplotlib's ``grace_hopper.jpg`` (a portrait; US Navy photo, public domain)
 - synthetic: a page of text, a street/landscape-like scene, a screenshot-like layout, a checkerboard
+- the real photos inside a dermatoscope's round black field (`preprocess.dermatoscope_field`): the not-a-lesion
+  threshold is set on lesions seen that way too, and a dark round border alone must not make a photo pass
 
 They are few and not a benchmark; `dermsight calibrate` measures them on every model so that its card always carries
 some catch rate, and ``--negatives DIR`` adds any photos you have the right to use.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dermsight.inference.preprocess import dermatoscope_field
 
 
 def document(seed: int = 0) -> np.ndarray:
@@ -102,6 +106,7 @@ def everyday_images(crops_per_photo: int = 3) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, photo in package_photos().items():
         out[name] = photo
+        out[f"{name}_round_field"] = dermatoscope_field(photo)
         for i, crop in enumerate(_crops(photo, crops_per_photo, rng)):
             out[f"{name}_crop{i}"] = crop
     for i in range(2):
