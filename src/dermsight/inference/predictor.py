@@ -353,6 +353,13 @@ class Predictor:
                 out[i] = self._result(probs[j], labels[i], scores)
         return [r for r in out if r is not None]
 
+    def self_test(self) -> dict[str, Any]:
+        """Run the serving network on fixed pictures (`inference.selftest`); raises `SelfTestError` when its answers
+        are not finite or differ from those the model recorded."""
+        from dermsight.inference.selftest import self_test
+
+        return self_test(self._runner, self._meta)
+
     def _model_label(self) -> str:
         return f"{self._meta.network} ({self.model_path.name})"
 

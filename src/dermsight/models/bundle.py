@@ -65,6 +65,21 @@ def read_runs(
     return paths, names, metas
 
 
+# Header field holding `content_digest` of every tensor in the file, checked by `load_model`: weights overwritten
+# in place (NaN, zeros, a truncated copy patched up) would otherwise load and serve nonsense with a clean start.
+DIGEST_KEY = "dermsight.sha256"
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a model file's network tensors (names and bytes), whatever its metadata and extra tensors say (the
     not-a-lesion gate's, which calibration adds to model.safetensors and not to best.safetensors)."""
@@ -140,7 +155,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: ModelMeta) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted save never leaves a truncated model under the real name.
     with written_atomically(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta.to_json()})
+        header = {"format": "pt", META_KEY: meta.to_json(), DIGEST_KEY: content_digest(tensors)}
+        safetensors.torch.save_file(tensors, tmp, metadata=header)
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:
@@ -177,6 +193,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         state = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:
         raise ModelLoadError(f"{path} is corrupt: cannot read its weights ({str(e)[:120]})") from None
+    check_digest(path, state)
     state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         model.load_state_dict(state, strict=True)
@@ -185,6 +202,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{path} does not match its own metadata ({meta.architecture}, {meta.num_classes} classes): {str(e)[:300]}"
         ) from None
     return model.to(device).eval(), meta
+
+
+def check_digest(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `ModelLoadError` when ``tensors`` (all of the file's) differ from the digest its header records (files
+    written before the digest existed record none and are not checked)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(DIGEST_KEY)
+    if recorded and content_digest(tensors) != recorded:
+        raise ModelLoadError(
+            f"{path} is damaged: its tensors do not match the checksum written with them (changed or corrupted after "
+            "it was saved); restore the file or train it again"
+        )
 
 
 def build_network(meta: ModelMeta) -> nn.Module:

@@ -114,6 +114,9 @@ class ModelMeta:
     # fitted. Empty until `dermsight calibrate` has run; its statistics are tensors stored beside the weights
     # (`read_extra`).
     ood: dict[str, Any] = field(default_factory=dict)
+    # Expected answers for the start-up self-test (`inference.selftest`): the raw logits of fixed synthetic pictures,
+    # recorded when the model was calibrated. Empty: only finite outputs are checked.
+    probe: dict[str, Any] = field(default_factory=dict)
     # Networks in the file: 1, or an ensemble of this many runs of the recipe whose logits are averaged
     # (dermsight.models.ensemble).
     members: int = 1

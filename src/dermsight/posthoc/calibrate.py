@@ -25,11 +25,12 @@ from dermsight.data.images import ImageError, jpeg_quality, probe
 from dermsight.data.manifest import read_labels, read_split_manifest
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import expected_calibration_error
-from dermsight.inference.backends import feature_layout
+from dermsight.inference.backends import TorchRunner, feature_layout
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.inference.preprocess import dermatoscope_field, square_crop
 from dermsight.inference.scoring import Scored, softmax
+from dermsight.inference.selftest import probe_record
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
 from dermsight.posthoc.negatives import everyday_images
@@ -201,7 +202,8 @@ def calibrate_model(
         "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     metrics = _updated_metrics(meta.metrics, calib, rates)
-    new_meta = ModelMeta(**{**asdict(meta), "temperature": temperature, "ood": ood, "metrics": metrics})
+    probe = probe_record(TorchRunner(model), meta)  # the start-up self-test's expected answers
+    new_meta = ModelMeta(**{**asdict(meta), "temperature": temperature, "ood": ood, "metrics": metrics, "probe": probe})
     # The weights are rewritten exactly as stored (an ensemble keeps its float16); only meta and gate change.
     out = update_meta(model_path, new_meta, out_path, extra=gate.to_tensors())
     return {

@@ -175,7 +175,14 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
 
     @app.get("/healthz")
     def healthz():
-        return jsonify(status="ok", version=__version__, model_loaded=model.loaded)
+        # Ready (200) only once the model is loaded and passed its start-up self-test: a proxy or orchestrator then
+        # sends traffic; "starting" and "failed" answer 503, so a broken model never takes requests silently.
+        state = model.state()
+        body = {"status": "ok" if state == "ready" else state, "version": __version__, "ready": state == "ready"}
+        body["model_loaded"] = model.loaded
+        if state == "failed":
+            body["reason"] = model.failure
+        return jsonify(body), 200 if state == "ready" else 503
 
     _register_errors(app)
     return app

@@ -147,8 +147,11 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                 "/healthz": {
                     "get": {
                         "operationId": "health",
-                        "summary": "Liveness check (does not load the model)",
-                        "responses": {"200": _ok("The server is up.", "Health")},
+                        "summary": "Readiness: 200 once the model is loaded and passed its start-up self-test",
+                        "responses": {
+                            "200": _ok("Ready to answer.", "Health"),
+                            "503": _ok("Starting (the model is loading) or failed (see reason).", "Health"),
+                        },
                     }
                 },
             }
@@ -361,11 +364,13 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                 },
                 "Health": {
                     "type": "object",
-                    "required": ["status"],
+                    "required": ["status", "ready"],
                     "properties": {
-                        "status": {"const": "ok"},
+                        "status": {"enum": ["ok", "starting", "failed"]},
+                        "ready": {"type": "boolean"},
                         "version": {"type": "string"},
                         "model_loaded": {"type": "boolean"},
+                        "reason": {"type": "string", "description": "why the model failed to load or self-test"},
                     },
                 },
             }

@@ -62,22 +62,60 @@ class ModelService:
     def __init__(
         self, predictor: Any = None, path: str | Path | None = None, backend: str = "auto", threads: int | None = None
     ):
-        self._predictor = predictor
+        self._predictor = None
         self.path, self.backend, self.threads = path, backend, threads
         self._load_lock = threading.Lock()
         self._use_lock = threading.Lock()
+        self._warming: threading.Thread | None = None
+        self.failure: str | None = None  # why loading or the self-test failed; None while none has
+        if predictor is not None:
+            self._predictor = self._checked(predictor)
 
     @property
     def loaded(self) -> bool:
         return self._predictor is not None
 
+    def state(self) -> str:
+        """ "ready" (loaded, self-test passed), "failed" (`failure` says why), or "starting"; asking starts the load
+        in the background when nothing has started it yet."""
+        if self._predictor is not None:
+            return "ready"
+        if self.failure is not None:
+            return "failed"
+        if self._warming is None:
+            self.warm_up_in_background()
+        return "starting"
+
+    def _checked(self, predictor: Any) -> Any:
+        """``predictor`` once its start-up self-test passed (`inference.selftest`; a stand-in without one passes)."""
+        test = getattr(predictor, "self_test", None)
+        if test is not None:
+            try:
+                log.info("model self-test passed: %s", test())
+            except Exception as e:
+                self.failure = f"the model failed its start-up self-test: {e}"
+                log.error("%s", self.failure)
+                raise self.unavailable() from None
+        return predictor
+
+    def unavailable(self) -> RequestRefused:
+        return RequestRefused(
+            503,
+            "The service cannot analyse photos right now: its model failed a start-up check. Please try again later.",
+            "model_unavailable",
+            tips=False,
+        )
+
     def get(self) -> Any:
         if self._predictor is None:
             with self._load_lock:
+                if self.failure is not None:
+                    raise self.unavailable()
                 if self._predictor is None:
                     from dermsight.inference.predictor import Predictor
 
-                    self._predictor = Predictor.from_path(self.path, backend=self.backend, threads=self.threads)
+                    predictor = Predictor.from_path(self.path, backend=self.backend, threads=self.threads)
+                    self._predictor = self._checked(predictor)
                     log.info("model loaded: %s", getattr(self._predictor.meta, "network", "?"))
         return self._predictor
 
@@ -88,10 +126,14 @@ class ModelService:
         def load() -> None:
             try:
                 self.get()
-            except Exception:
+            except RequestRefused:
+                pass  # the self-test failed: logged, and `state` says so
+            except Exception as e:
                 log.exception("loading the model failed; requests will retry and fail with a 500")
+                self.failure = f"the model could not be loaded: {str(e)[:300]}"
 
         thread = threading.Thread(target=load, name="dermsight-model-load", daemon=True)
+        self._warming = thread
         thread.start()
         return thread
 
