@@ -5,10 +5,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 WORKDIR /app
 
 # CPU-only torch: the default PyPI wheels for Linux pull in several GB of CUDA libraries a CPU server never uses.
+# The redis extra: DERMSIGHT_RATE_LIMIT_STORAGE=redis://... shares the rate limit between containers.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --extra-index-url "$TORCH_INDEX" . \
+RUN pip install --extra-index-url "$TORCH_INDEX" '.[redis]' \
  && useradd --create-home --uid 10001 dermsight
 COPY gunicorn.conf.py ./
 

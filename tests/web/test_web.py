@@ -29,7 +29,7 @@ from dermsight.inference.predictor import started_from
 from dermsight.models.bundle import default_model_path, read_meta
 from dermsight.web import create_app, service
 from dermsight.web.app import config_from_env
-from dermsight.web.security import RateLimiter, parse_rate_limit, sniff_image_type
+from dermsight.web.security import sniff_image_type
 from dermsight.web.server import gunicorn_options, threads_per_worker
 
 # --------------------------------------------------------------------------------------------------------- fixtures
@@ -522,24 +522,6 @@ def test_forged_posts_do_not_use_up_a_visitors_budget(fake):
     assert _form_post(client, _jpeg()).status_code == 200
 
 
-def test_rate_limiter_sliding_window():
-    now = [0.0]
-    rl = RateLimiter(3, 10, max_keys=2, clock=lambda: now[0])
-    assert [rl.hit("a") for _ in range(3)] == [0, 0, 0]
-    assert rl.hit("a") == pytest.approx(10)
-    now[0] = 5
-    assert rl.hit("a") == pytest.approx(5)
-    now[0] = 10.5  # the first three hits left the window
-    assert rl.hit("a") == 0
-    rl.hit("b")
-    rl.hit("c")  # over max_keys: "a", least recently seen, is forgotten
-    assert "a" not in rl._hits and len(rl._hits) == 2
-    assert RateLimiter(0, 60).hit("x") == 0
-    assert parse_rate_limit("30/60") == (30, 60.0) and parse_rate_limit("off") == (0, 0.0)
-    with pytest.raises(ValueError):
-        parse_rate_limit("lots")
-
-
 def test_api_conditions(client):
     body = client.get("/api/v1/conditions").json
     assert [c["code"] for c in body["conditions"]] == list(CONDITIONS)
@@ -709,6 +691,7 @@ def test_config_from_env():
         ("DERMSIGHT_PROXY_COUNT", "one", "expected a whole number of at least 0"),
         ("DERMSIGHT_BACKEND", "gpu", "expected auto, onnx or torch"),
         ("DERMSIGHT_RATE_LIMIT", "thirty", "expected REQUESTS/SECONDS"),
+        ("DERMSIGHT_RATE_LIMIT_STORAGE", "mysql://db:3306", "expected memory:// or redis://HOST:PORT"),
         ("DERMSIGHT_MAX_UPLOAD_MB", "inf", "got 'inf'"),
         ("DERMSIGHT_MAX_UPLOAD_MB", "1e308", "at most 1024, got '1e308'"),
         ("DERMSIGHT_HTTPS", "ture", "expected on or off"),

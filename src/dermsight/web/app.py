@@ -23,8 +23,9 @@ from dermsight.domain.triage import percent, sentence
 from dermsight.inference.types import BACKENDS
 from dermsight.web.security import (
     InMemoryRequest,
-    RateLimiter,
+    RateLimit,
     RequestRefused,
+    check_rate_limit_storage,
     csrf_token,
     parse_rate_limit,
     security_headers,
@@ -39,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "THREADS": None,  # intra-op threads per worker; `dermsight serve` sets cores // workers
     "MAX_CONTENT_LENGTH": 10 * 2**20,
     "RATE_LIMIT": "30/60",  # requests per seconds per client IP on the two predict endpoints; "off" disables
+    # Where the rate limit's counts live: "memory://" (per worker process) or "redis://host:port" (shared by all
+    # workers and servers that name it)
+    "RATE_LIMIT_STORAGE": "memory://",
     "PROXY_COUNT": 0,  # trusted reverse proxies in front (Heroku: 1), for the client IP the rate limit uses
     "HTTPS": False,  # served over HTTPS: secure session cookie and HSTS
     "LOAD_MODEL_AT_START": False,
@@ -92,6 +96,11 @@ def config_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
             parse_rate_limit(cfg["RATE_LIMIT"])
         except ValueError as e:
             raise ValueError(f"DERMSIGHT_RATE_LIMIT: {e}") from None
+    if env.get("DERMSIGHT_RATE_LIMIT_STORAGE"):
+        try:
+            cfg["RATE_LIMIT_STORAGE"] = check_rate_limit_storage(env["DERMSIGHT_RATE_LIMIT_STORAGE"])
+        except ValueError as e:
+            raise ValueError(f"DERMSIGHT_RATE_LIMIT_STORAGE: {e}") from None
     if env.get("DERMSIGHT_PROXY_COUNT"):
         cfg["PROXY_COUNT"] = number("DERMSIGHT_PROXY_COUNT", int, 0)
     if env.get("DERMSIGHT_HTTPS"):
@@ -139,7 +148,7 @@ def create_app(predictor: Any = None, config: dict[str, Any] | None = None) -> F
     model = ModelService(predictor, app.config["MODEL"], app.config["BACKEND"], app.config["THREADS"])
     app.extensions["dermsight.model"] = model
     limit, window = parse_rate_limit(str(app.config["RATE_LIMIT"]))
-    app.extensions["dermsight.ratelimit"] = RateLimiter(limit, window)
+    app.extensions["dermsight.ratelimit"] = RateLimit(app, limit, window, str(app.config["RATE_LIMIT_STORAGE"]))
     if app.config["LOAD_MODEL_AT_START"]:
         model.warm_up_in_background()
 

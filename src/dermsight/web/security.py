@@ -1,20 +1,29 @@
 """Safety of the web app: security headers, CSRF tokens, a per-client rate limit and in-memory uploads.
 
-Everything here is small and hand-written on purpose (no extra dependencies): the form is the only cookie-bearing
-POST, and the rate limit only has to protect one expensive operation.
+Headers, CSRF and uploads are small and hand-written (the form is the only cookie-bearing POST). The rate limit uses
+Flask-Limiter's storage, so that with Redis it is one limit across all workers and servers; it protects one expensive
+operation and is counted in the views, after the form's CSRF check.
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import io
+import logging
 import math
 import secrets
-import threading
 import time
-from collections import OrderedDict, deque
+import urllib.parse
 
 from flask import Request, session
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from limits import RateLimitItemPerSecond
+from limits.errors import StorageError
+from limits.storage import MemoryStorage
+
+log = logging.getLogger("dermsight.web")
 
 
 class RequestRefused(Exception):
@@ -86,44 +95,109 @@ def check_csrf(form) -> None:
 # ---------------------------------------------------------------------------------------------------------- rate limit
 
 
-class RateLimiter:
-    """At most ``limit`` requests per ``window`` seconds per key (client IP), as a sliding window log.
+# Storage for the rate limit's counts: memory (each worker process counts alone) or one Redis server shared by every
+# worker of every server. Only schemes whose storage keeps a moving window and that this module knows how to time out.
+RATE_LIMIT_STORAGES = ("memory", "redis", "rediss", "redis+unix")
+# Seconds a request may wait for Redis: connecting and each command. An unreachable Redis costs a request this once.
+REDIS_TIMEOUT_S = 0.5
+# After Redis failed, requests go through uncounted for this long before it is asked again, so that an outage costs
+# one request a timeout now and then rather than every request.
+STORAGE_RETRY_S = 5.0
 
-    In memory, so per worker process: with N gunicorn workers a client gets up to N times the limit, and several
-    servers each count alone. That is enough to stop one client from monopolising a small server; a large
-    deployment should also limit at its proxy. Memory is bounded: at most ``max_keys`` clients are tracked, the
-    least recently seen forgotten first.
+
+def check_rate_limit_storage(uri: str) -> str:
+    """``uri`` if it names a storage the rate limit can use (``memory://``, ``redis://host:port[/db]``, ...), else
+    ValueError saying what would."""
+    scheme = uri.strip().partition("://")[0].lower() if "://" in uri else ""
+    if scheme not in RATE_LIMIT_STORAGES:
+        raise ValueError(f"expected memory:// or redis://HOST:PORT (also rediss://, redis+unix://), got {uri!r}")
+    if scheme == "memory":
+        return uri.strip()
+    try:
+        urllib.parse.urlparse(uri.strip()).port  # noqa: B018  # "redis://host:abc" fails here, not in every worker
+    except ValueError as e:
+        raise ValueError(f"{uri!r}: {e}") from None
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError(f"{uri!r} needs the redis package: pip install 'dermsight[redis]'")
+    return uri.strip()
+
+
+class RateLimit:
+    """At most ``limit`` requests per ``window`` seconds per client IP, as a moving window kept by Flask-Limiter's
+    storage (the ``limits`` library) at ``storage_uri``.
+
+    With ``memory://`` the counts live in each worker process: with N gunicorn workers a client gets up to N times
+    the limit, and several servers each count alone. With ``redis://`` every worker of every server that names the
+    same Redis counts together. The window is whole seconds (a fraction is rounded up).
     """
 
-    def __init__(self, limit: int, window: float, max_keys: int = 10_000, clock=time.monotonic):
-        self.limit, self.window, self.max_keys, self.clock = limit, float(window), max_keys, clock
-        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, app, limit: int, window: float, storage_uri: str = "memory://") -> None:
+        self.limit, self.window = limit, max(1, math.ceil(window)) if window > 0 else 0
+        self.limiter: Limiter | None = None
+        self._down_until = 0.0  # time.monotonic() before which the storage is not asked again
+        if not self.enabled:
+            return
+        storage_uri = check_rate_limit_storage(storage_uri)
+        options: dict = {}
+        if not storage_uri.startswith("memory"):
+            options = {"socket_connect_timeout": REDIS_TIMEOUT_S, "socket_timeout": REDIS_TIMEOUT_S}
+        # Flask-Limiter holds the storage and the strategy. No route is decorated and there are no default limits:
+        # `enforce_rate_limit` counts in the view itself, so the form's CSRF check comes before the count.
+        self.limiter = Limiter(
+            key_func=get_remote_address,
+            app=app,
+            storage_uri=storage_uri,
+            storage_options={"wrap_exceptions": True, **options},
+            strategy="moving-window",
+            default_limits=[],
+            headers_enabled=False,
+        )
+        self.item = RateLimitItemPerSecond(limit, self.window)
+        storage = self.limiter.storage
+        # The moving window's calls into storage are not wrapped in StorageError by `limits`: catch the storage's own
+        # errors too (redis.RedisError; for memory:// only StorageError, so a bug is never mistaken for an outage).
+        own = () if isinstance(storage, MemoryStorage) else storage.base_exceptions
+        self._storage_errors: tuple[type[BaseException], ...] = (
+            StorageError,
+            *(own if isinstance(own, tuple) else (own,)),
+        )
 
     @property
     def enabled(self) -> bool:
         return self.limit > 0 and self.window > 0
 
     def hit(self, key: str) -> float:
-        """Count one request; returns 0 when allowed, else the seconds until the client may try again."""
-        if not self.enabled:
+        """Count one request; returns 0 when allowed, else the seconds until the client may try again.
+
+        When the storage cannot be reached (Redis down), the request is allowed and a warning logged: caught here
+        rather than with Flask-Limiter's ``swallow_errors``, which only covers the limits it checks itself."""
+        if self.limiter is None:
             return 0.0
-        now = self.clock()
-        with self._lock:
-            hits = self._hits.pop(key, None) or deque()
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
-            self._hits[key] = hits  # re-inserted last: most recently seen
-            if len(hits) >= self.limit:
-                return max(hits[0] + self.window - now, 0.001)
-            hits.append(now)
-            while len(self._hits) > self.max_keys:
-                self._hits.popitem(last=False)
+        if time.monotonic() < self._down_until:
             return 0.0
+        strategy, ids = self.limiter.limiter, ("dermsight-predict", key)
+        try:
+            if strategy.hit(self.item, *ids):
+                was_down, self._down_until = self._down_until, 0.0
+                if was_down:
+                    log.info("rate limit storage reachable again: requests are counted again")
+                return 0.0
+            reset_at, _remaining = strategy.get_window_stats(self.item, *ids)
+        except self._storage_errors as e:
+            if not self._down_until:
+                cause = getattr(e, "storage_error", e)
+                log.warning(
+                    "rate limit storage unreachable (%s: %s): requests are let through uncounted until it is back",
+                    type(cause).__name__,
+                    cause,
+                )
+            self._down_until = time.monotonic() + STORAGE_RETRY_S
+            return 0.0
+        return max(reset_at - time.time(), 0.001)
 
     def reset(self) -> None:
-        with self._lock:
-            self._hits.clear()
+        if self.limiter is not None:
+            self.limiter.reset()
 
 
 def retry_after_header(seconds: float) -> str:
@@ -199,11 +273,11 @@ def describe_unsupported(data: bytes) -> str:
 
 
 def enforce_rate_limit() -> None:
-    """Count this request against its client's budget; raise a 429 `UploadProblem` past it."""
-    from flask import current_app, request
+    """Count this request against its client's budget; raise a 429 `RequestRefused` past it."""
+    from flask import current_app
 
-    limiter: RateLimiter = current_app.extensions["dermsight.ratelimit"]
-    wait = limiter.hit(request.remote_addr or "unknown")
+    limiter: RateLimit = current_app.extensions["dermsight.ratelimit"]
+    wait = limiter.hit(get_remote_address())
     if wait:
         raise RequestRefused(
             429,
