@@ -586,7 +586,7 @@ def test_openapi_lists_every_api_route(app, client):
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc)))
     assert refs <= set(doc["components"]["schemas"])
     assert set(doc["paths"]["/api/v1/predict"]["post"]["responses"]) == {
-        "200", "400", "405", "413", "415", "429", "500",
+        "200", "400", "405", "413", "415", "429", "500", "503",
     }  # fmt: skip
     assert all({"405", "500"} <= set(op["responses"]) for ops in doc["paths"].values() for op in ops.values())
     assert "at most 10 MB for the whole request" in json.dumps(doc)

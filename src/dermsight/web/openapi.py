@@ -12,7 +12,7 @@ from dermsight.web.service import human_size
 ERROR_CODES = (
     "no_image", "not_a_file", "empty_file", "two_photos", "unreadable_image", "bad_request", "csrf_failed",
     "not_found", "method_not_allowed", "too_large", "form_too_large", "unsupported_type", "rate_limited",
-    "internal_error", "malformed_form",
+    "internal_error", "malformed_form", "model_unavailable",
 )  # fmt: skip
 
 
@@ -46,6 +46,7 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
     malignancy = [str(m) for m in Malignancy]
     too_many = _error("Too many requests from this client; retry after the `Retry-After` header's seconds.")
     too_many["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}
+    unavailable = _error("The model failed its start-up self-test (`model_unavailable`); `/healthz` gives the reason.")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -99,6 +100,7 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                             ),
                             "415": _error("The file is not a supported image type."),
                             "429": too_many,
+                            "503": unavailable,
                         },
                     }
                 },
@@ -132,7 +134,10 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     "get": {
                         "operationId": "getModel",
                         "summary": "The served model's card: classes, training data, measured metrics",
-                        "responses": {"200": _ok("The model card.", "Model")},
+                        "responses": {
+                            "200": _ok("The model card.", "Model"),
+                            "503": unavailable,
+                        },
                     }
                 },
                 "/api/v1/openapi.json": {
