@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine (Debian or Ubuntu; Python 3.11 by default, PYTHON=python3.12 etc. for another):
 #   make app    install, then serve the web app with the bundled default model on http://127.0.0.1:8000
-#   make test   install (incl. Chromium for the browser tests and redis-server for the rate-limit tests), then ruff
-#               and the whole test suite
+#   make test   install (incl. Chromium for the browser tests, redis-server for the rate-limit tests and nginx for
+#               the test of deploy/nginx.conf), then ruff and the whole test suite
 # Everything installs into .venv; re-running skips what is already installed.
 
 PYTHON ?= python3.11
@@ -11,7 +11,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: app test install browser redis lint clean model-card
+.PHONY: app test install browser redis nginx lint clean model-card
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,18 @@ redis:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# Debian's nginx for the test of deploy/nginx.conf (the test starts its own, as this user, on a free port); it lives
+# in /usr/sbin, outside most users' PATH.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx >/dev/null; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install browser redis lint
+test: install browser redis nginx lint
 	$(BIN)/pytest
 
 app: install
