@@ -15,7 +15,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it against PyTorch")
     ex.add_argument("--model", help=MODEL_HELP)
     ex.add_argument("--out", required=True, metavar="FILE.onnx", help="ONNX file to write")
-    ex.add_argument("--int8", action="store_true", help="also write FILE.int8.onnx (dynamic int8) and compare it")
+    ex.add_argument(
+        "--int8",
+        nargs="?",
+        const="dynamic",
+        choices=("dynamic", "static"),
+        help="also write FILE.int8.onnx and compare it: dynamic (the default) or static (QDQ, calibrated on "
+        "--calibration-images); neither is served (bench/inference.md)",
+    )
+    ex.add_argument(
+        "--calibration-images",
+        nargs="+",
+        metavar="PATH",
+        help="for --int8 static: images, folders or a split manifest (its train split), not the check images",
+    )
     ex.add_argument(
         "--check-images",
         nargs="+",
@@ -48,8 +61,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             output_file(args.out, [model], writes="an ONNX model (.onnx)"),
             args.check_images or (),
             args.max_check,
-            args.int8,
+            args.int8 or False,
             args.threads or 1,
+            args.calibration_images or (),
         )
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
