@@ -58,3 +58,19 @@ def test_tune_decision_stores_the_rule_and_scores_val_and_test(tmp_path):
     referral = meta.metrics["decision"]["referral"]
     assert meta.refer_from == referral["refer_from"] and 0 < meta.refer_from <= 0.5
     assert referral["met"] == (referral["pooled"]["melanomas_referred"] >= 0.95)
+
+
+def test_tune_decision_records_each_source_of_a_split_of_several(tmp_path):
+    data = synthetic_dataset(tmp_path / "data")
+    run = fit(tiny_config(tmp_path, data, epochs=1), progress=False)
+    split = pd.read_csv(run.run_dir / "split.csv")
+    split["source"] = np.where(np.arange(len(split)) % 2 == 0, "labels-csv:a", "labels-csv:b")
+    out = tmp_path / "tuned.safetensors"
+    tune_decision(run.model_path, split, out, tmp_path / "reports", progress=False)
+    meta = read_meta(out)
+    test = meta.metrics["test"]
+    assert set(test["by_source"]) == {"labels-csv:a", "labels-csv:b"}
+    for figures in test["by_source"].values():
+        assert {"n", "balanced_accuracy", "recall", "mel_vs_nv_auc", "referral"} <= set(figures)
+    assert sum(f["n"] for f in test["by_source"].values()) == test["n"]
+    assert set(meta.metrics["decision"]["referral"]["by_source"]) == {"labels-csv:a", "labels-csv:b"}

@@ -64,8 +64,10 @@ def _summary(metrics: dict) -> dict:
         "referral": _referral(metrics.get("referral")),
     }
     if metrics.get("by_source"):
+        # `evaluate` already summarises each source (`run.source_metrics`): only the referral is condensed here.
         out["by_source"] = {
-            src: summary(m) | {"mel_vs_nv_auc": m.get("mel_vs_nv_auc"), "referral": _referral(m.get("referral"))}
+            src: {k: v for k, v in m.items() if k not in ("referral", "app_referral")}
+            | {"referral": _referral(m.get("referral"))}
             for src, m in metrics["by_source"].items()
         }
     return out
