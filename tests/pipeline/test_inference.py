@@ -959,6 +959,7 @@ def test_evaluate_reports_each_source_and_the_apps_referral_per_class(calibrated
     from dermsight.domain import triage
 
     pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns[:3]) == ["image", "path", "source"] and set(pred["source"]) == {"clinic_a", "clinic_b"}
     classes = metrics["labels"]
     referred = triage.referred(pred[classes].to_numpy(), classes)
     mel = (pred["label"] == "mel").to_numpy()

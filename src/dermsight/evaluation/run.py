@@ -282,7 +282,7 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
     ISIC names images), ``path``, ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the
     calibrated probability of each class, one column per class code (the layout of ISIC's challenge submissions).
     For finding which images a model gets wrong, and for any metric this module does not compute. A manifest of
-    several folders adds each image's ``source`` after its path."""
+    several folders adds each image's ``source`` after its path (one folder keeps ISIC's layout)."""
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
@@ -293,7 +293,7 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
             "correct": pred == y,
         }
     )
-    if "source" in manifest:  # which of several folders the image came from (`dermsight data manifest A B`)
+    if "source" in manifest and manifest["source"].nunique() > 1:  # several folders (`dermsight data manifest A B`)
         table.insert(2, "source", manifest["source"].astype(str).to_numpy())
     table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
     table.to_csv(path, index=False)
