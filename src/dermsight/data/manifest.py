@@ -198,6 +198,11 @@ def _index_images(root: Path) -> ImageIndex:
     return index
 
 
+def sources_of(df: pd.DataFrame) -> np.ndarray | None:
+    """Each row's source as text (`combine` sets it per folder), or None for a frame without the column."""
+    return df["source"].astype(str).to_numpy() if "source" in df else None
+
+
 def image_ids(df: pd.DataFrame) -> list[str]:
     """The id each row's label file gave it (``image_id``) where there is one, else the file name without folder or
     suffix; folders are split at / and \\ alike, so a manifest written on Windows names its images the same. (The

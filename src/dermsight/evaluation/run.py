@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError
-from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, image_ids, load_manifest, run_split
+from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, image_ids, load_manifest, run_split, sources_of
 from dermsight.data.problems import DataError, Problem, summarise
 from dermsight.domain import triage
 from dermsight.domain.classes import HAM7
@@ -129,6 +129,15 @@ def serving_answers(model_path: Path, paths: Sequence[str], progress: bool = Tru
     }
 
 
+def app_referral(
+    referred: np.ndarray, refused: np.ndarray, y: np.ndarray, labels: list[str], rows: np.ndarray
+) -> dict[str, Any]:
+    """What the app tells the images of ``rows`` (a mask), class by class: sent to a doctor (a refused image gets no
+    advice, so it is not sent), and, under "refused", the share refused."""
+    sent = referral_rates((referred & ~refused)[rows], y[rows], labels)
+    return sent | {"refused": referral_rates(refused[rows], y[rows], labels)}
+
+
 def source_metrics(
     y: np.ndarray,
     probs: np.ndarray,
@@ -229,7 +238,8 @@ def evaluate(
     metrics = compute_metrics(y, probs, labels, n_bootstrap=n_bootstrap, groups=groups)
     metrics["referral"] = referral_rates(referred, y, labels)
     metrics["mel_vs_nv_auc"] = mel_vs_nv_auc(y, probs, labels)
-    sources = manifest["source"].astype(str).to_numpy()[ok] if "source" in manifest else None
+    sources = sources_of(manifest)
+    sources = None if sources is None else sources[ok]
     if sources is not None and len(set(sources)) > 1:
         # Pooled figures hide where a model fails: one archive's images can carry another's.
         metrics["by_source"] = {
@@ -243,14 +253,10 @@ def evaluate(
         scored = [p for p, k in zip(paths, ok, strict=True) if k]
         refused, metrics["serving_gates"] = serving_answers(model_path, scored, progress)
         # What a user is told: a refused image gets no advice, so it is not sent to a doctor by the app.
-        metrics["app_referral"] = referral_rates(referred & ~refused, y, labels) | {
-            "refused": referral_rates(refused, y, labels)
-        }
+        everyone = np.ones(len(y), bool)
+        metrics["app_referral"] = app_referral(referred, refused, y, labels, everyone)
         for src, m in metrics.get("by_source", {}).items():
-            here = sources == src
-            m["app_referral"] = referral_rates((referred & ~refused)[here], y[here], labels) | {
-                "refused": referral_rates(refused[here], y[here], labels)
-            }
+            m["app_referral"] = app_referral(referred, refused, y, labels, sources == src)
     extra = {
         "model": str(model_path),
         "architecture": meta.architecture,

@@ -83,13 +83,8 @@ def content_digest(tensors: dict[str, torch.Tensor]) -> str:
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a model file's network tensors (names and bytes), whatever its metadata and extra tensors say (the
     not-a-lesion gate's, which calibration adds to model.safetensors and not to best.safetensors)."""
-    h = hashlib.sha256()
     with safetensors.safe_open(str(path), framework="pt") as f:
-        for key in sorted(k for k in f.keys() if not k.startswith(EXTRA_PREFIX)):  # noqa: SIM118
-            t = f.get_tensor(key)
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        return content_digest({k: f.get_tensor(k) for k in f.keys() if not k.startswith(EXTRA_PREFIX)})  # noqa: SIM118
 
 
 def save_model(

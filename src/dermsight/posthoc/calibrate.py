@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from dermsight.data.images import ImageError, jpeg_quality, probe
-from dermsight.data.manifest import read_labels, read_split_manifest
+from dermsight.data.manifest import read_labels, read_split_manifest, sources_of
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import expected_calibration_error
 from dermsight.inference.backends import TorchRunner, feature_layout
@@ -74,7 +74,8 @@ def source_detail(paths: Sequence[str], sample: int = 64, sources: Sequence[str]
 
 def _sources(frame: pd.DataFrame) -> np.ndarray:
     """Each row's source (one source for a manifest without the column)."""
-    return frame["source"].astype(str).to_numpy() if "source" in frame else np.full(len(frame), "images", object)
+    found = sources_of(frame)
+    return found if found is not None else np.full(len(frame), "images", object)
 
 
 def _rate(mask: np.ndarray) -> float:
@@ -135,8 +136,8 @@ def calibrate_model(
     if parts["val"].empty:
         raise DataError("the manifest has no `val` split to calibrate on")
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
-    fit_sources = fit_df["source"].astype(str).tolist() if "source" in fit_df else None
-    side, quality = source_detail([str(p) for p in fit_df["path"]], sources=fit_sources) if match_source else (0, 0)
+    paths = [str(p) for p in fit_df["path"]]
+    side, quality = source_detail(paths, sources=sources_of(fit_df)) if match_source else (0, 0)
     meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality})
     predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:
@@ -171,7 +172,8 @@ def calibrate_model(
     rates["val_dermatoscope_field"] = _rejections(field, _gate_scores(gate, field), gate.threshold)
     if not parts["test"].empty:
         test = run(parts["test"], "test")
-        rates["test"] = _rejections(test, _gate_scores(gate, test), gate.threshold)
+        test_scores = _gate_scores(gate, test)
+        rates["test"] = _rejections(test, test_scores, gate.threshold)
         y_test = read_labels(parts["test"], meta)
         calib["test"] = _calibration_numbers(test.logits[test.usable], y_test[test.usable], temperature)
         crops = run(parts["test"], "test, 224 px square crops", square_crop)
@@ -180,9 +182,8 @@ def calibrate_model(
         rates["test_dermatoscope_field"] = _rejections(fields, _gate_scores(gate, fields), gate.threshold)
         test_sources = _sources(parts["test"])
         if len(set(test_sources)) > 1:
-            scores = _gate_scores(gate, test)
             rates["test_by_source"] = {
-                str(src): _rejections(test, scores, gate.threshold, test_sources == src)
+                str(src): _rejections(test, test_scores, gate.threshold, test_sources == src)
                 for src in sorted(set(test_sources))
             }
     builtin = predictor.score(list(everyday_images().values()), desc="built-in negatives", progress=progress)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manifest
+from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manifest, sources_of
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import headline, summary
 from dermsight.evaluation.run import evaluate
@@ -131,7 +131,8 @@ def tune_decision(
         "train_prior": {c: round(float(p), 4) for c, p in zip(meta.classes, prior, strict=True)},
     }
     # The referral threshold on the probabilities as served with this rule, every source's melanomas pooled.
-    sources = val["source"].astype(str).to_numpy()[pick["ok"]] if "source" in val else None
+    sources = sources_of(val)
+    sources = None if sources is None else sources[pick["ok"]]
     served = softmax(biased.adjust(pick["logits"]), temperature)
     codes = [meta.classes[i] for i in pick["y"]]
     # Without validation melanomas there is nothing to fit: the model keeps the threshold it has.

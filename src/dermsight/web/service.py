@@ -129,7 +129,7 @@ class ModelService:
             except RequestRefused:
                 pass  # the self-test failed: logged, and `state` says so
             except Exception as e:
-                log.exception("loading the model failed; requests will retry and fail with a 500")
+                log.exception("loading the model failed; requests will be answered 503 (model_unavailable)")
                 self.failure = f"the model could not be loaded: {str(e)[:300]}"
 
         thread = threading.Thread(target=load, name="dermsight-model-load", daemon=True)
