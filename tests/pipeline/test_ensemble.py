@@ -60,7 +60,7 @@ def test_ensemble_logits_are_the_members_mean_through_features_and_head(members)
         pre = ens.forward_head(fmap, pre_logits=True)
         assert pre.shape[1] == 3 * nets[0].forward_head(nets[0].forward_features(x), pre_logits=True).shape[1]
         # The gate's features: every member's pooled features and stage statistics, laid out block by block.
-        logits, feats = ServingModule(ens)(x)
+        logits, feats, _ = ServingModule(ens)(x)
         assert torch.allclose(logits, expected, atol=1e-5)
         layout = feature_layout(ens, feats.shape[1])
         assert len(layout) == 1 + 3 * len(nets[0].feature_info) and layout[-1][2] == feats.shape[1]

@@ -292,3 +292,30 @@ def test_batch_augment_channel_gain_per_image_and_nothing_else_changes():
     assert not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
     with pytest.raises(ValueError, match="channel_gain"):
         BatchTrainAugment(input_size=12, mean=MEAN, std=STD, channel_gain=-0.1)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("size", "crop_pct"), [((150, 200), 1.0), ((450, 600), 1.0), ((300, 257), 0.875), ((64, 64), 1)]
+)
+def test_serving_preset_gives_torchvisions_pixels(interpolation, size, crop_pct):
+    # Serving preprocesses with Pillow (no PyTorch in a serving install), training's validation with torchvision: the
+    # two must agree up to rounding, or the figures measured in training would not be those served.
+    from dermsight.inference.preprocess import eval_input, synthetic_images
+
+    h, w = size
+    img = synthetic_images(1, size=(w, h), seed=h)[0]
+    meta = ModelMeta.new(
+        "tf_efficientnet_lite0",
+        "ham7",
+        create_model("tf_efficientnet_lite0", 7, weights="none")[1],
+        input_size=56,
+        crop_pct=crop_pct,
+    )
+    meta = meta.__class__(**{**meta.__dict__, "interpolation": interpolation, "mean": MEAN, "std": STD})
+    ours = eval_input(img, meta)
+    theirs = EvalPreset.from_meta(meta)(img).numpy()
+    assert ours.shape == theirs.shape == (3, 56, 56) and ours.dtype == np.float32
+    # at most 2 of 255 levels on any pixel (one rounding step each way), and nearly all pixels equal
+    assert np.abs(ours - theirs).max() <= 2.01 / 255 / min(STD)
+    assert np.mean(np.abs(ours - theirs) > 1e-5) < 0.02

@@ -43,8 +43,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dermsight.data.images import ImageError
     from dermsight.data.problems import DataError
     from dermsight.domain.classes import UnknownLabelError
-    from dermsight.models.bundle import ModelLoadError
-    from dermsight.models.factory import WeightsError
+    from dermsight.models.contract import ModelLoadError
+
+    try:
+        from dermsight.models.factory import WeightsError
+    except ImportError:  # a serving install (no PyTorch) never fetches weights
+
+        class WeightsError(Exception):  # type: ignore[no-redef]
+            pass
 
     return (
         DataError,

@@ -66,7 +66,7 @@ def inference_options(parser: argparse.ArgumentParser) -> None:
 
 def model_path(given: str | None) -> Path:
     """``--model`` as given, else the default model ($DERMSIGHT_MODEL, else the bundled one)."""
-    from dermsight.models.bundle import default_model_path
+    from dermsight.models.contract import default_model_path
 
     return Path(given) if given else default_model_path()
 

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dermsight.inference.export import export_model
-    from dermsight.models.bundle import ModelLoadError
+    from dermsight.models.contract import ModelLoadError
 
     try:
         model = model_path(args.model)
@@ -84,8 +84,8 @@ def read_notes(path: str) -> list[str]:
 
 
 def cmd_model_card(args: argparse.Namespace) -> int:
-    from dermsight.models.bundle import read_meta
     from dermsight.models.card import render_model_card
+    from dermsight.models.contract import read_meta
 
     path = model_path(args.model)
     notes = [*args.note, *(read_notes(args.notes) if args.notes else ())]

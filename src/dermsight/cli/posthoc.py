@@ -87,7 +87,7 @@ def _model_and_out(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
     The bundled default model is never rewritten in place: the app, ``predict`` and ``evaluate`` serve it, and a
     calibration on some other split would silently replace the shipped one."""
-    from dermsight.models.bundle import DEFAULT_MODEL
+    from dermsight.models.contract import DEFAULT_MODEL
 
     model = model_path(args.model)
     out = output_file(args.out) if args.out else None
@@ -102,7 +102,7 @@ def _model_and_out(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def _warn_if_not_the_training_split(model: Path, data: str) -> None:
     from dermsight.data.manifest import read_split_manifest
-    from dermsight.models.bundle import read_meta
+    from dermsight.models.contract import read_meta
     from dermsight.models.meta import split_mismatch
 
     problem = split_mismatch(read_meta(model), read_split_manifest(data))
@@ -114,7 +114,7 @@ def _warn_if_splits_differ(models: Sequence[str]) -> None:
     """Runs combined from different splits (cross-validation folds, say) can be averaged, but no split is then
     held out from all of them: the temperature, gate and decision rule fitted on one run's val split, and the
     scores on its test split, would include images another member trained on."""
-    from dermsight.models.bundle import read_meta
+    from dermsight.models.contract import read_meta
 
     records = [read_meta(m).split for m in models]
     splits = {r.describe() if r else "not recorded" for r in records}
@@ -131,7 +131,7 @@ def _warn_if_splits_differ(models: Sequence[str]) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dermsight.data.manifest import list_images
-    from dermsight.models.bundle import ModelLoadError
+    from dermsight.models.contract import ModelLoadError
     from dermsight.posthoc.calibrate import calibrate_model, report_lines
 
     try:

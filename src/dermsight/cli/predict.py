@@ -31,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dermsight.domain.knowledge import load_knowledge
     from dermsight.domain.triage import CONCERN_PROBABILITY, advise, rule
     from dermsight.inference.predictor import Predictor
-    from dermsight.models.bundle import ModelLoadError
+    from dermsight.models.contract import ModelLoadError
 
     knowledge = load_knowledge()
     try:

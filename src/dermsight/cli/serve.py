@@ -39,7 +39,8 @@ def cannot_listen(host: str, port: int) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermsight.domain.knowledge import KnowledgeError, load_knowledge
-    from dermsight.models.bundle import ModelLoadError, read_meta
+    from dermsight.inference.runtime import read_model_meta
+    from dermsight.models.contract import ModelLoadError
     from dermsight.web.app import config_from_env
     from dermsight.web.server import default_workers, serve
 
@@ -47,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # line rather than every worker failing to boot.
     try:
         config_from_env()
-        meta = read_meta(model_path(args.model))
+        meta = read_model_meta(model_path(args.model))
         load_knowledge()
     except (ModelLoadError, KnowledgeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

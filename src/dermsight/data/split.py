@@ -16,7 +16,6 @@ from fractions import Fraction
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from dermsight.data.manifest import image_ids
 
@@ -77,6 +76,9 @@ def _fold_plan(val: float, test: float) -> tuple[int, int, int]:
 def _assign(y: np.ndarray, g: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
     """Fold number per row from StratifiedGroupKFold (shuffled groups, deterministic for a seed)."""
     fold = np.full(len(y), -1)
+    # Imported here: a serving install (no scikit-learn) reads split records but never makes a split.
+    from sklearn.model_selection import StratifiedGroupKFold
+
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # sklearn warns when a class has fewer groups than folds; we check the outcome ourselves.

@@ -1,20 +1,17 @@
 """The two ways to run a model's network: eager PyTorch and ONNX Runtime, behind one call signature.
 
 Both take a normalised float32 batch (N, 3, S, S) and return ``(logits, features)``: (N, C) raw logits (no
-temperature) and (N, D) pooled features for the out-of-distribution gate.
+temperature) and (N, D) pooled features for the out-of-distribution gate. ONNX Runtime's runner needs no PyTorch and
+lives in `inference.runtime`; this module holds the PyTorch side: the module that is exported and the eager runner.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "features")
+from dermsight.inference.runtime import INPUT_NAME, OUTPUT_NAMES, OnnxRunner  # noqa: F401 (re-exported)
 
 
 def stage_names(model: nn.Module) -> list[str]:
@@ -49,11 +46,11 @@ class ServingModule(nn.Module):
         self.model = model
         self.stages = stage_names(model)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not hasattr(self.model, "forward_features"):
             # A plain module (a test double, say) has no features to give; its logits are all that can be scored.
             logits = self.model(x)
-            return logits, logits.new_zeros((len(x), 0))
+            return logits, logits.new_zeros((len(x), 0)), logits.new_zeros((*logits.shape, 1, 1))
         stats: list[torch.Tensor] = []
 
         def keep(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
@@ -71,7 +68,34 @@ class ServingModule(nn.Module):
         # Pooling twice (once inside each forward_head call) costs microseconds and keeps this generic: heads differ
         # in what sits between pooling and the classifier (dropout, timm's ConvMlp for VGG).
         logits = self.model.forward_head(fmap)
-        return logits, torch.cat([self.model.forward_head(fmap, pre_logits=True).flatten(1), *stats], 1)
+        features = torch.cat([self.model.forward_head(fmap, pre_logits=True).flatten(1), *stats], 1)
+        return logits, features, class_activation_maps(self.model, fmap)
+
+
+def class_activation_maps(model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w): the head applied to each position's feature vector of the last feature map ``fmap`` (N, K, h, w),
+    less the head's output for a zero vector (its bias). For a head that is average pooling then a linear layer this
+    is the class activation map, whose mean over the positions is the logit less the bias (`head_is_linear`)."""
+    n, k, h, w = fmap.shape
+    cells = fmap.permute(0, 2, 3, 1).reshape(-1, k, 1, 1)
+    out = model.forward_head(cells) - model.forward_head(fmap.new_zeros((1, k, 1, 1)))
+    return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def head_is_linear(model: nn.Module, tol: float = 1e-4) -> bool:
+    """Whether the model's head is affine in its pooled input (pooling then linear layers, dropout off): then
+    `class_activation_maps` is Grad-CAM's map up to a positive factor (see `inference.explain`)."""
+    # The last feature map's channels: a timm model's num_features, an `Ensemble`'s members' together.
+    width = sum(getattr(model, "widths", [])) or getattr(model, "num_features", 0)
+    if not hasattr(model, "forward_head") or not width:
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand((2, int(width), 3, 3), generator=g) for _ in range(2))
+    with torch.inference_mode():
+        zero = model.forward_head(torch.zeros_like(a))
+        lhs = model.forward_head(a + b) - zero
+        rhs = (model.forward_head(a) - zero) + (model.forward_head(b) - zero)
+    return bool(torch.allclose(lhs, rhs, atol=tol * float(rhs.abs().max()) + 1e-6))
 
 
 class TorchRunner:
@@ -85,27 +109,5 @@ class TorchRunner:
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            logits, features = self.net(t.contiguous(memory_format=torch.channels_last))
+            logits, features, _ = self.net(t.contiguous(memory_format=torch.channels_last))
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
-
-
-class OnnxRunner:
-    name = "onnx"
-
-    def __init__(self, onnx_path: str | os.PathLike, threads: int, spinning: bool = False) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle worker threads busy-wait for the next op by default. That shaves a little latency off one process
-        # but burns the cores that other server workers (or a training job on a shared box) need.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.path = Path(onnx_path)
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
-        return logits, features

@@ -1,7 +1,9 @@
 """ONNX export of a saved model, the ONNX cache used by serving, int8 quantisation and the parity check.
 
-The exported graph takes the normalised image batch (N, 3, S, S) and returns two outputs: ``logits`` (N, C) and
-``features`` (N, D), what the out-of-distribution gate scores (`backends.ServingModule`). The temperature is NOT
+The exported graph takes the normalised image batch (N, 3, S, S) and returns three outputs: ``logits`` (N, C),
+``features`` (N, D), what the out-of-distribution gate scores, and ``cam`` (N, C, h, w), the class activation maps
+the heatmap is drawn from (`backends.ServingModule`); its metadata carries the model's contract, so that the file
+serves without PyTorch (`inference.runtime`). The temperature is NOT
 baked in: both backends return raw logits and `Predictor` applies ``softmax(logits / T)`` in one place, so
 recalibrating a model (which only rewrites T) never invalidates an exported graph, and parity is checked on the
 probabilities users see."""
@@ -27,20 +29,29 @@ from torch import nn
 from dermsight.data.cache import default_cache_root
 from dermsight.data.images import ImageError
 from dermsight.files import written_atomically
-from dermsight.inference.backends import INPUT_NAME, OUTPUT_NAMES, OnnxRunner, ServingModule, TorchRunner
+from dermsight.inference.backends import ServingModule, TorchRunner, head_is_linear
+from dermsight.inference.preprocess import model_inputs, synthetic_images
+from dermsight.inference.runtime import (
+    CAM_KEY,
+    EXTRA_KEY,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    VERSION_KEY,
+    OnnxRunner,
+    pack_arrays,
+)
 from dermsight.inference.scoring import softmax
-from dermsight.inference.transforms import EvalPreset
 from dermsight.models.bundle import load_model, read_meta
+from dermsight.models.contract import DIGEST_KEY, META_KEY, read_extra_arrays, read_header
 from dermsight.models.meta import ModelMeta
 
 if TYPE_CHECKING:
     import onnx
 
-    from dermsight.inference.preprocess import Source
 
-# Bumped whenever the exported graph changes (inputs, outputs, opset), so cached exports of older versions are not
-# reused.
-EXPORT_VERSION = 2
+# Bumped whenever the exported graph changes (inputs, outputs, opset, metadata), so cached exports of older versions
+# are not reused.
+EXPORT_VERSION = 3
 OPSET = 17
 # The issue's bar for "the same model": probabilities may differ by at most this much between backends.
 PARITY_TOLERANCE = 1e-4
@@ -58,8 +69,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
-    """Write ``model`` as ONNX with a dynamic batch dimension; atomic (a half-written file never has the name)."""
+def contract_metadata(model_path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """The ONNX metadata that makes an export of the model file at ``model_path`` a serving model of its own
+    (`runtime.read_contract`): its contract as stored, its non-weight tensors and its tensor checksum."""
+    header = read_header(model_path)
+    return {
+        META_KEY: header[META_KEY],
+        EXTRA_KEY: pack_arrays(read_extra_arrays(model_path)),
+        DIGEST_KEY: header.get(DIGEST_KEY, ""),
+        CAM_KEY: "1" if head_is_linear(model) else "0",
+        VERSION_KEY: str(EXPORT_VERSION),
+    }
+
+
+def export_onnx(
+    model: nn.Module, meta: ModelMeta, out: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch dimension, with ``metadata`` (`contract_metadata`) in the file;
+    atomic (a half-written file never has the name)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     net = ServingModule(model).eval()
@@ -85,6 +112,13 @@ def export_onnx(model: nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Pa
                 opset_version=OPSET,
                 do_constant_folding=True,
             )
+            if metadata:
+                import onnx
+
+                graph = onnx.load(tmp)
+                for key, value in metadata.items():
+                    graph.metadata_props.add(key=key, value=value)
+                onnx.save(graph, tmp)
     except Exception as e:
         raise ExportError(f"ONNX export of {meta.network} failed: {type(e).__name__}: {str(e)[:300]}") from e
     return out
@@ -126,9 +160,9 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
     - the shape arithmetic: nodes the image reaches only through a ``Shape`` op. TF-style "same" padding (the
       EfficientNet-Lite backbones) computes each convolution's padding from the input's size in float
       (Cast, Sub, Div, Ceil...); quantised, those sums round to other paddings and the feature maps change size;
-    - what only the ``features`` output needs: the per-stage means and standard deviations
+    - what only the ``features`` and ``cam`` outputs need: the per-stage means and standard deviations
       (`backends.ServingModule`) that the out-of-distribution gate scores, cheap reductions whose rounding would move
-      the gate's distance and nothing else.
+      the gate's distance and nothing else, and the heatmap's per-position head.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -155,8 +189,8 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
                 todo.extend(node.input)
         return seen
 
-    logits, features = OUTPUT_NAMES
-    feature_only = ancestors(features) - ancestors(logits)
+    logits, features, cam = OUTPUT_NAMES
+    feature_only = (ancestors(features) | ancestors(cam)) - ancestors(logits)
     return sorted(n.name for n in model.graph.node if n.name not in data or n.name in feature_only)
 
 
@@ -175,7 +209,7 @@ def quantize_static_int8(
     channel (depthwise convolutions' channels differ widely in range), uint8 activations ("U8S8"; int8 activations
     measured slower than fp32 here) and no reduce_range on a CPU with VNNI (reduce_range's 7-bit weights are for
     AVX2 / AVX-512 CPUs without it). Activation ranges are the min/max over the calibration images. The shape
-    arithmetic and what only the ``features`` output needs stay float (`float_nodes`).
+    arithmetic and what only the ``features`` and ``cam`` outputs need stay float (`float_nodes`).
 
     The accuracy and speed it gives are in bench/inference.md: faster than fp32, but short of the bar for serving,
     and it moves the out-of-distribution gate's scores (fitted on fp32 features) far.
@@ -236,25 +270,6 @@ def cached_onnx_path(model_path: str | os.PathLike, int8: bool = False) -> Path:
     return onnx_cache_dir() / f"{digest}-v{EXPORT_VERSION}{'-int8' if int8 else ''}.onnx"
 
 
-def synthetic_images(n: int = 4, size: tuple[int, int] = (200, 150), seed: int = 0) -> list[np.ndarray]:
-    """Lesion-like test pictures (a dark irregular blob on skin-coloured texture): parity inputs when no real images
-    are at hand. They exercise the same preprocessing and value ranges as photos; real images are better."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = []
-    for _ in range(n):
-        skin = rng.uniform([170, 110, 90], [230, 170, 150])
-        img = skin + rng.normal(0, 10, (h, w, 3))
-        cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
-        ry, rx = rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
-        r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-        blob = np.clip(1.3 - r, 0, 1)[..., None]
-        img = img * (1 - 0.7 * blob) + rng.uniform([40, 20, 10], [120, 80, 60]) * 0.7 * blob
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
-
-
 @dataclass(frozen=True)
 class Comparison:
     n: int  # images compared (those that decoded)
@@ -279,15 +294,6 @@ def compare_backends(a: np.ndarray, b: np.ndarray, targets: np.ndarray | None = 
         accuracy_a=acc_a,
         accuracy_b=acc_b,
     )
-
-
-def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
-    """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
-    from dermsight.inference.preprocess import decode, decode_side, to_model_input
-
-    preset = EvalPreset.from_meta(meta)
-    side = decode_side(meta)
-    return np.stack([to_model_input(decode(s, side), meta, preset).numpy() for s in sources])
 
 
 def onnx_probabilities(onnx_path: str | os.PathLike, meta: ModelMeta, x: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -320,7 +326,7 @@ def ensure_onnx(model_path: str | os.PathLike, model: nn.Module | None = None, t
         meta = read_meta(model_path)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with written_atomically(cached, suffix=".onnx") as tmp:
-        export_onnx(model, meta, tmp)
+        export_onnx(model, meta, tmp, contract_metadata(model_path, model))
         # Synthetic images here (serving has no real ones at hand): this catches a broken export or runtime;
         # `dermsight export` and the test suite check parity on real images.
         cmp = check_parity(model, meta, tmp, model_inputs(meta, list(synthetic_images())), threads)
@@ -393,8 +399,9 @@ class ExportReport:
     def lines(self, meta: ModelMeta) -> list[str]:
         out = [
             f"exported {meta.network} to {self.onnx} in {self.seconds:.1f} s (input '{INPUT_NAME}' N x 3 x "
-            f"{meta.input_size} x {meta.input_size}, dynamic batch; outputs 'logits', 'features'; probabilities = "
-            f"softmax(logits / T) with T = {meta.temperature:.4f} from the model file, not baked in)",
+            f"{meta.input_size} x {meta.input_size}, dynamic batch; outputs 'logits', 'features', 'cam'; the model's "
+            f"contract in its metadata; probabilities = softmax(logits / T) with T = {meta.temperature:.4f} from the "
+            "model file, not baked in)",
             f"parity with PyTorch on {self.checked_on}: max |probability difference| {self.parity.max_abs_diff:.2e} "
             f"(tolerance {PARITY_TOLERANCE:.0e}) -> {'OK' if self.ok else 'FAILED'}; top-1 agreement "
             f"{self.parity.top1_agreement:.1%}",
@@ -450,7 +457,7 @@ def export_model(
         if any(hashlib.sha256(a.tobytes()).digest() in checked for a in xc):
             raise ValueError("the calibration images include check images: calibrate on others")
     t0 = time.perf_counter()
-    export_onnx(model, meta, out)
+    export_onnx(model, meta, out, contract_metadata(model_path, model))
     seconds = time.perf_counter() - t0
     report = ExportReport(out, seconds, what, check_parity(model, meta, out, x, threads))
     if scheme is not None:

@@ -31,10 +31,12 @@ real lesions wrongly rejected is chosen, not hoped for; the share of non-lesion 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 METHOD = "multi-layer-ppca-mahalanobis"
 
@@ -91,6 +93,8 @@ class FeatureDensity:
         return (inside + residual / self.residual_variance) / self.dim
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        import torch  # only where a model file is written, by the training side
+
         return {
             "mean": torch.from_numpy(self.mean),
             "components": torch.from_numpy(self.components),
@@ -99,12 +103,13 @@ class FeatureDensity:
         }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> FeatureDensity:
+    def from_tensors(cls, t: dict[str, Any]) -> FeatureDensity:
+        """From `tensors` as a model file gives them back: PyTorch tensors or numpy arrays."""
         return cls(
-            mean=t["mean"].numpy().astype(np.float32),
-            components=t["components"].numpy().astype(np.float32),
-            variances=t["variances"].numpy().astype(np.float32),
-            residual_variance=float(t["residual_variance"].reshape(-1)[0]),
+            mean=np.asarray(t["mean"], dtype=np.float32),
+            components=np.asarray(t["components"], dtype=np.float32),
+            variances=np.asarray(t["variances"], dtype=np.float32),
+            residual_variance=float(np.asarray(t["residual_variance"]).reshape(-1)[0]),
         )
 
 
@@ -178,7 +183,7 @@ class OODGate:
         }
 
     @classmethod
-    def load(cls, ood: dict[str, Any], tensors: dict[str, torch.Tensor]) -> OODGate | None:
+    def load(cls, ood: dict[str, Any], tensors: dict[str, Any]) -> OODGate | None:
         """The gate stored by `describe` + `to_tensors`; None when the model has none (or another method's)."""
         if ood.get("method") != METHOD or "threshold" not in ood:
             return None

@@ -8,7 +8,9 @@ An image takes one path:
 3. preprocessing from the model's own contract: the training images' level of detail (`match_detail`), colour
    constancy if the model was trained with it (`transforms.shades_of_gray`), then `EvalPreset.from_meta`; optional
    test-time augmentation;
-4. one forward pass giving logits and pooled features (ONNX Runtime by default, PyTorch as the fallback);
+4. one forward pass giving logits and pooled features (ONNX Runtime by default, PyTorch as the fallback); the ONNX
+   export beside a model file (the bundled default's) or the file itself (an ``.onnx`` export) carry the contract, so
+   serving needs no PyTorch (`inference.runtime`);
 5. out-of-distribution gate on the features (`ood.OODGate`, stored in the model) -> ``rejected``
    for images that are not skin lesions;
 6. calibrated probabilities ``softmax(logits / T)``, classes and malignancy from the class catalogue.
@@ -21,34 +23,46 @@ does not sink the others.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dermsight.data.images import ImageError
 from dermsight.domain.classes import CONDITIONS
 from dermsight.domain.results import PredictionResult, prediction_result
-from dermsight.inference.backends import OnnxRunner, TorchRunner
-from dermsight.inference.export import ensure_onnx
 from dermsight.inference.ood import OODGate
 from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input
 from dermsight.inference.quality import (
     QUALITY_THRESHOLDS,
     QualityThresholds,
 )
+from dermsight.inference.runtime import Contract, OnnxRunner
 from dermsight.inference.scoring import Scored, View, score_images, softmax
-from dermsight.inference.transforms import EvalPreset
 from dermsight.inference.types import BACKENDS
-from dermsight.models.bundle import ModelLoadError, default_model_path, load_model, read_extra, read_meta
+from dermsight.models.contract import (
+    DIGEST_KEY,
+    META_KEY,
+    ModelLoadError,
+    default_model_path,
+    parse_meta,
+    read_extra_arrays,
+    read_header,
+)
 from dermsight.models.meta import ModelMeta
+
+if TYPE_CHECKING:
+    import torch
+
+    from dermsight.inference.backends import TorchRunner
 
 log = logging.getLogger("dermsight.inference")
 
@@ -118,9 +132,52 @@ def resolve_threads(threads: int | None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def torch_installed() -> bool:
+    """Whether PyTorch (and with it training, export and eager serving) is installed: a serving install has none."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules (how tests hide PyTorch) raises these
+        return False
+
+
+def no_torch(path: Path) -> ModelLoadError:
+    """The error for a model that only PyTorch could run here."""
+    return ModelLoadError(
+        "PyTorch is not installed (a serving install): install dermsight[train] to run a .safetensors model without "
+        f"its ONNX export, or export it where PyTorch is installed: `dermsight export --model {path} --out "
+        f"{path.with_suffix('.onnx')}`"
+    )
+
+
+def shipped_export(model_path: Path, threads: int = 1) -> tuple[OnnxRunner, Contract] | None:
+    """The ONNX export saved beside a model file (``default.onnx`` beside ``default.safetensors``: the bundled model
+    ships one) when it was made from this very file (same tensor checksum and contract), else None."""
+    onnx_path = model_path.with_suffix(".onnx")
+    if not onnx_path.is_file():
+        return None
+    header = read_header(model_path)
+    runner = None
+    try:
+        runner = OnnxRunner(onnx_path, threads)
+        contract = runner.contract()
+    except Exception as e:  # onnxruntime's own error types, or ModelLoadError for an export without a contract
+        log.warning("%s cannot be used (%s)", onnx_path, str(e)[:200])
+        return None
+    if (
+        not header.get(DIGEST_KEY)
+        or contract.digest != header.get(DIGEST_KEY)
+        or contract.meta != parse_meta(header.get(META_KEY), model_path)
+    ):
+        log.warning("%s was exported from another version of %s; not used", onnx_path.name, model_path.name)
+        return None
+    return runner, contract
+
+
 def _cached_onnx_runner(model_path: Path, threads: int) -> OnnxRunner:
     """ONNX Runtime on the cached export of ``model_path``. A cached file that cannot be loaded (cut short by a full
     disk, say) is exported again, once: left alone it would send every start to the slower PyTorch path for good."""
+    from dermsight.inference.export import ensure_onnx
+
     path = ensure_onnx(model_path, threads=threads)
     try:
         return OnnxRunner(path, threads)
@@ -128,6 +185,13 @@ def _cached_onnx_runner(model_path: Path, threads: int) -> OnnxRunner:
         log.warning("the cached ONNX export %s cannot be loaded (%s); exporting it again", path, str(e)[:200])
         path.unlink(missing_ok=True)
         return OnnxRunner(ensure_onnx(model_path, threads=threads), threads)
+
+
+def _set_torch_threads(n: int) -> None:
+    """PyTorch's intra-op threads, where this process has imported it (a serving install never does)."""
+    torch: Any = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 class Predictor:
@@ -146,6 +210,7 @@ class Predictor:
         gate: OODGate | None,
         torch_model: torch.nn.Module | None = None,
         quality: QualityThresholds = QUALITY_THRESHOLDS,
+        cam: bool = False,
     ) -> None:
         self.model_path = model_path
         self._meta = meta
@@ -155,7 +220,8 @@ class Predictor:
         self.quality = quality
         self._torch_model = torch_model
         self._lock = threading.Lock()
-        self.preset = EvalPreset.from_meta(meta)
+        # The runner's graph gives class activation maps, which are this model's Grad-CAM (`inference.explain`).
+        self.cam = cam and isinstance(runner, OnnxRunner) and runner.has_cam
         self.decode_side = decode_side(meta, quality)
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -169,20 +235,42 @@ class Predictor:
         onnx_path: str | os.PathLike | None = None,
         meta: ModelMeta | None = None,
     ) -> Predictor:
-        """Load the model at ``path`` (default: `default_model_path()`).
+        """Load the model at ``path`` (default: `default_model_path()`): a ``.safetensors`` model file, or an
+        ``.onnx`` export of one (`dermsight export`), which carries the model's contract and serves without PyTorch.
 
-        ``backend``: "onnx" (ONNX Runtime; the export is cached under the dermsight cache dir, keyed by the model
-        file's hash), "torch" (eager PyTorch), or "auto": ONNX Runtime, falling back to PyTorch with a logged
-        warning when onnxruntime is missing or the export fails. ``threads``: see `resolve_threads`.
-        ``onnx_path``: use this ONNX file instead of the cached export (benchmarks, parity checks). ``meta``: use
-        this contract instead of the file's (calibration tries one before writing it); the OOD gate is then off.
+        ``backend``: "onnx" (ONNX Runtime), "torch" (eager PyTorch), or "auto": ONNX Runtime, falling back to
+        PyTorch with a logged warning when the export fails. ONNX Runtime runs the export saved beside the model file
+        when it was made from that file (the bundled model ships one), else an export cached under the dermsight
+        cache dir, keyed by the model file's hash (made on first use, which needs PyTorch). ``threads``: see
+        `resolve_threads`. ``onnx_path``: use this ONNX file instead (benchmarks, parity checks). ``meta``: use this
+        contract instead of the file's (calibration tries one before writing it); the OOD gate is then off.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: expected auto, onnx or torch")
         model_path = Path(path) if path is not None else default_model_path()
-        file_meta = read_meta(model_path)
         n = resolve_threads(threads)
-        gate = OODGate.load(file_meta.ood, read_extra(model_path)) if meta is None else None
+        runner: TorchRunner | OnnxRunner | None = None
+        contract: Contract | None = None
+        if model_path.suffix.lower() == ".onnx":
+            if backend == "torch":
+                raise ValueError("an ONNX model runs on ONNX Runtime: use backend auto or onnx")
+            try:
+                runner = OnnxRunner(model_path, n)
+            except Exception as e:  # onnxruntime's own error types
+                raise ModelLoadError(f"{model_path} is not a readable ONNX model ({str(e)[:160]})") from None
+            contract = runner.contract()
+            file_meta, extra = contract.meta, contract.extra
+        else:
+            file_meta = parse_meta(read_header(model_path).get(META_KEY), model_path)
+            extra = None
+            if backend in ("auto", "onnx") and onnx_path is None:
+                shipped = shipped_export(model_path, n)
+                if shipped is not None:
+                    runner, contract = shipped
+            if runner is None and not torch_installed() and onnx_path is None:
+                raise no_torch(model_path)
+        gate = OODGate.load(file_meta.ood, extra if extra is not None else read_extra_arrays(model_path))
+        gate = gate if meta is None else None
         if gate is None and meta is None:
             log.warning(
                 "%s has no out-of-distribution statistics: images that are not skin lesions will not be rejected. "
@@ -192,31 +280,37 @@ class Predictor:
             )
 
         model = None
-        runner: TorchRunner | OnnxRunner | None = None
-        if backend in ("auto", "onnx"):
+        if runner is None and backend in ("auto", "onnx"):
             try:
                 # The cached export loads the PyTorch model only when the export is not cached yet.
                 runner = _cached_onnx_runner(model_path, n) if onnx_path is None else OnnxRunner(onnx_path, n)
+                contract = runner.contract() if runner.has_cam else None
             except ModelLoadError:
-                raise
+                if onnx_path is None:
+                    raise
             except Exception as e:  # onnxruntime missing, export or parity failure: all mean "use PyTorch"
                 if backend == "onnx":
                     raise
                 log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(e).__name__, str(e)[:200])
         if runner is None:
-            model = model if model is not None else load_model(model_path)[0]
+            if not torch_installed():
+                raise no_torch(model_path)
+            from dermsight.inference.backends import TorchRunner
+            from dermsight.models.bundle import load_model
+
+            model = load_model(model_path)[0]
             runner = TorchRunner(model)
         # torch's thread count is per process. With PyTorch running the network it gets all ``n``; with ONNX
         # Runtime torch only resizes one small image per call (and runs Grad-CAM), and one thread avoids OpenMP's
         # worst case: on a busy machine a 2-thread torch forward measured 100 times slower than a 1-thread one,
         # every op waiting at a barrier for a descheduled thread. ONNX Runtime's pool, without spinning, did not
         # suffer from it.
-        torch.set_num_threads(n if runner.name == "torch" else 1)
+        _set_torch_threads(n if runner.name == "torch" else 1)
         meta = meta if meta is not None else file_meta
-        # With ONNX Runtime serving, the PyTorch model is only needed for explanations: drop it and reload it on
-        # first use, so a worker that never explains does not hold the weights twice.
+        # With ONNX Runtime serving, the PyTorch model is only needed for Grad-CAM on a graph without activation
+        # maps: drop it and reload it on first use, so a worker does not hold the weights twice.
         keep = model if runner.name == "torch" else None
-        return cls(model_path, meta, runner, n, gate, torch_model=keep)
+        return cls(model_path, meta, runner, n, gate, torch_model=keep, cam=contract is not None and contract.cam)
 
     # ------------------------------------------------------------------------------------------------- properties
 
@@ -232,6 +326,10 @@ class Predictor:
     def torch_model(self) -> torch.nn.Module:
         with self._lock:
             if self._torch_model is None:
+                if self.model_path.suffix.lower() == ".onnx" or not torch_installed():
+                    raise no_torch(self.model_path)
+                from dermsight.models.bundle import load_model
+
                 self._torch_model = load_model(self.model_path)[0]
             return self._torch_model
 
@@ -274,7 +372,7 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """Decoded image -> normalised (3, S, S) float32 model input, per the model's contract."""
-        return to_model_input(image, self._meta, self.preset).numpy()
+        return to_model_input(image, self._meta)
 
     def score(
         self,
@@ -376,15 +474,26 @@ class Predictor:
 
     def explain(self, source: Source, target: str | None = None) -> bytes:
         """PNG of the image the model saw beside the same image with the Grad-CAM heatmap of ``target`` (a class
-        code; default: the top class) laid over it. Raises `ImageError` when the image cannot be decoded."""
-        from dermsight.inference.explain import gradcam_png
+        code; default: the top class) laid over it. Raises `ImageError` when the image cannot be decoded.
+
+        From the served graph's class activation maps where it has them (no PyTorch needed; the same map, see
+        `inference.explain`), else with the grad-cam package on the PyTorch network."""
+        from dermsight.inference.explain import cam_heat, gradcam_png, heatmap_png
 
         if target is not None and target not in self._meta.classes:
             raise ValueError(f"unknown class {target!r}: this model's classes are {', '.join(self._meta.classes)}")
         image = self.decode(source)
-        x = torch.from_numpy(self.preprocess(image))[None]
+        x = self.preprocess(image)[None]
         index = self._meta.classes.index(target) if target is not None else None
-        return gradcam_png(self.torch_model, x, self._display_image(source, image), index)
+        display = self._display_image(source, image)
+        if self.cam:
+            assert isinstance(self._runner, OnnxRunner)
+            logits, cams = self._runner.cam(x)
+            index = int(np.argmax(logits[0])) if index is None else index
+            return heatmap_png(display, cam_heat(cams[0, index], (x.shape[-1], x.shape[-2])))
+        import torch
+
+        return gradcam_png(self.torch_model, torch.from_numpy(x), display, index)
 
     def _display_image(self, source: Source, decoded: np.ndarray) -> np.ndarray:
         """The picture the heatmap is drawn on: the model's view (its centre crop), at a size people can see."""

@@ -2,22 +2,26 @@
 scores alike.
 
 `decode` (the safe decoder of the data layer, shorter side brought near the training images'), `centre_band` for
-absurd strips, `match_detail` (the training images' level of detail), the model's colour constancy and eval preset
-(`to_model_input`), the eight `tta_views`, and `square_crop` (the shape of the external test sets)."""
+absurd strips, `match_detail` (the training images' level of detail), the model's colour constancy
+(`shades_of_gray`) and eval preset (`eval_input`), all in `to_model_input`; the eight `tta_views`, and `square_crop`
+(the shape of the external test sets).
+
+Everything here is numpy and Pillow, no PyTorch: a serving install without it preprocesses exactly as training's
+evaluation does. (`transforms.EvalPreset`, torchvision's version of `eval_input` for training's validation batches,
+gives the same pixels up to rounding: at most 2/255 on a few pixels, `tests/unit/test_transforms.py`.)"""
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import TypeAlias
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dermsight.data.images import ImageError, kept_as_decoded, load_rgb, target_size
 from dermsight.inference.quality import ANALYSIS_SIDE, QUALITY_THRESHOLDS, QualityThresholds
-from dermsight.inference.transforms import EvalPreset, shades_of_gray
 from dermsight.models.meta import ModelMeta
 
 
@@ -63,10 +67,11 @@ SERVE_RESAMPLE = Image.Resampling.LANCZOS
 DECODE_SLACK = 2
 
 
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip), identity
-    first. Dermoscopy has no up or left, so each is as valid an input as the original."""
-    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+def tta_views(x: np.ndarray) -> list[np.ndarray]:
+    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip) of an image or
+    batch whose last two axes are height and width, identity first. Dermoscopy has no up or left, so each is as
+    valid an input as the original."""
+    return [np.rot90(v, k, axes=(-2, -1)) for v in (x, x[..., ::-1]) for k in range(4)]
 
 
 def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
@@ -168,10 +173,83 @@ def match_detail(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
     return image
 
 
-def to_model_input(image: np.ndarray, meta: ModelMeta, preset: EvalPreset) -> torch.Tensor:
-    """A decoded image -> the normalised (3, S, S) model input: detail matched to the training images, the model's
-    colour constancy (if any), then its eval preset. The one serving path; `dermsight evaluate` and the export's
-    parity check call it too."""
-    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
-        image = image.copy()
-    return preset(shades_of_gray(match_detail(image, meta), meta.colour_constancy))
+def shades_of_gray(image: np.ndarray, p: int) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004): estimate the light's colour as the p-norm of each
+    channel and rescale the channels so that it becomes neutral grey, keeping its intensity. ``p`` 0 returns the
+    image unchanged; 1 is Grey World, large p approaches max-RGB. HxWx3 uint8 in and out.
+
+    Why: a network trained on one clinic's cameras learns their white balance as a cue (bench/robustness.py: the
+    bundled model loses up to 0.1 balanced accuracy to a 10% cast). Applied to every image, in training and in
+    serving alike (`ModelMeta.colour_constancy`), it removes any per-channel cast before the network sees the image.
+    ISIC 2019's winning entry (Gessert et al., 2020) preprocessed this way, with p = 6.
+    """
+    if not p:
+        return image
+    x = image.astype(np.float32)
+    light = np.power(np.power(x / 255.0, p).reshape(-1, 3).mean(0), 1.0 / p)
+    norm = float(np.linalg.norm(light))
+    if norm < 1e-6:  # an all-black image has no light to correct
+        return image
+    gains = norm / (np.maximum(light, 1e-6) * math.sqrt(3.0))
+    return np.clip(x * gains.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+# Pillow's filters for the eval preset's resize, by the torchvision name a model records (`ModelMeta.interpolation`).
+# With antialiasing torchvision resizes uint8 images as Pillow does.
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def eval_input(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """The model's eval preset on an HxWx3 uint8 image: shorter side resized to round(input_size / crop_pct) (the
+    longer side in proportion, rounded down, as torchvision's Resize does), the centre input_size square, scaled to
+    0..1 and normalised with the model's mean and std. Returns (3, S, S) float32."""
+    size = meta.input_size
+    side = round(size / meta.crop_pct)
+    h, w = image.shape[:2]
+    new = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    if new != (w, h):
+        image = np.asarray(Image.fromarray(image).resize(new, _FILTERS[meta.interpolation]))
+    h, w = image.shape[:2]
+    y0, x0 = round((h - size) / 2), round((w - size) / 2)
+    crop = image[y0 : y0 + size, x0 : x0 + size].astype(np.float32) / 255.0
+    mean, std = np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32)
+    return np.ascontiguousarray(((crop - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+
+
+def to_model_input(image: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """A decoded image -> the normalised (3, S, S) float32 model input: detail matched to the training images, the
+    model's colour constancy (if any), then its eval preset (`eval_input`). The one serving path; `dermsight
+    evaluate` and the export's parity check call it too."""
+    return eval_input(shades_of_gray(match_detail(image, meta), meta.colour_constancy), meta)
+
+
+def synthetic_images(n: int = 4, size: tuple[int, int] = (200, 150), seed: int = 0) -> list[np.ndarray]:
+    """Lesion-like test pictures (a dark irregular blob on skin-coloured texture): parity inputs when no real images
+    are at hand. They exercise the same preprocessing and value ranges as photos; real images are better."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(n):
+        skin = rng.uniform([170, 110, 90], [230, 170, 150])
+        img = skin + rng.normal(0, 10, (h, w, 3))
+        cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
+        ry, rx = rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
+        r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        blob = np.clip(1.3 - r, 0, 1)[..., None]
+        img = img * (1 - 0.7 * blob) + rng.uniform([40, 20, 10], [120, 80, 60]) * 0.7 * blob
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def model_inputs(meta: ModelMeta, sources: list[Source]) -> np.ndarray:
+    """Decode and preprocess ``sources`` exactly as serving does: (N, 3, S, S) float32. Raises `ImageError`."""
+    side = decode_side(meta)
+    return np.stack([to_model_input(decode(s, side), meta) for s in sources])

@@ -9,21 +9,22 @@ itself all score through it, so a figure means the same thing wherever it is rep
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError
-from dermsight.inference.backends import TorchRunner
 from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input, tta_views
 from dermsight.inference.quality import QUALITY_THRESHOLDS, QualityReport, QualityThresholds, check_quality
-from dermsight.inference.transforms import EvalPreset
 from dermsight.models.meta import ModelMeta
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # A network run: (N, 3, S, S) float32 inputs -> (N, C) raw logits and (N, D) features (`backends`).
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -38,8 +39,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def runner_for(model: nn.Module | Runner) -> Runner:
-    """A network as a `Runner`: a PyTorch module is run eagerly (on the device its weights are on)."""
-    return TorchRunner(model) if isinstance(model, nn.Module) else model
+    """A network as a `Runner`: a PyTorch module is run eagerly (on the device its weights are on). (A process that
+    never imported PyTorch holds no PyTorch module, so a serving install never imports it here.)"""
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from dermsight.inference.backends import TorchRunner
+
+        return TorchRunner(model)
+    return model
 
 
 def forward(run: Runner, x: np.ndarray, tta: bool = False, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -52,13 +59,13 @@ def forward(run: Runner, x: np.ndarray, tta: bool = False, batch_size: int = 64)
     logits, feats = [], []
     step = max(1, batch_size // 8) if tta else batch_size
     for i in range(0, len(x), step):
-        chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + step], dtype=np.float32))
+        chunk = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
         if tta:
-            lo, fe = run(torch.cat(tta_views(chunk)).numpy())
+            lo, fe = run(np.ascontiguousarray(np.concatenate(tta_views(chunk))))
             logits.append(lo.reshape(8, len(chunk), -1).mean(0))
             feats.append(fe[: len(chunk)])
         else:
-            lo, fe = run(chunk.numpy())
+            lo, fe = run(chunk)
             logits.append(lo)
             feats.append(fe)
     if not logits:
@@ -102,7 +109,7 @@ class _Prepared:
 
 
 def _prepare(
-    source: Source, meta: ModelMeta, preset: EvalPreset, side: int, view: View | None, quality: QualityThresholds | None
+    source: Source, meta: ModelMeta, side: int, view: View | None, quality: QualityThresholds | None
 ) -> _Prepared:
     """One image through serving's decode, the ``view``, the quality gate (when given) and the model's preprocessing."""
     try:
@@ -116,7 +123,7 @@ def _prepare(
         report = check_quality(image, quality)
         if not report.ok:
             return _Prepared(report=report)
-    return _Prepared(to_model_input(image, meta, preset).numpy(), report=report)
+    return _Prepared(to_model_input(image, meta), report=report)
 
 
 def input_batches(
@@ -132,11 +139,10 @@ def input_batches(
 ) -> Iterator[tuple[range, list[_Prepared]]]:
     """The model inputs of ``sources`` in chunks of ``batch_size``: (the chunk's indices, each image's preparation).
     Images are decoded ``workers`` at a time (decoding, not the network, dominates on large photos)."""
-    preset = EvalPreset.from_meta(meta)
     side = decode_side(meta, quality or QUALITY_THRESHOLDS)
 
     def prepare(i: int) -> _Prepared:
-        return _prepare(sources[i], meta, preset, side, view, quality)
+        return _prepare(sources[i], meta, side, view, quality)
 
     pool = ThreadPoolExecutor(workers) if workers > 1 and len(sources) > 1 else None
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dermsight.inference.export import model_inputs, synthetic_images
+from dermsight.inference.preprocess import model_inputs, synthetic_images
 from dermsight.models.meta import ModelMeta
 
 PROBE_VERSION = 1

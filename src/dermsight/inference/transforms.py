@@ -25,6 +25,9 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+# shades_of_gray lives with the serving preprocessing, which needs no PyTorch; training imports it from here too.
+from dermsight.inference.preprocess import shades_of_gray  # noqa: F401
+
 if TYPE_CHECKING:
     from dermsight.models.meta import ModelMeta
 
@@ -38,27 +41,6 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"expected an HxWx3 uint8 image array, got shape {shape} of {dtype}")
     return torch.from_numpy(image).permute(2, 0, 1)
-
-
-def shades_of_gray(image: np.ndarray, p: int) -> np.ndarray:
-    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004): estimate the light's colour as the p-norm of each
-    channel and rescale the channels so that it becomes neutral grey, keeping its intensity. ``p`` 0 returns the
-    image unchanged; 1 is Grey World, large p approaches max-RGB. HxWx3 uint8 in and out.
-
-    Why: a network trained on one clinic's cameras learns their white balance as a cue (bench/robustness.py: the
-    bundled model loses up to 0.1 balanced accuracy to a 10% cast). Applied to every image, in training and in
-    serving alike (`ModelMeta.colour_constancy`), it removes any per-channel cast before the network sees the image.
-    ISIC 2019's winning entry (Gessert et al., 2020) preprocessed this way, with p = 6.
-    """
-    if not p:
-        return image
-    x = image.astype(np.float32)
-    light = np.power(np.power(x / 255.0, p).reshape(-1, 3).mean(0), 1.0 / p)
-    norm = float(np.linalg.norm(light))
-    if norm < 1e-6:  # an all-black image has no light to correct
-        return image
-    gains = norm / (np.maximum(light, 1e-6) * math.sqrt(3.0))
-    return np.clip(x * gains.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _checked_gain(amount: float) -> float:

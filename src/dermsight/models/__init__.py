@@ -1,34 +1,35 @@
-"""Backbones (one timm factory) and the saved-model format that carries its own contract."""
+"""Backbones (one timm factory) and the saved-model format that carries its own contract.
 
-from dermsight.models.bundle import ModelLoadError, load_model, read_meta, save_model
-from dermsight.models.factory import (
-    ARCHS,
-    OFFLINE_WEIGHTS,
-    WeightsError,
-    WeightsInfo,
-    WeightsMismatchError,
-    WeightsUnavailableError,
-    create_model,
-    freeze_backbone,
-    offline_weights_available,
-    unfreeze,
-)
-from dermsight.models.meta import ModelMeta
+The names below are imported on first use (PEP 562): `models.contract`, `models.meta` and `models.records` need no
+PyTorch, and a serving install without it imports them through this package."""
 
-__all__ = [
-    "ARCHS",
-    "OFFLINE_WEIGHTS",
-    "ModelLoadError",
-    "ModelMeta",
-    "WeightsError",
-    "WeightsInfo",
-    "WeightsMismatchError",
-    "WeightsUnavailableError",
-    "create_model",
-    "freeze_backbone",
-    "load_model",
-    "offline_weights_available",
-    "read_meta",
-    "save_model",
-    "unfreeze",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ModelLoadError": "dermsight.models.contract",
+    "read_meta": "dermsight.models.contract",
+    "load_model": "dermsight.models.bundle",
+    "save_model": "dermsight.models.bundle",
+    "ModelMeta": "dermsight.models.meta",
+    "ARCHS": "dermsight.models.records",
+    "WeightsInfo": "dermsight.models.records",
+    "OFFLINE_WEIGHTS": "dermsight.models.factory",
+    "WeightsError": "dermsight.models.factory",
+    "WeightsMismatchError": "dermsight.models.factory",
+    "WeightsUnavailableError": "dermsight.models.factory",
+    "create_model": "dermsight.models.factory",
+    "freeze_backbone": "dermsight.models.factory",
+    "offline_weights_available": "dermsight.models.factory",
+    "unfreeze": "dermsight.models.factory",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'dermsight.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

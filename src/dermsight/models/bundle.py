@@ -16,13 +16,18 @@ import torch
 from torch import nn
 
 from dermsight.files import written_atomically
+from dermsight.models.contract import (  # noqa: F401 (re-exported: the training side imports them from here)
+    DEFAULT_MODEL,
+    DIGEST_KEY,
+    EXTRA_PREFIX,
+    META_KEY,
+    ModelLoadError,
+    default_model_path,
+    read_meta,
+)
 from dermsight.models.ensemble import Ensemble, input_map
-from dermsight.models.factory import EXTRA_PREFIX, META_KEY, create_model
+from dermsight.models.factory import create_model
 from dermsight.models.meta import BACKBONE_FIELDS, RECIPE_FIELDS, ModelMeta
-
-
-class ModelLoadError(Exception):
-    """A model file cannot be loaded; the message is fit to show a user."""
 
 
 def read_runs(
@@ -63,11 +68,6 @@ def read_runs(
         if diff:
             raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}; {what} needs runs of one recipe")
     return paths, names, metas
-
-
-# Header field holding `content_digest` of every tensor in the file, checked by `load_model`: weights overwritten
-# in place (NaN, zeros, a truncated copy patched up) would otherwise load and serve nonsense with a clean start.
-DIGEST_KEY = "dermsight.sha256"
 
 
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -154,32 +154,6 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: ModelMeta) -> Non
         safetensors.torch.save_file(tensors, tmp, metadata=header)
 
 
-def read_meta(path: str | os.PathLike) -> ModelMeta:
-    """The contract of a saved model, without reading its weights."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is not a file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types and OSError for bad files
-        raise ModelLoadError(
-            f"{path} is not a dermsight model: not a readable safetensors file ({str(e)[:120]})"
-        ) from None
-    raw = header.get(META_KEY)
-    if raw is None:
-        raise ModelLoadError(
-            f"{path} is a safetensors file but not a dermsight model (no '{META_KEY}' metadata); "
-            "models are written by dermsight's save_model"
-        )
-    try:
-        return ModelMeta.from_json(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{path} has corrupt or incompatible dermsight metadata: {e}") from None
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild a saved model from its file alone; returned in eval mode on ``device``."""
     meta = read_meta(path)
@@ -228,23 +202,3 @@ def read_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return {k[len(EXTRA_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}  # noqa: SIM118
     except Exception as e:
         raise ModelLoadError(f"{path} is corrupt: cannot read its tensors ({str(e)[:120]})") from None
-
-
-# The bundled default model ships inside the package so `pip install` users get it too (see MODEL_CARD.md).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
-
-
-def default_model_path() -> Path:
-    """The model used when none is named: $DERMSIGHT_MODEL if set, else the bundled default."""
-    env = os.environ.get("DERMSIGHT_MODEL")
-    path = Path(env) if env else DEFAULT_MODEL
-    if not path.is_file():
-        raise ModelLoadError(
-            f"no model at {path}: "
-            + (
-                "check $DERMSIGHT_MODEL"
-                if env
-                else "the bundled default model is missing; reinstall dermsight or pass --model PATH"
-            )
-        )
-    return path

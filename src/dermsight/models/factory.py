@@ -27,7 +27,7 @@ import json
 import socket
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,25 +39,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from dermsight.models.records import TrainingData
+from dermsight.models.contract import EXTRA_PREFIX, META_KEY
+from dermsight.models.records import ARCHS, TrainingData, WeightsInfo, _triple
 
-ARCHS: tuple[str, ...] = (
-    "vgg19",
-    "inception_v3",
-    "resnet50",
-    "tf_efficientnet_lite0",
-    "tf_efficientnet_lite1",
-    "tf_efficientnet_lite2",
-    "mobilenetv2_100",
-)
 WEIGHT_CHOICES: tuple[str, ...] = ("none", "hub", "offline", "auto")
 WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 
-# Key under which a dermsight model stores its contract in the safetensors header (see bundle.py).
-META_KEY = "dermsight"
-# Tensors of a dermsight model file that are not weights (e.g. the out-of-distribution statistics of
-# dermsight.inference.ood) are stored under this key prefix; loading weights skips them.
-EXTRA_PREFIX = "dermsight_extra."
 
 # Google's TF EfficientNet-Lite ("edge") models were trained on (x - 127) / 128 for x in 0..255, i.e. mean 0.498 and
 # std 0.502 on a 0..1 scale; timm rounds this to 0.5 / 0.5 for the same TF weights (a shift under 0.004 in normalised
@@ -79,37 +66,6 @@ class WeightsUnavailableError(WeightsError):
 
 class WeightsMismatchError(WeightsError):
     """A weights file was read but does not fit the architecture (a key missing, unexpected or of another shape)."""
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's starting weights came from and the preprocessing they expect."""
-
-    source: str  # "none", "hub", "offline:<pip package>" or "file:<path>"
-    description: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # torchvision InterpolationMode value: "bilinear" or "bicubic"
-    input_size: int  # the square side the weights were trained / evaluated at
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WeightsInfo:
-        return cls(
-            source=str(data["source"]),
-            description=str(data["description"]),
-            mean=_triple(data["mean"]),
-            std=_triple(data["std"]),
-            interpolation=str(data["interpolation"]),
-            input_size=int(data["input_size"]),
-        )
-
-
-def _triple(values: Any) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)
-    return (a, b, c)
 
 
 @dataclass(frozen=True)

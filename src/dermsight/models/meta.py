@@ -15,14 +15,15 @@ from pydantic import BaseModel
 from dermsight import __version__
 from dermsight.data.manifest import LABEL_COLUMNS
 from dermsight.domain.classes import CONDITIONS, TAXONOMIES
-from dermsight.models.factory import ARCHS, WeightsInfo
 from dermsight.models.records import (
+    ARCHS,
     CalibrationRecord,
     DecisionRecord,
     GateRecord,
     SplitRecord,
     StopRecord,
     TrainingData,
+    WeightsInfo,
 )
 
 # The newest file format this dermsight reads. A file records the oldest format that can read it: 1 for a single

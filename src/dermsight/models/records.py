@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,3 +210,46 @@ class GateRecord(Loose):
     fitted_on: str = ""
     threshold_set_on: str = ""
     rejection_rates: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+# The backbones the model factory makes (`models.factory.create_model`), by timm name.
+ARCHS: tuple[str, ...] = (
+    "vgg19",
+    "inception_v3",
+    "resnet50",
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1",
+    "tf_efficientnet_lite2",
+    "mobilenetv2_100",
+)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's starting weights came from and the preprocessing they expect."""
+
+    source: str  # "none", "hub", "offline:<pip package>" or "file:<path>"
+    description: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # torchvision InterpolationMode value: "bilinear" or "bicubic"
+    input_size: int  # the square side the weights were trained / evaluated at
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightsInfo:
+        return cls(
+            source=str(data["source"]),
+            description=str(data["description"]),
+            mean=_triple(data["mean"]),
+            std=_triple(data["std"]),
+            interpolation=str(data["interpolation"]),
+            input_size=int(data["input_size"]),
+        )
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)

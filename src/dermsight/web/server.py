@@ -69,10 +69,10 @@ def prepare_environment(workers: int) -> None:
 
 
 def import_inference_stack() -> None:
-    """Import torch (and dermsight's inference code) in the gunicorn master, loading no model and running no op, so
-    the forked workers share those pages copy-on-write; ONNX Runtime is imported by each worker when it loads its
-    model. Measured on this project's machine, master and 2 workers after
-    predictions and explanations: 1.17 GB in all (PSS) this way, 1.47 GB with a master that imports no torch."""
+    """Import dermsight's inference code in the gunicorn master, loading no model and running no op, so the forked
+    workers share those pages copy-on-write; ONNX Runtime is imported by each worker when it loads its model. (The
+    serving path imports no PyTorch: a model served from its ONNX export never needs it. A worker that must export
+    a model first, or run it eagerly, imports PyTorch itself.)"""
     import dermsight.inference.predictor  # noqa: F401
 
 
