@@ -43,10 +43,10 @@ from dermsight.inference.preprocess import (
     centre_band,
     decode,
     decode_side,
+    image_views,
     match_detail,
     square_crop,
     to_model_input,
-    tta_views,
 )
 from dermsight.inference.quality import QUALITY_THRESHOLDS, check_quality, high_freq_share
 from dermsight.inference.scoring import softmax
@@ -324,17 +324,33 @@ def test_tta_is_the_mean_over_the_eight_symmetries(calibrated):
     path, _, manifest = calibrated
     p = Predictor.from_path(path, backend="torch", threads=1)
     image = p.decode(manifest["path"].iloc[-1])
-    x = p.preprocess(image)[None]
-    views = tta_views(x)
-    assert len(views) == 8 and all(v.shape == x.shape for v in views)
-    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 8  # eight different views
+    # The views are made from the decoded photo, each then preprocessed as served.
+    views = image_views(image)
+    assert len(views) == 8 and len({v.tobytes() for v in views}) == 8  # eight different views
+    assert all(v.shape in (image.shape, image.shape[1::-1] + image.shape[2:]) for v in views)
     model, _ = load_model(path)
     with torch.inference_mode():
-        mean_logits = torch.stack([model(torch.from_numpy(v.copy())) for v in views]).mean(0).numpy()
-    expected = softmax(mean_logits, p.meta.temperature)[0]
+        mean_logits = torch.stack([model(torch.from_numpy(p.preprocess(v))[None]) for v in views]).mean(0).numpy()
+    expected = softmax(p.meta.adjust(mean_logits), p.meta.temperature)[0]
     got = p.predict(image, tta=True)
     by_code = {c.code: c.probability for c in got.predictions}
     assert [by_code[c] for c in p.meta.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_with_tta_a_turned_or_mirrored_photo_gets_the_same_answer(calibrated):
+    # The eight views of a turned photo are the eight views of the photo, so the class scores and the not-a-lesion
+    # gate's features, both averaged over them, are the same (up to the order of a sum).
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="onnx", threads=1)
+    image = p.decode(manifest["path"].iloc[-1])
+    turns = [np.rot90(image, k) for k in (1, 2, 3)] + [image[:, ::-1], image[::-1], np.rot90(image[:, ::-1])]
+    base = p.score([image], tta=True)
+    for turned in turns:
+        other = p.score([np.ascontiguousarray(turned)], tta=True)
+        assert np.abs(other.logits - base.logits).max() < 1e-4
+        assert np.abs(other.features - base.features).max() < 1e-4
+    # Without the views, the same turns move the logits (what the views are for).
+    assert max(np.abs(p.score([np.ascontiguousarray(t)]).logits - p.score([image]).logits).max() for t in turns) > 1e-3
 
 
 def test_gates_reject_everyday_pictures_and_say_why(calibrated):

@@ -3,8 +3,8 @@ scores alike.
 
 `decode` (the safe decoder of the data layer, shorter side brought near the training images'), `centre_band` for
 absurd strips, `match_detail` (the training images' level of detail), the model's colour constancy
-(`shades_of_gray`) and eval preset (`eval_input`), all in `to_model_input`; the eight `tta_views`, and `square_crop`
-(the shape of the external test sets).
+(`shades_of_gray`) and eval preset (`eval_input`), all in `to_model_input`; the eight `image_views`, and
+`square_crop` (the shape of the external test sets).
 
 Everything here is numpy and Pillow, no PyTorch: a serving install without it preprocesses exactly as training's
 evaluation does. (`transforms.EvalPreset`, torchvision's version of `eval_input` for training's validation batches,
@@ -65,6 +65,14 @@ SERVE_RESAMPLE = Image.Resampling.LANCZOS
 # 124 600x450 originals blurred by a Gaussian of sigma 5 px passed it (37 with a bilinear decode to 192 px); measured
 # on the draft decode as it is, 38.
 DECODE_SLACK = 2
+
+
+def image_views(image: np.ndarray) -> list[np.ndarray]:
+    """The eight symmetries of an HxWx3 image (rotations by 0/90/180/270 degrees, with and without a mirror), identity
+    first, each made contiguous. Made from the decoded image, before the model's preprocessing (the JPEG round trip
+    of `match_detail` and the eval preset are not exactly equivariant), so that a turned or mirrored photo yields the
+    same eight model inputs, and the answers averaged over them are the same (`scoring.score_images`)."""
+    return [np.ascontiguousarray(np.rot90(v, k, axes=(0, 1))) for v in (image, image[:, ::-1]) for k in range(4)]
 
 
 def tta_views(x: np.ndarray) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError
-from dermsight.inference.preprocess import Source, decode, decode_side, to_model_input, tta_views
+from dermsight.inference.preprocess import Source, decode, decode_side, image_views, to_model_input
 from dermsight.inference.quality import QUALITY_THRESHOLDS, QualityReport, QualityThresholds, check_quality
 from dermsight.models.meta import ModelMeta
 
@@ -49,25 +49,26 @@ def runner_for(model: nn.Module | Runner) -> Runner:
     return model
 
 
-def forward(run: Runner, x: np.ndarray, tta: bool = False, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3, S, S) inputs -> (N, C) logits and (N, D) features, ``batch_size`` images per pass.
+# Views per image with test-time augmentation: the eight symmetries of the square (`preprocess.image_views`).
+TTA_VIEWS = 8
 
-    With ``tta`` the logits are the mean over the eight `tta_views` (dermoscopy has no up or left, so each is as valid
-    as the original); the features stay those of the original view, since the not-a-lesion threshold was set on
-    un-augmented images.
+
+def forward(run: Runner, x: np.ndarray, views: int = 1, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N * views, 3, S, S) inputs, each image's ``views`` consecutive -> (N, C) logits and (N, D) features, each the
+    mean over the image's views; about ``batch_size`` inputs per pass (whole images).
+
+    With the eight `preprocess.image_views` (dermoscopy has no up or left, so each is as valid as the original) both
+    the class scores and the not-a-lesion gate's features are the same for a photo however it is turned or mirrored:
+    the eight views of a turned photo are the eight views of the photo (`dermsight calibrate` sets the gate's
+    threshold on such averaged features).
     """
     logits, feats = [], []
-    step = max(1, batch_size // 8) if tta else batch_size
+    step = max(1, batch_size // views) * views
     for i in range(0, len(x), step):
-        chunk = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
-        if tta:
-            lo, fe = run(np.ascontiguousarray(np.concatenate(tta_views(chunk))))
-            logits.append(lo.reshape(8, len(chunk), -1).mean(0))
-            feats.append(fe[: len(chunk)])
-        else:
-            lo, fe = run(chunk)
-            logits.append(lo)
-            feats.append(fe)
+        lo, fe = run(np.ascontiguousarray(x[i : i + step], dtype=np.float32))
+        n = len(lo) // views
+        logits.append(lo.reshape(n, views, lo.shape[-1]).mean(1))
+        feats.append(fe.reshape(n, views, fe.shape[-1]).mean(1))  # a test double's features may be 0 wide
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(logits), np.concatenate(feats)
@@ -109,9 +110,10 @@ class _Prepared:
 
 
 def _prepare(
-    source: Source, meta: ModelMeta, side: int, view: View | None, quality: QualityThresholds | None
+    source: Source, meta: ModelMeta, side: int, view: View | None, quality: QualityThresholds | None, tta: bool
 ) -> _Prepared:
-    """One image through serving's decode, the ``view``, the quality gate (when given) and the model's preprocessing."""
+    """One image through serving's decode, the ``view``, the quality gate (when given) and the model's preprocessing:
+    ``x`` is (1, 3, S, S), or with ``tta`` (8, 3, S, S), the model inputs of the eight `preprocess.image_views`."""
     try:
         image = decode(source, side)
     except ImageError as e:
@@ -123,7 +125,8 @@ def _prepare(
         report = check_quality(image, quality)
         if not report.ok:
             return _Prepared(report=report)
-    return _Prepared(to_model_input(image, meta), report=report)
+    views = image_views(image) if tta else [image]
+    return _Prepared(np.stack([to_model_input(v, meta) for v in views]), report=report)
 
 
 def input_batches(
@@ -136,13 +139,15 @@ def input_batches(
     workers: int = 4,
     progress: bool = True,
     desc: str = "scoring",
+    tta: bool = False,
 ) -> Iterator[tuple[range, list[_Prepared]]]:
-    """The model inputs of ``sources`` in chunks of ``batch_size``: (the chunk's indices, each image's preparation).
-    Images are decoded ``workers`` at a time (decoding, not the network, dominates on large photos)."""
+    """The model inputs of ``sources`` in chunks of ``batch_size``: (the chunk's indices, each image's preparation;
+    with ``tta`` the eight views' inputs). Images are decoded ``workers`` at a time (decoding, not the network,
+    dominates on large photos)."""
     side = decode_side(meta, quality or QUALITY_THRESHOLDS)
 
     def prepare(i: int) -> _Prepared:
-        return _prepare(sources[i], meta, side, view, quality)
+        return _prepare(sources[i], meta, side, view, quality, tta)
 
     pool = ThreadPoolExecutor(workers) if workers > 1 and len(sources) > 1 else None
     try:
@@ -180,9 +185,12 @@ def score_images(
     feats: np.ndarray | None = None
     errors: dict[int, ImageError] = {}
     reports: dict[int, QualityReport] = {}
+    # With TTA a chunk holds a batch's worth of model inputs, eight per image.
+    chunk = max(1, batch_size // TTA_VIEWS) if tta else batch_size
     for idx, prepared in input_batches(
-        meta, sources, view=view, quality=quality, batch_size=batch_size, workers=workers, progress=progress, desc=desc
-    ):
+        meta, sources, view=view, quality=quality, batch_size=chunk, workers=workers, progress=progress, desc=desc,
+        tta=tta,
+    ):  # fmt: skip
         keep = []
         for i, p in zip(idx, prepared, strict=True):
             if p.error is not None:
@@ -193,8 +201,8 @@ def score_images(
                 keep.append(i)
         if not keep:
             continue
-        x = np.stack([p.x for p in prepared if p.x is not None])
-        lo, fe = forward(run, x, tta=tta, batch_size=batch_size)
+        x = np.concatenate([p.x for p in prepared if p.x is not None])
+        lo, fe = forward(run, x, views=TTA_VIEWS if tta else 1, batch_size=batch_size)
         if feats is None:
             feats = np.full((n, fe.shape[1]), np.nan, np.float32)
         logits[keep], feats[keep] = lo, fe

@@ -138,15 +138,20 @@ def calibrate_model(
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
     paths = [str(p) for p in fit_df["path"]]
     side, quality = source_detail(paths, sources=sources_of(fit_df)) if match_source else (0, 0)
-    meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality})
+    # Served answers are the mean over the eight views of a photo, so that turning or mirroring it changes nothing
+    # (`scoring.forward`); the temperature and the gate's threshold are fitted on what is served.
+    meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality, "tta": True})
     predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:
         fit_df = fit_df.sample(max_fit_images, random_state=0)
 
-    def run(frame: pd.DataFrame, name: str, view=None) -> Scored:
-        return predictor.score([str(p) for p in frame["path"]], view=view, desc=name, progress=progress, batch_size=64)
+    def run(frame: pd.DataFrame, name: str, view=None, tta: bool = True) -> Scored:
+        paths = [str(p) for p in frame["path"]]
+        return predictor.score(paths, view=view, tta=tta, desc=name, progress=progress, batch_size=64)
 
-    fit = run(fit_df, "fit (train)")
+    # The feature densities are fitted on one view of each training image (an eighth of the work); their scales and
+    # the threshold are set on validation images as served, eight views averaged.
+    fit = run(fit_df, "fit (train)", tta=False)
     val = run(parts["val"], "val")
     y_val = read_labels(parts["val"], meta)
 
@@ -186,15 +191,16 @@ def calibrate_model(
                 str(src): _rejections(test, test_scores, gate.threshold, test_sources == src)
                 for src in sorted(set(test_sources))
             }
-    builtin = predictor.score(list(everyday_images().values()), desc="built-in negatives", progress=progress)
+    builtin = predictor.score(list(everyday_images().values()), tta=True, desc="built-in negatives", progress=progress)
     rates["builtin_negatives"] = _rejections(builtin, _gate_scores(gate, builtin), gate.threshold)
     if negatives:
-        neg = predictor.score([str(p) for p in negatives], desc="negatives", progress=progress)
+        neg = predictor.score([str(p) for p in negatives], tta=True, desc="negatives", progress=progress)
         rates["negatives"] = _rejections(neg, _gate_scores(gate, neg), gate.threshold)
 
     ood = gate.describe() | {
         "target_rejection": target_rejection,
-        "fitted_on": f"train split ({int(fit.usable.sum())} lesion images)",
+        "fitted_on": f"train split ({int(fit.usable.sum())} lesion images, one view each)",
+        "views": 8,
         "threshold_set_on": (
             f"val split ({int(ok.sum())} lesion images, and as dermatoscope fields), at most {target_rejection:.0%} "
             f"of each of {len(set(groups))} groups"

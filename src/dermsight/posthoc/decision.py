@@ -87,7 +87,8 @@ def tune_decision(
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Choose TTA and tau on the val split, refit the temperature, re-score val and test; store all in the model."""
+    """Choose tau on the val split (eight views per image, as served), refit the temperature and the referral
+    threshold, re-score val and test; store all in the model."""
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     # The reports' folder first: one that cannot be made fails here, before the model is rewritten.
     reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
@@ -109,9 +110,10 @@ def tune_decision(
         candidates[tta] = {
             "tau": tau, "balanced_accuracy": ba, "accuracy": acc, "logits": logits[ok], "y": y[ok], "ok": ok,
         }  # fmt: skip
-    tta = candidates[True]["balanced_accuracy"] + candidates[True]["accuracy"] > (
-        candidates[False]["balanced_accuracy"] + candidates[False]["accuracy"]
-    )
+    # Always the eight views: served answers must not depend on how a photo is turned or mirrored, and the
+    # not-a-lesion gate's threshold was set on eight-view features (`calibrate`). The grid without them is kept for
+    # comparison.
+    tta = True
     pick = candidates[tta]
     biased = replace(meta, logit_bias=tuple(float(b) for b in pick["tau"] * log_prior))
     # The temperature is fitted to the logits as they will be served: with the decision bias added.
@@ -119,7 +121,7 @@ def tune_decision(
     decision = {
         "tta": bool(tta),
         "tau": pick["tau"],
-        "chosen_on": f"val split ({len(pick['y'])} images), maximising balanced accuracy + accuracy",
+        "chosen_on": f"val split ({len(pick['y'])} images, eight views each), maximising balanced accuracy + accuracy",
         "val_grid_best": {
             ("tta" if k else "no_tta"): {
                 "tau": v["tau"],

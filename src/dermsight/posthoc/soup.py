@@ -71,7 +71,7 @@ def reset_batchnorm(model: nn.Module, meta: ModelMeta, paths: list[str], batch_s
     for _, prepared in input_batches(meta, paths, batch_size=batch_size, progress=False):
         xs = [p.x for p in prepared if p.x is not None]
         if xs:
-            model(torch.from_numpy(np.stack(xs)).to(device).contiguous(memory_format=torch.channels_last))
+            model(torch.from_numpy(np.concatenate(xs)).to(device).contiguous(memory_format=torch.channels_last))
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
