@@ -1039,3 +1039,24 @@ def test_a_damaged_onnx_cache_is_exported_again_not_replaced_by_pytorch(tmp_path
         p = Predictor.from_path(model, backend="auto", threads=1)
     assert p.backend == "onnx" and cached.read_bytes() == good
     assert "exporting it again" in caplog.text and "using PyTorch" not in caplog.text
+
+
+def test_the_web_page_decodes_an_upload_once_for_the_model(calibrated, monkeypatch):
+    # Predicting and drawing the heatmap share one decode; only a larger picture to draw on is read again.
+    from dermsight.inference import preprocess
+    from dermsight.web.service import ModelService
+
+    path, _, manifest = calibrated
+    p = Predictor.from_path(path, backend="onnx", threads=1)
+    sides = []
+    real = preprocess.load_rgb
+    monkeypatch.setattr(
+        preprocess,
+        "load_rgb",
+        lambda source, short_side, **kw: sides.append(short_side) or real(source, short_side=short_side, **kw),
+    )
+    with open(manifest["path"].iloc[-1], "rb") as f:
+        data = f.read()
+    result, png = ModelService(p).analyse(data)
+    assert result.status == "ok" and png is not None and png.startswith(b"\x89PNG")
+    assert sides.count(p.decode_side) == 1 and len(sides) <= 2, sides

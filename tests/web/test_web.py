@@ -61,16 +61,21 @@ class FakePredictor:
         self.uncertain = False
         self.calls = 0
 
+    def decode(self, source) -> np.ndarray:
+        if self.fail:
+            raise self.fail
+        return source if isinstance(source, np.ndarray) else load_rgb(source)
+
     def predict(self, source, tta: bool = False) -> PredictionResult:
         self.calls += 1
         if self.fail:
             raise self.fail
-        rgb = load_rgb(source)
+        rgb = self.decode(source)
         if rgb.std() < 2:
             return PredictionResult("rejected", "The photo is almost uniform: no spot is visible.", model="fake model")
         return _result(self.probs, self.uncertain)
 
-    def explain(self, source) -> bytes:
+    def explain(self, source, decoded=None) -> bytes:
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (255, 0, 0)).save(buf, format="PNG")
         return buf.getvalue()
@@ -204,7 +209,7 @@ def test_pages_say_the_model_learned_from_dermoscopy_and_carry_a_notice_landmark
 
 
 def test_result_page_shows_the_photo_when_the_heatmap_fails(client, fake, caplog):
-    def broken(source):
+    def broken(source, decoded=None):
         raise RuntimeError("grad-cam broke")
 
     fake.explain = broken
@@ -894,7 +899,7 @@ def test_uploads_are_decoded_one_at_a_time_and_memory_is_handed_back(monkeypatch
     shown.join(10)
     assert not shown.is_alive() and trims == [0]
     model.predict(_jpeg())
-    model.explain(_jpeg())
+    model.analyse(_jpeg())
     assert trims == [0, 0, 0]
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert service._find_malloc_trim() is not None

@@ -472,9 +472,11 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------------------- explanation
 
-    def explain(self, source: Source, target: str | None = None) -> bytes:
+    def explain(self, source: Source, target: str | None = None, decoded: np.ndarray | None = None) -> bytes:
         """PNG of the image the model saw beside the same image with the Grad-CAM heatmap of ``target`` (a class
         code; default: the top class) laid over it. Raises `ImageError` when the image cannot be decoded.
+        ``decoded``: `decode` of ``source``, when the caller has it (the web page predicts from the same decode);
+        ``source`` is then read again only for a larger picture to draw on.
 
         From the served graph's class activation maps where it has them (no PyTorch needed; the same map, see
         `inference.explain`), else with the grad-cam package on the PyTorch network."""
@@ -482,7 +484,7 @@ class Predictor:
 
         if target is not None and target not in self._meta.classes:
             raise ValueError(f"unknown class {target!r}: this model's classes are {', '.join(self._meta.classes)}")
-        image = self.decode(source)
+        image = self.decode(source) if decoded is None else decoded
         x = self.preprocess(image)[None]
         index = self._meta.classes.index(target) if target is not None else None
         display = self._display_image(source, image)

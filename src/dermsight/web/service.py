@@ -163,10 +163,21 @@ class ModelService:
         with self._one_at_a_time():
             return predictor.predict(data)
 
-    def explain(self, data: bytes) -> bytes:
+    def analyse(self, data: bytes) -> tuple[PredictionResult, bytes | None]:
+        """The prediction and, for an answered photo, its heatmap (None when drawing it failed: the answer stands
+        without it), from one decode of the upload. Raises `ImageError` for an upload that cannot be decoded."""
         predictor = self.get()
         with self._one_at_a_time():
-            return predictor.explain(data)
+            image = predictor.decode(data)
+            # A decoded image is decoded again as it is: no resampling, no copy (`preprocess.decode`).
+            result = predictor.predict(image)
+            if result.status != "ok":
+                return result, None
+            try:
+                return result, predictor.explain(data, decoded=image)
+            except Exception:
+                log.exception("the heatmap could not be drawn")
+                return result, None
 
     def display_photo(self, data: bytes) -> str:
         """`display_photo` in the worker's turn, like inference."""
@@ -280,19 +291,16 @@ def display_photo(data: bytes) -> str:
 
 def analyse(model: ModelService, data: bytes, explain: bool = True) -> Analysis:
     """Predict (and explain, for the page) one upload; `ImageError` becomes a 400 `RequestRefused`."""
+    if not explain:
+        try:
+            return Analysis(model.predict(data), None, None)
+        except ImageError as e:
+            raise unreadable(e) from None
     try:
-        result = model.predict(data)
+        result, png = model.analyse(data)
     except ImageError as e:
         raise unreadable(e) from None
-    if not explain:
-        return Analysis(result, None, None)
-    heatmap = None
-    if result.status == "ok":
-        try:
-            heatmap = data_uri(model.explain(data), "image/png")
-        except Exception:
-            # The prediction stands without its explanation; the page shows the photo alone.
-            log.exception("Grad-CAM explanation failed")
+    heatmap = data_uri(png, "image/png") if png is not None else None
     # The explanation already shows the photo beside its heatmap; otherwise show the photo itself.
     photo = None
     if heatmap is None:
