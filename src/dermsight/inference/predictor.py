@@ -269,8 +269,9 @@ class Predictor:
                     runner, contract = shipped
             if runner is None and not torch_installed() and onnx_path is None:
                 raise no_torch(model_path)
-        gate = OODGate.load(file_meta.ood, extra if extra is not None else read_extra_arrays(model_path))
-        gate = gate if meta is None else None
+        gate = None
+        if meta is None:  # a contract under trial gets no gate (calibration is fitting it)
+            gate = OODGate.load(file_meta.ood, extra if extra is not None else read_extra_arrays(model_path))
         if gate is None and meta is None:
             log.warning(
                 "%s has no out-of-distribution statistics: images that are not skin lesions will not be rejected. "

@@ -75,13 +75,6 @@ def image_views(image: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(np.rot90(v, k, axes=(0, 1))) for v in (image, image[:, ::-1]) for k in range(4)]
 
 
-def tta_views(x: np.ndarray) -> list[np.ndarray]:
-    """The eight symmetries of the square (rotations by 0/90/180/270 degrees, with and without a flip) of an image or
-    batch whose last two axes are height and width, identity first. Dermoscopy has no up or left, so each is as
-    valid an input as the original."""
-    return [np.rot90(v, k, axes=(-2, -1)) for v in (x, x[..., ::-1]) for k in range(4)]
-
-
 def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
     """Shorter side images are decoded to (`decode` may keep up to twice as much): the training images' shorter side
     when the model records one below its eval resize (else the eval resize), so that a large image reaches the
