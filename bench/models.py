@@ -340,7 +340,7 @@ def markdown(rows: list[dict], note: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base training config")
+    ap.add_argument("--config", type=Path, default=Path("configs/ham4.yaml"), help="base training config")
     ap.add_argument("--archs", nargs="+", default=list(BACKBONES))
     ap.add_argument("--protocol", choices=tuple(PROTOCOLS), default="config", help="training budget (see above)")
     ap.add_argument(
@@ -385,7 +385,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence added to the table's note (e.g. where it was trained)")
     args = ap.parse_args()
 
-    # One network per backbone: an ensemble config (configs/default.yaml) contributes its recipe, not its members.
+    # One network per backbone: an ensemble config (configs/ham4.yaml) contributes its recipe, not its members.
     base = TrainConfig.from_yaml(args.config, **PROTOCOLS[args.protocol], members=1, member_overrides=[])
     base = base.updated(
         epochs=args.epochs or base.epochs,

