@@ -1060,3 +1060,17 @@ def test_the_web_page_decodes_an_upload_once_for_the_model(calibrated, monkeypat
     result, png = ModelService(p).analyse(data)
     assert result.status == "ok" and png is not None and png.startswith(b"\x89PNG")
     assert sides.count(p.decode_side) == 1 and len(sides) <= 2, sides
+
+
+def test_onnx_runner_runs_small_passes_with_the_answers_of_one_large_pass():
+    from dermsight.inference.runtime import INPUT_NAME, OnnxRunner
+
+    runner = OnnxRunner(DEFAULT_MODEL.with_suffix(".onnx"), threads=1)
+    x = np.random.default_rng(0).normal(size=(5, 3, 192, 192)).astype(np.float32)
+    logits, features = runner(x)  # three passes: 2, 2 and 1 inputs
+    whole_logits, whole_features = runner.session.run(["logits", "features"], {INPUT_NAME: x})
+    assert logits.shape == whole_logits.shape and features.shape == whole_features.shape
+    np.testing.assert_allclose(logits, whole_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(features, whole_features, rtol=1e-4, atol=1e-4)
+    one_logits, _ = runner(x[:1])
+    np.testing.assert_allclose(one_logits, logits[:1], rtol=1e-4, atol=1e-4)
