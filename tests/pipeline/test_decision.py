@@ -74,3 +74,18 @@ def test_tune_decision_records_each_source_of_a_split_of_several(tmp_path):
         assert {"n", "balanced_accuracy", "recall", "mel_vs_nv_auc", "referral"} <= set(figures)
     assert sum(f["n"] for f in test["by_source"].values()) == test["n"]
     assert set(meta.metrics["decision"]["referral"]["by_source"]) == {"labels-csv:a", "labels-csv:b"}
+
+
+def test_one_view_rule_is_stored_by_tune_decision(tmp_path):
+    # `--views 1`: served answers come from one view of the photo in its canonical orientation (an eighth of the
+    # work of eight views); the decision rule is fitted for that and the file says so.
+    data = synthetic_dataset(tmp_path / "data")
+    run = fit(tiny_config(tmp_path, data, epochs=1), progress=False)
+    split = run.run_dir / "split.csv"
+    out = tmp_path / "tuned.safetensors"
+    tune_decision(run.model_path, split, out, tmp_path / "reports", progress=False, views=1)
+    meta = read_meta(out)
+    assert meta.tta is False and "one view each" in meta.metrics["decision"]["chosen_on"]
+    assert set(meta.metrics["decision"]["val_grid_best"]) == {"tta", "no_tta"}  # the other rule, for comparison
+    with pytest.raises(ValueError, match="views must be 1 or 8"):
+        tune_decision(run.model_path, split, tmp_path / "x.safetensors", tmp_path / "r2", progress=False, views=2)

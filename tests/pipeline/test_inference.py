@@ -40,6 +40,7 @@ from dermsight.inference.export import (
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import Predictor, describe_source, started_from
 from dermsight.inference.preprocess import (
+    canonical,
     centre_band,
     decode,
     decode_side,
@@ -93,6 +94,16 @@ def calibrated(tmp_path_factory):
     out = root / "tiny_cal.safetensors"
     report = calibrate_model(model_path, manifest, out, backend="torch", threads=1, progress=False, components=16)
     return out, report, manifest
+
+
+def test_calibrate_fits_the_one_view_rule_when_asked(calibrated, tmp_path):
+    _, _, manifest = calibrated
+    model_path = tiny_model(tmp_path / "tiny.safetensors")
+    out = tmp_path / "one_view.safetensors"
+    calibrate_model(model_path, manifest, out, backend="torch", threads=1, progress=False, components=16, views=1)
+    assert read_meta(out).tta is False and read_meta(calibrated[0]).tta is True  # eight views unless asked
+    with pytest.raises(ValueError, match="views must be 1 or 8"):
+        calibrate_model(model_path, manifest, out, backend="torch", threads=1, progress=False, views=4)
 
 
 # ---------------------------------------------------------------------------------------------------- quality gate
@@ -337,7 +348,7 @@ def test_tta_is_the_mean_over_the_eight_symmetries(calibrated):
     assert [by_code[c] for c in p.meta.classes] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-def test_with_tta_a_turned_or_mirrored_photo_gets_the_same_answer(calibrated):
+def test_a_turned_or_mirrored_photo_gets_the_same_answer_with_eight_views_or_one(calibrated):
     # The eight views of a turned photo are the eight views of the photo, so the class scores and the not-a-lesion
     # gate's features, both averaged over them, are the same (up to the order of a sum).
     path, _, manifest = calibrated
@@ -349,8 +360,18 @@ def test_with_tta_a_turned_or_mirrored_photo_gets_the_same_answer(calibrated):
         other = p.score([np.ascontiguousarray(turned)], tta=True)
         assert np.abs(other.logits - base.logits).max() < 1e-4
         assert np.abs(other.features - base.features).max() < 1e-4
-    # Without the views, the same turns move the logits (what the views are for).
-    assert max(np.abs(p.score([np.ascontiguousarray(t)]).logits - p.score([image]).logits).max() for t in turns) > 1e-3
+    # One view: the photo is turned to its canonical orientation first (`preprocess.canonical`), so a turned photo
+    # gets exactly the same input, logits and features.
+    one = p.score([image])
+    for turned in turns:
+        assert np.array_equal(canonical(np.ascontiguousarray(turned)), canonical(image))
+        other = p.score([np.ascontiguousarray(turned)])
+        assert np.array_equal(other.logits, one.logits) and np.array_equal(other.features, one.features)
+    # Without it, the same turns move the logits (what the canonical orientation and the views are for).
+    model, _ = load_model(path)
+    with torch.inference_mode():
+        raw = [model(torch.from_numpy(p.preprocess(np.ascontiguousarray(v)))[None]).numpy() for v in (image, *turns)]
+    assert max(np.abs(r - raw[0]).max() for r in raw[1:]) > 1e-3
 
 
 def test_gates_reject_everyday_pictures_and_say_why(calibrated):

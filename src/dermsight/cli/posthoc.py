@@ -51,6 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=4000,
         help="training images used to fit the OOD statistics (default 4000)",
     )
+    ca.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 8),
+        default=8,
+        help="views of each photo a served answer averages: 8 (its flips and rotations) or 1 (the photo turned to "
+        "a canonical orientation, an eighth of the work); either way turning a photo never changes the answer "
+        "(default 8)",
+    )
     inference_options(ca)
     ca.set_defaults(func=cmd_calibrate)
 
@@ -62,6 +71,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     td.add_argument("--data", required=True, help="split manifest (split.csv) or a training run folder")
     td.add_argument("--out", help="write the tuned model here (default: in place)")
     td.add_argument("--reports", help="folder for the val/test reports (default: a temporary folder)")
+    td.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 8),
+        default=8,
+        help="views a served answer averages, as given to calibrate (default 8)",
+    )
     td.set_defaults(func=cmd_tune_decision)
 
     en = sub.add_parser("ensemble", help="serve runs of one recipe as one model that averages their logits")
@@ -146,6 +162,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             max_fit_images=args.max_fit_images,
             backend=args.backend,
             threads=args.threads,
+            views=args.views,
         )
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -159,7 +176,7 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
 
     model, out = _model_and_out(args)
     _warn_if_not_the_training_split(model, args.data)
-    report = tune_decision(model, args.data, out, report_dir=args.reports)
+    report = tune_decision(model, args.data, out, report_dir=args.reports, views=args.views)
     print("\n".join(report_lines(report)))
     return EXIT_OK
 

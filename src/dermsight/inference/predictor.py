@@ -352,7 +352,7 @@ class Predictor:
             "temperature": m.temperature,
             "backend": self.backend,
             "threads": self.threads,
-            "tta_views": 8 if m.tta else 1,  # the model's own rule: 8 symmetries averaged, or the image as it is
+            "tta_views": 8 if m.tta else 1,  # the model's own rule: 8 symmetries averaged, or one canonical view
             "ood": dict(m.ood) if self.gate is not None else None,
             "source_short_side": m.source_short_side,
             "source_jpeg_quality": m.source_jpeg_quality,

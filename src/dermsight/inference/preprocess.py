@@ -75,6 +75,15 @@ def image_views(image: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(np.rot90(v, k, axes=(0, 1))) for v in (image, image[:, ::-1]) for k in range(4)]
 
 
+def canonical(image: np.ndarray) -> np.ndarray:
+    """``image`` turned and mirrored to a canonical orientation: of its eight `image_views`, the one whose shape and
+    pixel bytes come first. A turned or mirrored copy of a photo has the same eight views, so it gets the same
+    canonical image, and everything computed from that (the quality gate, one model view) cannot depend on how the
+    photo was turned: rotation invariance by construction, at the cost of one view instead of eight. Dermoscopy has
+    no up, and the networks train with random turns and mirrors, so any orientation is one they know."""
+    return min(image_views(image), key=lambda v: (v.shape, v.tobytes()))
+
+
 def decode_side(meta: ModelMeta, quality: QualityThresholds = QUALITY_THRESHOLDS) -> int:
     """Shorter side images are decoded to (`decode` may keep up to twice as much): the training images' shorter side
     when the model records one below its eval resize (else the eval resize), so that a large image reaches the

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError
-from dermsight.inference.preprocess import Source, decode, decode_side, image_views, to_model_input
+from dermsight.inference.preprocess import Source, canonical, decode, decode_side, image_views, to_model_input
 from dermsight.inference.quality import QUALITY_THRESHOLDS, QualityReport, QualityThresholds, check_quality
 from dermsight.models.meta import ModelMeta
 
@@ -112,14 +112,18 @@ class _Prepared:
 def _prepare(
     source: Source, meta: ModelMeta, side: int, view: View | None, quality: QualityThresholds | None, tta: bool
 ) -> _Prepared:
-    """One image through serving's decode, the ``view``, the quality gate (when given) and the model's preprocessing:
-    ``x`` is (1, 3, S, S), or with ``tta`` (8, 3, S, S), the model inputs of the eight `preprocess.image_views`."""
+    """One image through serving's decode, the ``view``, `preprocess.canonical`, the quality gate (when given) and the
+    model's preprocessing: ``x`` is (1, 3, S, S), or with ``tta`` (8, 3, S, S), the model inputs of the eight
+    `preprocess.image_views`."""
     try:
         image = decode(source, side)
     except ImageError as e:
         return _Prepared(error=e)
     if view is not None:
         image = view(image)
+    # Everything after this sees the photo in its canonical orientation, so no answer, refusal included, depends on
+    # how it was turned; with ``tta`` the eight views are the same set either way.
+    image = canonical(image)
     report = None
     if quality is not None:
         report = check_quality(image, quality)

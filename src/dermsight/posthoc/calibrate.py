@@ -29,7 +29,7 @@ from dermsight.inference.backends import TorchRunner, feature_layout
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.inference.preprocess import dermatoscope_field, square_crop
-from dermsight.inference.scoring import Scored, softmax
+from dermsight.inference.scoring import TTA_VIEWS, Scored, softmax
 from dermsight.inference.selftest import probe_record
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
@@ -117,6 +117,7 @@ def calibrate_model(
     backend: BackendName = "auto",
     threads: int | None = None,
     progress: bool = True,
+    views: int = 8,
 ) -> dict[str, Any]:
     """Fit the temperature and the OOD gate of ``model_path`` and write them into ``out_path`` (default: in place).
 
@@ -138,19 +139,23 @@ def calibrate_model(
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
     paths = [str(p) for p in fit_df["path"]]
     side, quality = source_detail(paths, sources=sources_of(fit_df)) if match_source else (0, 0)
-    # Served answers are the mean over the eight views of a photo, so that turning or mirroring it changes nothing
-    # (`scoring.forward`); the temperature and the gate's threshold are fitted on what is served.
-    meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality, "tta": True})
+    # ``views``: served answers are the mean over the eight views of a photo, or one view of it in its canonical
+    # orientation (`preprocess.canonical`); either way turning or mirroring a photo changes nothing. The temperature
+    # and the gate's threshold are fitted on what is served.
+    if views not in (1, TTA_VIEWS):
+        raise ValueError(f"views must be 1 or {TTA_VIEWS}, not {views}")
+    tta = views == TTA_VIEWS
+    meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality, "tta": tta})
     predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:
         fit_df = fit_df.sample(max_fit_images, random_state=0)
 
-    def run(frame: pd.DataFrame, name: str, view=None, tta: bool = True) -> Scored:
+    def run(frame: pd.DataFrame, name: str, view=None, tta: bool = tta) -> Scored:
         paths = [str(p) for p in frame["path"]]
         return predictor.score(paths, view=view, tta=tta, desc=name, progress=progress, batch_size=64)
 
-    # The feature densities are fitted on one view of each training image (an eighth of the work); their scales and
-    # the threshold are set on validation images as served, eight views averaged.
+    # The feature densities are fitted on one view of each training image (an eighth of the work with eight views);
+    # their scales and the threshold are set on validation images as served.
     fit = run(fit_df, "fit (train)", tta=False)
     val = run(parts["val"], "val")
     y_val = read_labels(parts["val"], meta)
@@ -191,10 +196,10 @@ def calibrate_model(
                 str(src): _rejections(test, test_scores, gate.threshold, test_sources == src)
                 for src in sorted(set(test_sources))
             }
-    builtin = predictor.score(list(everyday_images().values()), tta=True, desc="built-in negatives", progress=progress)
+    builtin = predictor.score(list(everyday_images().values()), tta=tta, desc="built-in negatives", progress=progress)
     rates["builtin_negatives"] = _rejections(builtin, _gate_scores(gate, builtin), gate.threshold)
     if negatives:
-        neg = predictor.score([str(p) for p in negatives], tta=True, desc="negatives", progress=progress)
+        neg = predictor.score([str(p) for p in negatives], tta=tta, desc="negatives", progress=progress)
         rates["negatives"] = _rejections(neg, _gate_scores(gate, neg), gate.threshold)
 
     ood = gate.describe() | {

@@ -26,7 +26,7 @@ from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manif
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import headline, summary
 from dermsight.evaluation.run import evaluate
-from dermsight.inference.scoring import score_images, softmax
+from dermsight.inference.scoring import TTA_VIEWS, score_images, softmax
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
 from dermsight.posthoc.referral import fit_referral
@@ -86,6 +86,7 @@ def tune_decision(
     out_path: str | os.PathLike | None = None,
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    views: int = 8,
 ) -> dict[str, Any]:
     """Choose tau on the val split (eight views per image, as served), refit the temperature and the referral
     threshold, re-score val and test; store all in the model."""
@@ -110,10 +111,12 @@ def tune_decision(
         candidates[tta] = {
             "tau": tau, "balanced_accuracy": ba, "accuracy": acc, "logits": logits[ok], "y": y[ok], "ok": ok,
         }  # fmt: skip
-    # Always the eight views: served answers must not depend on how a photo is turned or mirrored, and the
-    # not-a-lesion gate's threshold was set on eight-view features (`calibrate`). The grid without them is kept for
-    # comparison.
-    tta = True
+    # Not chosen here: ``views`` is a serving requirement (eight views, or one in the canonical orientation; either
+    # way answers do not depend on how a photo is turned), and the not-a-lesion gate's threshold was set on features
+    # of the same views (`calibrate`). The grid of the other is kept for comparison.
+    if views not in (1, TTA_VIEWS):
+        raise ValueError(f"views must be 1 or {TTA_VIEWS}, not {views}")
+    tta = views == TTA_VIEWS
     pick = candidates[tta]
     biased = replace(meta, logit_bias=tuple(float(b) for b in pick["tau"] * log_prior))
     # The temperature is fitted to the logits as they will be served: with the decision bias added.
@@ -121,7 +124,8 @@ def tune_decision(
     decision = {
         "tta": bool(tta),
         "tau": pick["tau"],
-        "chosen_on": f"val split ({len(pick['y'])} images, eight views each), maximising balanced accuracy + accuracy",
+        "chosen_on": f"val split ({len(pick['y'])} images, {'eight views each' if tta else 'one view each'}), "
+        "maximising balanced accuracy + accuracy",
         "val_grid_best": {
             ("tta" if k else "no_tta"): {
                 "tau": v["tau"],

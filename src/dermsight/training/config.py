@@ -36,7 +36,7 @@ MIN_SIDE = 32
 SHARED_BY_MEMBERS = frozenset(
     {"data", "taxonomy", "val", "test", "split_seed", "input_size", "crop_pct", "cache_size", "cache_dir"}
     | {"colour_constancy"}
-    | {"out", "members", "member_overrides", "calibrate", "tune_decision", "resume"}
+    | {"out", "members", "member_overrides", "calibrate", "tune_decision", "views", "resume"}
 )
 
 
@@ -162,6 +162,10 @@ class TrainConfig(BaseModel):
     time_limit_s: float = Field(0.0, ge=0)
     calibrate: bool = True  # fit temperature scaling and the not-a-lesion gate on the val split at the end
     tune_decision: bool = True  # then choose TTA and the prior correction on val (dermsight.posthoc.decision)
+    # Views of a photo a served answer averages, as calibration and the decision rule are fitted for: 8 (flips and
+    # rotations) or 1 (the photo in its canonical orientation: an eighth of the CPU time). Both make answers
+    # independent of how a photo is turned (`dermsight calibrate --views`).
+    views: Literal[1, 8] = 8
     # Stored in the model's JSON metadata, so JSON values only (YAML turns `when: 2024-01-01` into a date).
     notes: dict[str, JsonValue] = Field(default_factory=dict)
 

@@ -101,9 +101,11 @@ def calibrate_run(cfg: TrainConfig, model_path: Path, manifest: pd.DataFrame, sp
     val parts of ``manifest`` (test is measured, never used to fit); returns the model's metrics afterwards.
     ``split_at``: the run folder that holds the split, for the retry hint."""
     try:
-        print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress))))
+        print("\n".join(report_lines(calibrate_model(model_path, manifest, None, progress=progress, views=cfg.views))))
         if cfg.tune_decision:
-            tuned = decision.tune_decision(model_path, manifest, None, model_path.parent / "decision", progress)
+            tuned = decision.tune_decision(
+                model_path, manifest, None, model_path.parent / "decision", progress, views=cfg.views
+            )
             print("\n".join(decision.report_lines(tuned)))
     except ValueError as e:
         # Hours of training must not be lost to a calibration problem: keep the uncalibrated model and say so.

@@ -343,7 +343,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "tta_views": {
                             "type": "integer",
                             "enum": [1, 8],
-                            "description": "views averaged per prediction (8: the square's symmetries)",
+                            "description": "views averaged per prediction (8: the square's symmetries; 1: the photo "
+                            "turned to a canonical orientation)",
                         },
                         "training_data": {"type": "string"},
                         "split": {"type": "string"},
