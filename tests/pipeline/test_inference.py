@@ -1095,3 +1095,20 @@ def test_onnx_runner_runs_small_passes_with_the_answers_of_one_large_pass():
     np.testing.assert_allclose(features, whole_features, rtol=1e-4, atol=1e-4)
     one_logits, _ = runner(x[:1])
     np.testing.assert_allclose(one_logits, logits[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_canonical_is_the_first_of_the_eight_views_by_shape_and_bytes_whichever_way_the_image_is_turned():
+    rng = np.random.default_rng(0)
+    mirrored = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    cases = [
+        rng.integers(0, 256, (45, 60, 3), dtype=np.uint8),
+        rng.integers(0, 3, (20, 20, 3), dtype=np.uint8),  # few values: ties run past the first rows
+        np.zeros((10, 10, 3), np.uint8),  # all eight views equal
+        np.maximum(mirrored, mirrored[:, ::-1]),  # symmetric under one mirror
+    ]
+    for image in cases:
+        first = min(image_views(image), key=lambda v: (v.shape, v.tobytes()))
+        for turned in image_views(image):
+            got = canonical(turned)
+            assert got.shape == first.shape and np.array_equal(got, first) and got.flags.c_contiguous
+    assert canonical(cases[0]).shape == (45, 60, 3)  # landscape, like the training frames
