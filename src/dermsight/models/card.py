@@ -30,10 +30,11 @@ reason to ignore a lesion that changes, bleeds, itches or worries you.
 - Seven classes only (HAM10000): actinic keratosis / intraepithelial carcinoma, basal cell carcinoma, benign
   keratosis-like lesions, dermatofibroma, melanoma, melanocytic nevus, vascular lesions. Any other condition (eczema,
   psoriasis, infections, rarer tumours) is forced into one of these seven or rejected.
-- HAM10000 comes from two centres (Vienna, Austria, and Queensland, Australia) and mostly shows light skin
-  (Fitzpatrick types I-III). Performance on darker skin types is unknown and likely worse.
-- Metrics below come from held-out lesions of the same collection; on images from other clinics, cameras and
-  populations they are usually lower.
+- HAM10000 comes from two centres (Vienna, Austria, and Queensland, Australia); it and the ISIC Archive images
+  mostly show light skin (Fitzpatrick types I-III). Performance on darker skin types is unknown and likely worse.
+- The held-out metrics below come from lesions of the collections the model was trained on; on images from other
+  clinics, cameras and populations they are usually lower (where recorded, "On images from other sources" shows by
+  how much).
 """
 
 
