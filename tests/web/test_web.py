@@ -75,7 +75,8 @@ class FakePredictor:
             return PredictionResult("rejected", "The photo is almost uniform: no spot is visible.", model="fake model")
         return _result(self.probs, self.uncertain)
 
-    def explain(self, source, decoded=None) -> bytes:
+    def explain(self, source, target=None, decoded=None) -> bytes:
+        self.explained_for = target
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (255, 0, 0)).save(buf, format="PNG")
         return buf.getvalue()
@@ -159,7 +160,7 @@ def test_upload_page_has_form_csrf_camera_disclaimer_and_headers(client):
     assert "<script>" not in page and "style=" not in page  # nothing inline: the CSP forbids it
 
 
-def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client):
+def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client, fake):
     r = _form_post(client, _jpeg())
     page = r.get_data(as_text=True)
     assert r.status_code == 200
@@ -167,6 +168,7 @@ def test_result_page_shows_advice_bars_heatmap_cards_without_javascript(client):
     assert "See a doctor within two weeks" in page  # melanoma on top (urgent)
     assert page.count("<meter") == 7 and "55%" in page
     assert re.search(r'<img src="data:image/png;base64,[^"]+"[^>]*id="heatmap"', page)  # photo beside heatmap
+    assert fake.explained_for == "mel"  # the map of the class the page names
     assert page.count('class="card"') == 3  # mel, nv, bkl are >= 5%
     assert 'href="/conditions/mel"' in page
     assert "Not a medical device" in page
@@ -209,7 +211,7 @@ def test_pages_say_the_model_learned_from_dermoscopy_and_carry_a_notice_landmark
 
 
 def test_result_page_shows_the_photo_when_the_heatmap_fails(client, fake, caplog):
-    def broken(source, decoded=None):
+    def broken(source, target=None, decoded=None):
         raise RuntimeError("grad-cam broke")
 
     fake.explain = broken

@@ -55,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 out, n = explain_dir / f"{Path(image).stem}_gradcam.png", 2
                 while out in written:  # two inputs of the same name from different folders
                     out, n = explain_dir / f"{Path(image).stem}_{n}_gradcam.png", n + 1
-                out.write_bytes(predictor.explain(image))
+                out.write_bytes(predictor.explain(image, target=result.top.code))  # the class the answer names
                 written.add(out)
                 record["explanation"] = str(out)
             records.append(record)

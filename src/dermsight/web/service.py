@@ -174,7 +174,9 @@ class ModelService:
             if result.status != "ok":
                 return result, None
             try:
-                return result, predictor.explain(data, decoded=image)
+                # The map of the class the page names (the answer comes from the photo's canonical orientation or
+                # its eight views; the map is drawn on the photo as uploaded, whose own top class may differ).
+                return result, predictor.explain(data, target=result.top.code, decoded=image)
             except Exception:
                 log.exception("the heatmap could not be drawn")
                 return result, None
