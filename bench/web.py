@@ -9,8 +9,8 @@ runs the levels one after the other; with --url it loads an already running serv
 any error (a non-200 answer or a refused connection) is counted and makes the exit status 1. --slow N also holds N
 slow connections open for the whole measurement, each sending one header line a second and never finishing its
 request (the way a slow or stalled client, or a slowloris attack, ties up a server): behind a buffering proxy
-(deploy/nginx.conf, pass its address with --url) they should cost nothing; straight to gunicorn's sync workers they
-take the workers away.
+(deploy/nginx.conf, pass its address with --url) they should cost nothing; straight to gunicorn they take its
+workers' connection threads away.
 
 The clients run in this process (threads with keep-alive connections); on a small machine they take some CPU from
 the server, so the figures are a floor.
@@ -84,19 +84,15 @@ class SlowClients:
     """``n`` connections that send a request line, then one header line every ``every`` seconds, never ending it."""
 
     def __init__(self, host: str, port: int, n: int, every: float = 1.0) -> None:
-        self.host, self.port, self.n, self.every = host, port, n, every
+        self.host, self.port, self.every = host, port, every
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._trickle, args=(i,), daemon=True) for i in range(n)]
-        self.opened = 0
-        self.lock = threading.Lock()
 
     def _trickle(self, i: int) -> None:
         line = 0
         while not self.stop.is_set():  # reconnect when the server gives up on the connection
             try:
                 with socket.create_connection((self.host, self.port), timeout=5) as s:
-                    with self.lock:
-                        self.opened += 1
                     s.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: bench\r\n")
                     while not self.stop.wait(self.every):
                         line += 1

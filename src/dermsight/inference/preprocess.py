@@ -67,12 +67,17 @@ SERVE_RESAMPLE = Image.Resampling.LANCZOS
 DECODE_SLACK = 2
 
 
+def _symmetries(image: np.ndarray) -> list[np.ndarray]:
+    """The eight symmetries of an HxWx3 image as numpy views (no copies), identity first: `image_views`' order."""
+    return [np.rot90(v, k, axes=(0, 1)) for v in (image, image[:, ::-1]) for k in range(4)]
+
+
 def image_views(image: np.ndarray) -> list[np.ndarray]:
     """The eight symmetries of an HxWx3 image (rotations by 0/90/180/270 degrees, with and without a mirror), identity
     first, each made contiguous. Made from the decoded image, before the model's preprocessing (the JPEG round trip
     of `match_detail` and the eval preset are not exactly equivariant), so that a turned or mirrored photo yields the
     same eight model inputs, and the answers averaged over them are the same (`scoring.score_images`)."""
-    return [np.ascontiguousarray(np.rot90(v, k, axes=(0, 1))) for v in (image, image[:, ::-1]) for k in range(4)]
+    return [np.ascontiguousarray(v) for v in _symmetries(image)]
 
 
 def canonical(image: np.ndarray) -> np.ndarray:
@@ -83,7 +88,7 @@ def canonical(image: np.ndarray) -> np.ndarray:
     no up, and the networks train with random turns and mirrors, so any orientation is one they know."""
     # The same choice as min(image_views(image), key=lambda v: (v.shape, v.tobytes())), without copying eight
     # images: the bytes compare row by row, and the first row almost always decides.
-    views = [np.rot90(v, k, axes=(0, 1)) for v in (image, image[:, ::-1]) for k in range(4)]
+    views = _symmetries(image)
     shape = min(v.shape for v in views)
     candidates = [v for v in views if v.shape == shape]
     for r in range(shape[0]):

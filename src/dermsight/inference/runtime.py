@@ -86,13 +86,12 @@ class OnnxRunner:
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(x, np.float32)
-        outs = [
+        passes = [
             self.session.run(["logits", "features"], {INPUT_NAME: x[i : i + self.pass_size]})
             for i in range(0, max(len(x), 1), self.pass_size)  # an empty batch runs once, as before
         ]
-        if len(outs) == 1:
-            return outs[0][0], outs[0][1]
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        logits, features = (np.concatenate(parts) for parts in zip(*passes, strict=True))
+        return logits, features
 
     def contract(self) -> Contract:
         """The contract the graph carries (`read_contract`)."""

@@ -53,6 +53,14 @@ def runner_for(model: nn.Module | Runner) -> Runner:
 TTA_VIEWS = 8
 
 
+def tta_for(views: int) -> bool:
+    """Whether answers served with ``views`` views a photo use test-time augmentation: 8, the eight symmetries
+    averaged; 1, the photo in its canonical orientation (`preprocess.canonical`). Anything else is a ValueError."""
+    if views not in (1, TTA_VIEWS):
+        raise ValueError(f"views must be 1 or {TTA_VIEWS}, not {views}")
+    return views == TTA_VIEWS
+
+
 def forward(run: Runner, x: np.ndarray, views: int = 1, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(N * views, 3, S, S) inputs, each image's ``views`` consecutive -> (N, C) logits and (N, D) features, each the
     mean over the image's views; about ``batch_size`` inputs per pass (whole images).

@@ -29,7 +29,7 @@ from dermsight.inference.backends import TorchRunner, feature_layout
 from dermsight.inference.ood import OODGate
 from dermsight.inference.predictor import BackendName, Predictor
 from dermsight.inference.preprocess import dermatoscope_field, square_crop
-from dermsight.inference.scoring import TTA_VIEWS, Scored, softmax
+from dermsight.inference.scoring import Scored, softmax, tta_for
 from dermsight.inference.selftest import probe_record
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
@@ -130,6 +130,10 @@ def calibrate_model(
     things that are not skin lesions, to measure the share caught.
     Returns the report that is also stored in the model (``meta.ood`` and ``meta.metrics``).
     """
+    # ``views``: served answers are the mean over the eight views of a photo, or one view of it in its canonical
+    # orientation (`preprocess.canonical`); either way turning or mirroring a photo changes nothing. The temperature
+    # and the gate's threshold are fitted on what is served.
+    tta = tta_for(views)
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
@@ -139,12 +143,6 @@ def calibrate_model(
     fit_df = parts["train"] if not parts["train"].empty else parts["val"]
     paths = [str(p) for p in fit_df["path"]]
     side, quality = source_detail(paths, sources=sources_of(fit_df)) if match_source else (0, 0)
-    # ``views``: served answers are the mean over the eight views of a photo, or one view of it in its canonical
-    # orientation (`preprocess.canonical`); either way turning or mirroring a photo changes nothing. The temperature
-    # and the gate's threshold are fitted on what is served.
-    if views not in (1, TTA_VIEWS):
-        raise ValueError(f"views must be 1 or {TTA_VIEWS}, not {views}")
-    tta = views == TTA_VIEWS
     meta = ModelMeta(**{**asdict(meta), "source_short_side": side, "source_jpeg_quality": quality, "tta": tta})
     predictor = Predictor.from_path(model_path, backend=backend, threads=threads, meta=meta)
     if len(fit_df) > max_fit_images:

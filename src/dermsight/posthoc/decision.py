@@ -26,7 +26,7 @@ from dermsight.data.manifest import LABEL_COLUMNS, read_labels, read_split_manif
 from dermsight.data.problems import DataError
 from dermsight.evaluation.metrics import headline, summary
 from dermsight.evaluation.run import evaluate
-from dermsight.inference.scoring import TTA_VIEWS, score_images, softmax
+from dermsight.inference.scoring import score_images, softmax, tta_for
 from dermsight.models.bundle import load_model, update_meta
 from dermsight.models.meta import ModelMeta
 from dermsight.posthoc.referral import fit_referral
@@ -88,8 +88,9 @@ def tune_decision(
     progress: bool = True,
     views: int = 8,
 ) -> dict[str, Any]:
-    """Choose tau on the val split (eight views per image, as served), refit the temperature and the referral
-    threshold, re-score val and test; store all in the model."""
+    """Choose tau on the val split (with ``views`` views per image, as served: `scoring.tta_for`), refit the
+    temperature and the referral threshold, re-score val and test; store all in the model."""
+    served_tta = tta_for(views)  # a bad value fails here, before val is scored
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
     # The reports' folder first: one that cannot be made fails here, before the model is rewritten.
     reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
@@ -114,9 +115,7 @@ def tune_decision(
     # Not chosen here: ``views`` is a serving requirement (eight views, or one in the canonical orientation; either
     # way answers do not depend on how a photo is turned), and the not-a-lesion gate's threshold was set on features
     # of the same views (`calibrate`). The grid of the other is kept for comparison.
-    if views not in (1, TTA_VIEWS):
-        raise ValueError(f"views must be 1 or {TTA_VIEWS}, not {views}")
-    tta = views == TTA_VIEWS
+    tta = served_tta
     pick = candidates[tta]
     biased = replace(meta, logit_bias=tuple(float(b) for b in pick["tau"] * log_prior))
     # The temperature is fitted to the logits as they will be served: with the decision bias added.
