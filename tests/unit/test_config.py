@@ -38,6 +38,9 @@ BAD = [
     ("warmup_epochs", -3),
     ("max_steps_per_epoch", -1),
     ("hue", 0.6),
+    ("jpeg", 1.5),
+    ("jpeg_quality_min", 0),
+    ("jpeg_quality_min", 99),
     ("hue", -0.1),
     ("drop_rate", 1.0),
     ("drop_rate", -0.1),
@@ -95,3 +98,9 @@ def test_data_is_one_path_or_a_list_of_them():
     for bad in ([], ["/d/a", " "]):
         with pytest.raises(ValueError, match="data"):
             TrainConfig(data=bad)
+
+
+def test_jpeg_needs_the_loader_path():
+    assert TrainConfig(jpeg=0.5).jpeg == 0.5
+    with pytest.raises(ValueError, match="augment: loader"):
+        TrainConfig(jpeg=0.5, augment="device")

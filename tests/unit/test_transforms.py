@@ -231,7 +231,8 @@ def test_batch_augment_and_train_preset_share_their_defaults():
         return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
 
     batch, per_image = defaults(BatchTrainAugment), defaults(TrainPreset)
-    assert batch == {k: v for k, v in per_image.items() if k != "interpolation"}
+    # The JPEG step is the loader path's alone (TrainConfig refuses it with augment: device).
+    assert batch == {k: v for k, v in per_image.items() if k not in ("interpolation", "jpeg", "jpeg_quality")}
 
 
 def _gains(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -319,3 +320,29 @@ def test_serving_preset_gives_torchvisions_pixels(interpolation, size, crop_pct)
     # at most 2 of 255 levels on any pixel (one rounding step each way), and nearly all pixels equal
     assert np.abs(ours - theirs).max() <= 2.01 / 255 / min(STD)
     assert np.mean(np.abs(ours - theirs) > 1e-5) < 0.02
+
+
+def _roughness(x: torch.Tensor) -> float:
+    """Mean absolute difference between horizontal neighbours: what JPEG's blocks smooth away in noise."""
+    return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+
+def test_train_preset_jpeg_step_compresses_that_share_of_images_first():
+    names = lambda p: [type(t).__name__ for t in p.transform.transforms]  # noqa: E731
+    assert "RandomApply" not in names(TrainPreset(input_size=16, mean=MEAN, std=STD))
+    noise = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    plain = dict(input_size=80, mean=MEAN, std=STD, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), brightness=0, contrast=0)
+    plain |= dict(saturation=0, hue=0)
+    torch.manual_seed(0)
+    raw = [_roughness(TrainPreset(**plain)(noise)) for _ in range(8)]
+    always = TrainPreset(**plain, jpeg=1.0, jpeg_quality=(5, 5))
+    assert names(always)[0] == "RandomApply"  # before the crop: compression happens at the image's own size
+    torch.manual_seed(0)
+    squeezed = [_roughness(always(noise)) for _ in range(8)]
+    assert max(squeezed) < 0.6 * min(raw)
+    half = TrainPreset(**plain, jpeg=0.5, jpeg_quality=(5, 5))
+    torch.manual_seed(0)
+    shares = np.mean([_roughness(half(noise)) < 0.8 * min(raw) for _ in range(200)])
+    assert 0.4 < shares < 0.6
+    with pytest.raises(ValueError, match="jpeg"):
+        TrainPreset(input_size=16, mean=MEAN, std=STD, jpeg=0.5, jpeg_quality=(90, 10))

@@ -82,7 +82,8 @@ def _normalise_steps(mean: Sequence[float], std: Sequence[float]) -> list[nn.Mod
 
 
 class TrainPreset:
-    """Training augmentation: random resized crop, flips both ways, 90-degree rotations, modest colour jitter."""
+    """Training augmentation: random resized crop, flips both ways, 90-degree rotations, modest colour jitter; with
+    ``jpeg`` > 0, that share of images first saved again as JPEG at a quality drawn from ``jpeg_quality``."""
 
     def __init__(
         self,
@@ -101,8 +102,16 @@ class TrainPreset:
         saturation: float = 0.2,
         hue: float = 0.02,
         channel_gain: float = 0.0,
+        jpeg: float = 0.0,
+        jpeg_quality: tuple[int, int] = (30, 95),
     ) -> None:
-        steps: list[nn.Module] = [
+        if not 0 <= jpeg <= 1 or not 1 <= jpeg_quality[0] <= jpeg_quality[1] <= 100:
+            raise ValueError(f"jpeg must be in [0, 1] and jpeg_quality a range in [1, 100], got {jpeg}, {jpeg_quality}")
+        steps: list[nn.Module] = []
+        if jpeg > 0:
+            # First, at the image's own size: that is where a source's compression happened.
+            steps.append(v2.RandomApply([v2.JPEG(list(jpeg_quality))], p=jpeg))
+        steps += [
             v2.RandomResizedCrop(
                 input_size, scale=scale, ratio=ratio, interpolation=InterpolationMode(interpolation), antialias=True
             )

@@ -107,6 +107,12 @@ class TrainConfig(BaseModel):
     # [1 - channel_gain, 1 + channel_gain], a white-balance/exposure cast (bench/robustness.py measures what such a
     # cast costs; README, "Robustness to colour and exposure"). 0 = off.
     channel_gain: float = Field(0.0, ge=0, lt=1)
+    # Share of training images saved again as JPEG (torchvision's v2.JPEG) at a quality drawn from
+    # [jpeg_quality_min, 95], at the size the cache holds them, before any other augmentation. Sources differ in how
+    # hard they were compressed (isic2017_256's blocky squares against HAM10000's crops at quality 95): without it a
+    # network can read the source, and with it the source's class mix, from the blocks. Loader path only. 0 = off.
+    jpeg: float = Field(0.0, ge=0, le=1)
+    jpeg_quality_min: int = Field(30, ge=1, le=95)
     # Shades of Gray colour constancy with this p (`transforms.shades_of_gray`) on every image, in training and, as
     # part of the saved model (`ModelMeta.colour_constancy`), in serving. 0 = off; 6 is the usual choice.
     colour_constancy: int = Field(0, ge=0)
@@ -189,6 +195,8 @@ class TrainConfig(BaseModel):
             )
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
+        if self.jpeg and self.augment == "device":
+            raise ValueError("jpeg re-encodes images one by one on the CPU: it needs augment: loader")
         if self.ema_decay and self.swa_epochs:
             raise ValueError("ema_decay and swa_epochs both average weights: set one of them to 0")
         if self.member_overrides:

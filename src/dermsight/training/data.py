@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -218,8 +219,10 @@ def _split_dataset(sources: list[Path], cfg: TrainConfig, progress: bool) -> pd.
 def train_augmentation(cfg: TrainConfig, meta: ModelMeta, batched: bool = False) -> TrainPreset | BatchTrainAugment:
     """The config's training augmentation: per image (`TrainPreset`, the loader path) or per batch on the device
     (`BatchTrainAugment`, ``augment: device``), from one set of settings."""
-    kind = BatchTrainAugment if batched else TrainPreset
-    return kind.from_meta(meta, scale=(cfg.scale_min, 1.0), hue=cfg.hue, channel_gain=cfg.channel_gain)
+    common: dict[str, Any] = dict(scale=(cfg.scale_min, 1.0), hue=cfg.hue, channel_gain=cfg.channel_gain)
+    if batched:
+        return BatchTrainAugment.from_meta(meta, **common)
+    return TrainPreset.from_meta(meta, **common, jpeg=cfg.jpeg, jpeg_quality=(cfg.jpeg_quality_min, 95))
 
 
 @dataclass
