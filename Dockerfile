@@ -4,16 +4,19 @@
 # Two stages: the first builds the wheel and installs it, with its serving dependencies only (no PyTorch: the bundled
 # model serves from its ONNX export), into a virtual environment; the second copies that environment into a clean
 # slim image, without pip's build tools or caches.
-FROM python:3.11-slim AS build
+# PYTHON_IMAGE: any image with Python 3.11 and its venv module (a registry's python:3.11-slim by default; where no
+# registry can be reached, Debian bookworm's python3 and python3-venv, imported with `podman import`).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 # The redis extra: DERMSIGHT_RATE_LIMIT_STORAGE=redis://... shares the rate limit between containers.
-RUN python -m venv /opt/dermsight \
+RUN python3 -m venv /opt/dermsight \
  && /opt/dermsight/bin/pip install '.[redis]'
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/dermsight/bin:$PATH
 COPY --from=build /opt/dermsight /opt/dermsight
 RUN useradd --create-home --uid 10001 dermsight
