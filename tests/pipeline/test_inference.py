@@ -234,7 +234,10 @@ def test_calibrate_writes_temperature_gate_and_source_detail(calibrated):
     assert meta.ood["threshold"] > 0 and meta.ood["blocks"][0]["name"] == "pooled"
     # 2% of 40 validation images by construction: the threshold is their 98th percentile.
     assert meta.ood["rejection_rates"]["val"]["ood"] <= 0.05
-    assert {"val", "test", "test_square224", "builtin_negatives"} <= set(meta.ood["rejection_rates"])
+    rates = meta.ood["rejection_rates"]
+    assert {"val", "test", "test_square224", "builtin_negatives", "val_artefacts", "test_artefacts"} <= set(rates)
+    # The threshold is set on hairs and bubbles in a round field as well: at most the target share of those refused.
+    assert rates["val_artefacts"]["ood"] <= 0.05
     assert meta.ood["rejection_rates"]["builtin_negatives"]["n"] == len(everyday_images())
     assert meta.metrics["calibration"]["val"]["ece_after"] >= 0
     assert any(k.startswith("ood.") for k in read_extra(path))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import make_image
-from dermsight.evaluation.shifts import SHIFTS, channel_gain, compose, gamma, shift_scores
+from dermsight.evaluation.shifts import SHIFTS, air_bubbles, channel_gain, compose, gamma, hair, shift_scores
 from dermsight.models import ModelMeta, WeightsInfo
 
 WEIGHTS = WeightsInfo("none", "random", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32)
@@ -70,3 +70,32 @@ def test_shift_scores_apply_the_shift_before_the_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="rule"):
         shift_scores("m", manifest, rule="vote")
     assert set(SHIFTS) >= {"none", "cool", "warm", "dark"}
+
+
+def _skin(h: int = 150, w: int = 200, seed: int = 3) -> np.ndarray:
+    """Flat skin-coloured picture with a little noise."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.array([200, 150, 130]) + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_hair_draws_dark_strands_the_same_way_every_time():
+    skin = _skin()
+    out = hair(skin)
+    assert out.shape == skin.shape and out.dtype == np.uint8
+    assert (hair(skin) == out).all()  # seeded from the image: one image, one set of hairs
+    dark = out.sum(2) < 250  # skin sums to about 480; hair is under 100 a channel
+    assert 0.01 < dark.mean() < 0.25, dark.mean()
+    # Strands reach across the picture: dark pixels in many rows and columns, not a blob.
+    assert dark.any(1).mean() > 0.3 and dark.any(0).mean() > 0.3
+    other = _skin(150, 200, seed=4)
+    assert ((hair(other).sum(2) < 250) != dark).mean() > 0.01  # another image, other hairs
+
+
+def test_air_bubbles_brighten_small_discs_with_a_rim():
+    skin = _skin()
+    out = air_bubbles(skin)
+    assert out.shape == skin.shape and (air_bubbles(skin) == out).all()
+    changed = np.abs(out.astype(int) - skin).sum(2) > 20
+    assert 0.005 < changed.mean() < 0.2, changed.mean()
+    assert (out[changed].astype(int).sum(1) > skin[changed].astype(int).sum(1)).all()  # only ever brighter
+    assert (out == 250).all(2).any()  # a highlight in each bubble

@@ -55,6 +55,65 @@ SHIFTS: dict[str, tuple[str, Shift]] = {
 }
 
 
+# ------------------------------------------------------------------------------------------- dermoscopy artefacts
+# What the not-a-lesion gate must let through: dermoscopy as other clinics take it. Drawn on the decoded image,
+# reproducibly (the random generator is seeded from the image's own pixels, so one image always gets the same hairs).
+
+
+def _rng_of(image: np.ndarray, salt: int) -> np.random.Generator:
+    import zlib
+
+    return np.random.default_rng([zlib.crc32(np.ascontiguousarray(image[::7, ::7]).tobytes()), salt])
+
+
+def hair(image: np.ndarray, strands: tuple[int, int] = (6, 14)) -> np.ndarray:
+    """``image`` with dark hairs across it: ``strands`` (a range) gently curved strands, each from edge to edge or
+    from a point inside, about 1/100 of the shorter side thick, dark brown to black, as shaving-free skin shows
+    under a dermatoscope."""
+    from PIL import Image, ImageDraw
+
+    rng = _rng_of(image, 1)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    out = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(out)
+    for _ in range(int(rng.integers(strands[0], strands[1] + 1))):
+        start = rng.uniform((0, 0), (w, h))
+        angle = rng.uniform(0, np.pi)
+        length = rng.uniform(0.4, 1.2) * max(h, w)
+        bend = rng.normal(0, 0.15) * length  # a quadratic curve: the control point off the chord by this much
+        end = start + length * np.array([np.cos(angle), np.sin(angle)])
+        mid = (start + end) / 2 + bend * np.array([-np.sin(angle), np.cos(angle)])
+        t = np.linspace(0, 1, 40)[:, None]
+        points = (1 - t) ** 2 * start + 2 * (1 - t) * t * mid + t**2 * end
+        shade = int(rng.integers(10, 60))
+        colour = (shade + int(rng.integers(0, 25)), shade + int(rng.integers(0, 12)), shade)
+        width = max(1, round(side * rng.uniform(0.006, 0.014)))
+        draw.line([tuple(p) for p in points], fill=colour, width=width, joint="curve")
+    return np.asarray(out)
+
+
+def air_bubbles(image: np.ndarray, bubbles: tuple[int, int] = (2, 6)) -> np.ndarray:
+    """``image`` with ``bubbles`` (a range) air bubbles in the immersion fluid: discs 3-12% of the shorter side
+    across, a little brighter inside, with a thin bright rim and a small highlight, as contact dermoscopy shows them."""
+    rng = _rng_of(image, 2)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    out = image.astype(np.float32)
+    yy, xx = np.ogrid[:h, :w]
+    for _ in range(int(rng.integers(bubbles[0], bubbles[1] + 1))):
+        r = side * rng.uniform(0.03, 0.12) / 2 + 1
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        inside = d < r
+        rim = np.abs(d - r) < max(1.0, r * 0.12)
+        spot = np.sqrt((yy - cy + r / 2.5) ** 2 + (xx - cx + r / 2.5) ** 2) < max(1.0, r / 5)
+        out[inside] = out[inside] * 0.85 + 255 * 0.15
+        out[rim] = out[rim] * 0.3 + 255 * 0.7
+        out[spot] = 250
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 def compose(*steps: Shift | None) -> Shift:
     """The shifts applied in order (``None`` steps skipped)."""
     kept = [s for s in steps if s is not None]
