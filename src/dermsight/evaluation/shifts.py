@@ -10,12 +10,14 @@ colour balance of its training images. `bench/robustness.py` tabulates them for 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw
 from sklearn.metrics import balanced_accuracy_score
 
 Shift = Callable[[np.ndarray], np.ndarray]
@@ -61,8 +63,6 @@ SHIFTS: dict[str, tuple[str, Shift]] = {
 
 
 def _rng_of(image: np.ndarray, salt: int) -> np.random.Generator:
-    import zlib
-
     return np.random.default_rng([zlib.crc32(np.ascontiguousarray(image[::7, ::7]).tobytes()), salt])
 
 
@@ -70,8 +70,6 @@ def hair(image: np.ndarray, strands: tuple[int, int] = (6, 14)) -> np.ndarray:
     """``image`` with dark hairs across it: ``strands`` (a range) gently curved strands, each from edge to edge or
     from a point inside, about 1/100 of the shorter side thick, dark brown to black, as shaving-free skin shows
     under a dermatoscope."""
-    from PIL import Image, ImageDraw
-
     rng = _rng_of(image, 1)
     h, w = image.shape[:2]
     side = min(h, w)
