@@ -827,3 +827,39 @@ def test_scan_markers_inside_metadata_are_not_counted_as_scans(tmp_path):
     bomb = tagged[:last] + tagged[last:-2] * (MAX_JPEG_SCANS + 1) + tagged[-2:]
     with pytest.raises(ImageError, match=rf"JPEG with {MAX_JPEG_SCANS + 1} scans"):
         load_rgb(bomb)
+
+
+# ------------------------------------------------------------------------------------------ squashed sources
+
+
+def test_aspect_ratios_parse_and_stretch_the_shorter_way():
+    from dermsight.data.aspect import parse_aspect, restored_size
+
+    assert parse_aspect("4:3") == pytest.approx(4 / 3) == parse_aspect("4/3") and parse_aspect("1.5") == 1.5
+    for bad in ("4:0", "0", "-2", "wide", "nan"):
+        with pytest.raises(ValueError, match="aspect ratio"):
+            parse_aspect(bad)
+    assert restored_size(256, 256, 4 / 3) == (341, 256)  # a squashed 4:3 frame: widened, never shrunk
+    assert restored_size(400, 100, 2.0) == (400, 200)  # wider than the ratio: heightened
+    assert restored_size(300, 225, 4 / 3) == (300, 225)  # already right: unchanged
+
+
+def test_restore_aspect_writes_stretched_copies_once_and_drops_unreadable_files(tmp_path):
+    from dermsight.data.aspect import restore_aspect
+
+    make_image(tmp_path / "a.jpg", size=(60, 60), color=(200, 120, 90), seed=1)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    manifest = pd.DataFrame({"path": [str(tmp_path / "a.jpg"), str(tmp_path / "bad.jpg")], "image_id": ["a", "b"]})
+    out, problems = restore_aspect(manifest, 4 / 3, tmp_path / "root", progress=False)
+    assert list(out["image_id"]) == ["a"] and [p.item for p in problems] == [str(tmp_path / "bad.jpg")]
+    copy = Path(out["path"][0])
+    assert copy.parent.parent == tmp_path / "root" and (out["width"][0], out["height"][0]) == (80, 60)
+    with Image.open(copy) as im:
+        assert im.size == (80, 60) and im.format == "PNG"
+        # Stretched, not cropped or padded: the left and right edges still hold the original's edge colours.
+        stretched = np.asarray(im.convert("RGB"), dtype=np.int16)
+    original = load_rgb(tmp_path / "a.jpg").astype(np.int16)
+    assert np.abs(stretched[:, 0] - original[:, 0]).mean() < 12
+    written = copy.stat().st_mtime_ns
+    again, _ = restore_aspect(manifest.iloc[:1], 4 / 3, tmp_path / "root", progress=False)
+    assert again["path"][0] == str(copy) and copy.stat().st_mtime_ns == written  # reused, not rewritten

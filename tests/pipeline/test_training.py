@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -783,9 +784,16 @@ def test_training_on_several_sources_splits_them_together_and_records_each(tmp_p
             rows.append((f"img/{name}_{i}.jpg", label, f"{name}_L{i}"))
         pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(tmp_path / name / "labels.csv", index=False)
         folders.append(str(tmp_path / name))
-    cfg = tiny_config(tmp_path, tmp_path, epochs=1, val=0.25, test=0.25).updated(data=folders, source_balance=True)
+    # clinic_b's 48x36 frames are declared as really 2:1: they reach the split (and so the cache) stretched.
+    cfg = tiny_config(tmp_path, tmp_path, epochs=1, val=0.25, test=0.25).updated(
+        data=folders, source_balance=True, display_aspect={"clinic_b": "2:1"}
+    )
     res = fit(cfg, progress=False)
     split = pd.read_csv(res.run_dir / "split.csv")
+    b = split[split["source"] == "labels-csv:clinic_b"]
+    assert (b["width"] == 72).all() and (b["height"] == 36).all()
+    assert all(Path(p).is_relative_to(tmp_path / "cache") and Image.open(p).size == (72, 36) for p in b["path"])
+    assert (split.loc[split["source"] == "labels-csv:clinic_a", "width"] == 48).all()
     # Both sources in every part, each split in proportion (class and source are the strata).
     parts = pd.crosstab(split["source"], split["split"])
     assert (parts > 0).all().all() and parts.loc["labels-csv:clinic_b"].sum() == 16

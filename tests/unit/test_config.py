@@ -100,6 +100,20 @@ def test_data_is_one_path_or_a_list_of_them():
             TrainConfig(data=bad)
 
 
+def test_display_aspect_names_data_folders_and_takes_ratios(tmp_path):
+    cfg = TrainConfig(data=["/d/ham", "/d/isic2017_256"], display_aspect={"isic2017_256": "4:3"})
+    assert cfg.display_aspect == {"isic2017_256": pytest.approx(4 / 3)}
+    assert TrainConfig(data="/d/x", display_aspect={"x": 1.5}).display_aspect == {"x": 1.5}
+    with pytest.raises(ValueError, match="not the folder name"):
+        TrainConfig(data="/d/x", display_aspect={"isic2017": "4:3"})
+    with pytest.raises(ValueError, match="quoted"):  # YAML 1.1 reads an unquoted 4:3 as 243
+        (tmp_path / "c.yaml").write_text("data: /d/x\ndisplay_aspect: {x: 4:3}\n")
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    for bad in ("4:0", "-1", "wide", True):
+        with pytest.raises(ValueError, match="display_aspect"):
+            TrainConfig(data="/d/x", display_aspect={"x": bad})
+
+
 def test_jpeg_needs_the_loader_path():
     assert TrainConfig(jpeg=0.5).jpeg == 0.5
     with pytest.raises(ValueError, match="augment: loader"):

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from dermsight.data.aspect import parse_aspect
 from dermsight.domain.classes import TAXONOMIES
 from dermsight.models.factory import ARCHS
 
@@ -35,6 +36,7 @@ MIN_SIDE = 32
 # Options every ensemble member shares (the split and the input contract) or that belong to the ensemble's run.
 SHARED_BY_MEMBERS = frozenset(
     {"data", "taxonomy", "val", "test", "split_seed", "input_size", "crop_pct", "cache_size", "cache_dir"}
+    | {"display_aspect"}
     | {"colour_constancy"}
     | {"out", "members", "member_overrides", "calibrate", "tune_decision", "views", "resume"}
 )
@@ -61,6 +63,20 @@ def _data_paths(value: Any) -> str | list[str]:
 
 
 DataPaths = Annotated[str | list[str], PlainValidator(_data_paths)]
+
+
+def _aspects(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError("must map data folder names to width:height ratios, e.g. {isic2017_256: '4:3'}")
+    if any(isinstance(v, bool) or not isinstance(v, str | int | float) for v in value.values()):
+        raise ValueError("each ratio must be a number or quoted text like '4:3'")
+    # YAML 1.1 reads an unquoted 4:3 as the base-60 number 243: a ratio that large is that mistake.
+    if any(isinstance(v, int) and v > 100 for v in value.values()):
+        raise ValueError("a ratio over 100 is YAML's reading of an unquoted 4:3: write it quoted, '4:3'")
+    return {k: parse_aspect(v) for k, v in value.items()}
+
+
+Aspects = Annotated[dict[str, float], PlainValidator(_aspects)]
 Taxonomy = Literal[tuple(TAXONOMIES)]
 Arch = Literal[ARCHS]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -81,6 +97,11 @@ class TrainConfig(BaseModel):
     split_seed: int = 0
     cache_size: int = Field(256, ge=MIN_SIDE)  # shorter side kept in the decode-once cache (never enlarged)
     cache_dir: PathText | None = None
+    # Sources stored squashed, by the name of their folder in `data`, and the width:height their frames really have,
+    # e.g. {isic2017_256: "4:3"}: their images are stretched back to it once (copies beside the cache,
+    # `data.aspect`), so the network sees their lesions at their true shape, as other copies of that archive and
+    # users' photos show them, and cannot tell the source by its square frames.
+    display_aspect: Aspects = Field(default_factory=dict)
     # model
     arch: Arch = "tf_efficientnet_lite0"
     weights: PathText = "auto"  # none | hub | offline | auto | path to a .pth/.safetensors file
@@ -192,6 +213,13 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"cache_size ({self.cache_size}) must be at least input_size / crop_pct ({resize}): the cache keeps "
                 "each image's shorter side at cache_size, and the model looks at it at that size"
+            )
+        names = {Path(p).name for p in self.data_paths}
+        unknown = sorted(set(self.display_aspect) - names)
+        if unknown:
+            raise ValueError(
+                f"display_aspect names {', '.join(unknown)}, which is not the folder name of any data path "
+                f"({', '.join(sorted(names))})"
             )
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
