@@ -104,6 +104,8 @@ def test_display_aspect_names_data_folders_and_takes_ratios(tmp_path):
     cfg = TrainConfig(data=["/d/ham", "/d/isic2017_256"], display_aspect={"isic2017_256": "4:3"})
     assert cfg.display_aspect == {"isic2017_256": pytest.approx(4 / 3)}
     assert TrainConfig(data="/d/x", display_aspect={"x": 1.5}).display_aspect == {"x": 1.5}
+    key, value = TrainConfig.parse_override('display_aspect={x: "4:3"}')  # --set takes the same text
+    assert (key, value) == ("display_aspect", {"x": pytest.approx(4 / 3)})
     with pytest.raises(ValueError, match="not the folder name"):
         TrainConfig(data="/d/x", display_aspect={"isic2017": "4:3"})
     with pytest.raises(ValueError, match="quoted"):  # YAML 1.1 reads an unquoted 4:3 as 243

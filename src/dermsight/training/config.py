@@ -301,9 +301,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         if key not in cls.model_fields:
             raise ValueError(f"--set {key}: unknown option; known: {', '.join(sorted(cls.model_fields))}")
-        kind = cls.model_fields[key].annotation
+        field = cls.model_fields[key]
+        kind = field.annotation
+        # The field's own validators and bounds too (pydantic keeps them apart from the bare annotation).
+        checked = Annotated[kind, *field.metadata] if field.metadata else kind
         try:
-            return key, TypeAdapter(kind).validate_python(_override_value(text, kind), strict=False)
+            return key, TypeAdapter(checked).validate_python(_override_value(text, kind), strict=False)
         except (ValidationError, yaml.YAMLError) as e:
             why = problems(e) if isinstance(e, ValidationError) else f"not valid YAML ({e})"
             raise ValueError(f"--set {key}: {why}") from None
