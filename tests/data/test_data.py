@@ -863,3 +863,20 @@ def test_restore_aspect_writes_stretched_copies_once_and_drops_unreadable_files(
     written = copy.stat().st_mtime_ns
     again, _ = restore_aspect(manifest.iloc[:1], 4 / 3, tmp_path / "root", progress=False)
     assert again["path"][0] == str(copy) and copy.stat().st_mtime_ns == written  # reused, not rewritten
+
+
+def test_data_manifest_display_aspect_points_at_stretched_copies(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DERMSIGHT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "squashed"
+    for i in range(2):
+        make_image(src / f"{i}.jpg", size=(64, 64), color=(180, 100 + 40 * i, 90), seed=i)
+    pd.DataFrame({"image": ["0.jpg", "1.jpg"], "label": ["nv", "mel"]}).to_csv(src / "labels.csv", index=False)
+    assert (
+        main(["data", "manifest", str(src), "--out", str(tmp_path / "m.csv"), "--display-aspect", "squashed=4:3"]) == 0
+    )
+    m = pd.read_csv(tmp_path / "m.csv")
+    assert list(m["width"]) == [85, 85] and list(m["height"]) == [64, 64]
+    assert all(Path(p).is_relative_to(tmp_path / "cache") for p in m["path"])
+    for bad in ("other=4:3", "squashed=4:0", "squashed"):
+        assert main(["data", "manifest", str(src), "--out", str(tmp_path / "x.csv"), "--display-aspect", bad]) == 2
+        assert "--display-aspect" in capsys.readouterr().err

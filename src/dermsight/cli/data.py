@@ -36,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected)")
     m.add_argument("--quick", action="store_true", help="read image headers only (misses truncated files)")
     m.add_argument("--no-verify", action="store_true", help="do not open images at all")
+    m.add_argument(
+        "--display-aspect",
+        action="append",
+        default=[],
+        metavar="FOLDER=W:H",
+        help="a source stored squashed (e.g. isic2017_256=4:3): its images are stretched back to W:H once, as "
+        "copies in the cache folder, and the manifest points at them (as the training option display_aspect does)",
+    )
     m.set_defaults(func=cmd_data_manifest)
 
     s = dsub.add_parser("split", help="add lesion-grouped train/val/test splits and CV folds to a manifest")
@@ -64,7 +72,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_data_download)
 
 
+def _display_aspects(pairs: list[str], sources: list[Path]) -> dict[str, float]:
+    """``--display-aspect FOLDER=W:H`` options as {folder name: ratio}; a name that is no source's is refused."""
+    from dermsight.data.aspect import parse_aspect
+    from dermsight.data.problems import DataError
+
+    names = {s.name for s in sources}
+    out = {}
+    for pair in pairs:
+        name, sep, ratio = pair.partition("=")
+        if not sep or name not in names:
+            raise DataError(
+                f"--display-aspect {pair!r}: expected FOLDER=W:H with FOLDER the name of a source "
+                f"({', '.join(sorted(names))})"
+            )
+        try:
+            out[name] = parse_aspect(ratio)
+        except ValueError as e:
+            raise DataError(f"--display-aspect {pair!r}: {e}") from None
+    return out
+
+
 def cmd_data_manifest(args: argparse.Namespace) -> int:
+    from dermsight.data.aspect import restore_aspect
+    from dermsight.data.cache import default_cache_root
     from dermsight.data.manifest import build_manifest, class_counts, combine, label_files, save_manifest
 
     verify = "none" if args.no_verify else ("header" if args.quick else "full")
@@ -73,8 +104,14 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     # The label files a source folder holds are read too, so they count as inputs: `--out DATA/labels.csv` would
     # replace the user's labels with the manifest.
     output_file(args.out, [f for s in sources for f in label_files(s)])
+    aspects = _display_aspects(args.display_aspect, sources)
     t0 = time.perf_counter()
-    ingest = combine([build_manifest(s, fmt=args.format, verify=verify) for s in sources])
+    ingests = [build_manifest(s, fmt=args.format, verify=verify) for s in sources]
+    for s, ing in zip(sources, ingests, strict=True):
+        if s.name in aspects and len(ing.manifest):
+            ing.manifest, bad = restore_aspect(ing.manifest, aspects[s.name], default_cache_root())
+            ing.problems.extend(bad)
+    ingest = combine(ingests)
     out, kept = Path(args.out), len(ingest.manifest)
     if kept:  # an empty result never replaces a manifest already there
         save_manifest(ingest.manifest, out)
