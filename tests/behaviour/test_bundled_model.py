@@ -18,6 +18,7 @@ from PIL import Image, ImageEnhance
 from sklearn.metrics import balanced_accuracy_score
 
 from conftest import SHARED_DATA
+from dermsight.data.aspect import restore_aspect
 from dermsight.data.manifest import build_manifest, combine
 from dermsight.data.split import SplitConfig, split_fingerprint, split_manifest
 from dermsight.inference.predictor import Predictor
@@ -110,7 +111,7 @@ def invariance(predictor: Predictor, images: list[np.ndarray], tta: bool | None)
 
 
 @pytest.fixture(scope="session")
-def held_out() -> pd.DataFrame:
+def held_out(tmp_path_factory) -> pd.DataFrame:
     """The model's own held-out test images, rebuilt as training built them: lesion-grouped, from the recorded seed."""
     seed, sizes, fingerprint, held_in = recorded_split(META)
     # verify="none": opening every image adds about a second and cannot change the split unless a file is broken,
@@ -122,6 +123,13 @@ def held_out() -> pd.DataFrame:
     assert {name: int((split["split"] == name).sum()) for name in sizes} == sizes
     assert split_fingerprint(split, LABEL) == (fingerprint or BUNDLED_SPLIT_FINGERPRINT)
     test = split[split["split"] == "test"].reset_index(drop=True)
+    # Sources the model saw stretched back to their true shape (`DataSource.display_aspect`) are shown so here too.
+    for source in META.training_data.sources:
+        rows = test["source"].str.rsplit(":", n=1).str[-1] == source.name
+        if source.display_aspect and rows.any():
+            shown, bad = restore_aspect(test[rows], source.display_aspect, tmp_path_factory.mktemp("aspect"), False)
+            assert not bad, bad
+            test = pd.concat([test[~rows], shown], ignore_index=True)
     # Where the model lists the images it learned from or was selected on, none of them may be among these.
     assert not set(test["image_id"]) & set(held_in)
     return test

@@ -799,5 +799,6 @@ def test_training_on_several_sources_splits_them_together_and_records_each(tmp_p
     assert (parts > 0).all().all() and parts.loc["labels-csv:clinic_b"].sum() == 16
     _, meta = load_model(res.model_path)
     assert [(s.name, s.images) for s in meta.training_data.sources] == [("clinic_a", 40), ("clinic_b", 16)]
+    assert [s.display_aspect for s in meta.training_data.sources] == [None, 2.0]
     assert meta.split.sources == {"labels-csv:clinic_a": 40, "labels-csv:clinic_b": 16}
     assert TrainConfig.from_yaml(res.run_dir / "config.yaml").data == folders  # the resolved config keeps the list

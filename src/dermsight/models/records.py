@@ -9,7 +9,7 @@ stop as a key of the metrics; `from_text` and `StopRecord.from_metrics` convert 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,9 @@ class DataSource(Record):
     name: str  # what the data is: the folder's name ("ham10000"), shown to users
     images: int = Field(ge=0)
     path: str = ""  # where it was on the machine that trained the model; not shown to users
+    # The width:height its images were stretched back to before training (`TrainConfig.display_aspect`: a source
+    # stored squashed); None: used as stored. Scoring this source's images as the model saw them needs the same.
+    display_aspect: float | None = Field(None, gt=0)
 
 
 class TrainingData(Record):
@@ -52,13 +55,16 @@ class TrainingData(Record):
         return " + ".join(f"{s.name if public else s.path or s.name} ({s.images} images)" for s in self.sources)
 
     @classmethod
-    def of(cls, paths: Sequence[str], counts: Sequence[int]) -> TrainingData:
-        return cls(
-            sources=tuple(
-                DataSource(name=Path(str(p)).name or str(p), images=int(n), path=str(p))
-                for p, n in zip(paths, counts, strict=True)
-            )
-        )
+    def of(
+        cls, paths: Sequence[str], counts: Sequence[int], aspects: Mapping[str, float] | None = None
+    ) -> TrainingData:
+        """Sources from their paths and image counts; ``aspects``: display aspect by folder name, where one was set."""
+        aspects = aspects or {}
+        sources = []
+        for p, n in zip(paths, counts, strict=True):
+            name = Path(str(p)).name or str(p)
+            sources.append(DataSource(name=name, images=int(n), path=str(p), display_aspect=aspects.get(name)))
+        return cls(sources=tuple(sources))
 
     @classmethod
     def from_text(cls, text: str) -> TrainingData | None:

@@ -195,5 +195,5 @@ def _training_data(cfg: TrainConfig, manifest: pd.DataFrame) -> TrainingData:
     sources = list(dict.fromkeys(manifest["source"].astype(str))) if "source" in manifest else []
     if len(paths) > 1 and len(sources) == len(paths):
         counts = manifest["source"].astype(str).value_counts()
-        return TrainingData.of(paths, [int(counts[s]) for s in sources])
-    return TrainingData.of(paths[:1], [len(manifest)])
+        return TrainingData.of(paths, [int(counts[s]) for s in sources], cfg.display_aspect)
+    return TrainingData.of(paths[:1], [len(manifest)], cfg.display_aspect)
