@@ -94,8 +94,7 @@ def _display_aspects(pairs: list[str], sources: list[Path]) -> dict[str, float]:
 
 
 def cmd_data_manifest(args: argparse.Namespace) -> int:
-    from dermsight.data.aspect import restore_aspect
-    from dermsight.data.cache import default_cache_root
+    from dermsight.data.aspect import restore_sources
     from dermsight.data.manifest import build_manifest, class_counts, combine, label_files, save_manifest
 
     verify = "none" if args.no_verify else ("header" if args.quick else "full")
@@ -107,11 +106,7 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     aspects = _display_aspects(args.display_aspect, sources)
     t0 = time.perf_counter()
     ingests = [build_manifest(s, fmt=args.format, verify=verify) for s in sources]
-    for s, ing in zip(sources, ingests, strict=True):
-        if s.name in aspects and len(ing.manifest):
-            ing.manifest, bad = restore_aspect(ing.manifest, aspects[s.name], default_cache_root())
-            ing.problems.extend(bad)
-    ingest = combine(ingests)
+    ingest = combine(restore_sources(sources, ingests, aspects, None, progress=True))
     out, kept = Path(args.out), len(ingest.manifest)
     if kept:  # an empty result never replaces a manifest already there
         save_manifest(ingest.manifest, out)

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
+from dermsight.data.cache import default_cache_root
 from dermsight.data.images import ImageError, load_rgb
+from dermsight.data.manifest import Ingest, per_image
 from dermsight.data.problems import Problem
 from dermsight.files import written_atomically
 
@@ -60,7 +62,6 @@ def restore_aspect(
     image cannot be read are dropped with a `Problem`."""
     folder = Path(root) / f"aspect-{aspect:.4f}"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [str(p) for p in manifest["path"]]
 
     def target(p: str) -> Path:
         # The source's path and its size and time: an edited original gets a new copy, never a stale one.
@@ -85,22 +86,23 @@ def restore_aspect(
         except OSError as e:
             return f"cannot write its {aspect:.3g}:1 copy: {e}"
 
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:
-        done = list(
-            tqdm(
-                pool.map(work, paths),
-                total=len(paths),
-                desc=f"showing at {aspect:.3g}:1",
-                unit="img",
-                disable=not progress or None,
-            )
-        )
-    problems = [Problem(p, r, "aspect") for p, r in zip(paths, done, strict=True) if isinstance(r, str)]
-    ok = [not isinstance(r, str) for r in done]
-    out = manifest[ok].copy()
-    kept = [r for r in done if not isinstance(r, str)]
+    out, kept, problems = per_image(manifest, work, "aspect", f"showing at {aspect:.3g}:1", progress)
     out["path"] = [r[0] for r in kept]
     out["width"] = [r[1] for r in kept]
     out["height"] = [r[2] for r in kept]
-    return out.reset_index(drop=True), problems
+    return out, problems
+
+
+def restore_sources(
+    sources: Sequence[Path], ingests: Sequence[Ingest], aspects: Mapping[str, float], root: Path | None, progress: bool
+) -> list[Ingest]:
+    """``ingests`` (one per source folder, in order) with the images of every folder named in ``aspects`` stretched
+    to its ratio (`restore_aspect`; copies under ``root``, or the cache's default root), their problems added."""
+    root = Path(root) if root else default_cache_root()
+    out = []
+    for source, ingest in zip(sources, ingests, strict=True):
+        if Path(source).name in aspects and len(ingest.manifest):
+            rows, bad = restore_aspect(ingest.manifest, aspects[Path(source).name], root, progress)
+            ingest = replace(ingest, manifest=rows, problems=[*ingest.problems, *bad])
+        out.append(ingest)
+    return out

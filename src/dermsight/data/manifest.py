@@ -598,6 +598,36 @@ def detect_format(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------------ verification
 
 
+def per_image(
+    manifest: pd.DataFrame,
+    work: Callable[[str], Any],
+    stage: str,
+    desc: str,
+    progress: bool = True,
+    leave: bool = True,
+    workers: int | None = None,
+) -> tuple[pd.DataFrame, list[Any], list[Problem]]:
+    """``work`` on every row's image path, in threads (Pillow releases the GIL while it decodes and encodes). A row
+    whose ``work`` returns text (the reason) is dropped with a `Problem` of ``stage``; returns the kept rows
+    (index reset), ``work``'s values for them, in order, and the problems."""
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    paths = manifest["path"].tolist()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(
+            tqdm(
+                pool.map(work, paths),
+                total=len(paths),
+                desc=desc,
+                unit="img",
+                disable=not progress or None,
+                leave=leave,
+            )
+        )
+    problems = [Problem(p, r, stage) for p, r in zip(paths, results, strict=True) if isinstance(r, str)]
+    ok = [not isinstance(r, str) for r in results]
+    return manifest[ok].reset_index(drop=True), [r for r in results if not isinstance(r, str)], problems
+
+
 def verify_images(
     manifest: pd.DataFrame, full: bool = True, workers: int | None = None, progress: bool = True
 ) -> tuple[pd.DataFrame, list[Problem]]:
@@ -616,26 +646,10 @@ def verify_images(
         except ImageError as e:
             return str(e)
 
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    paths = manifest["path"].tolist()
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(
-            tqdm(
-                pool.map(check, paths),
-                total=len(paths),
-                desc="checking images",
-                unit="img",
-                disable=not progress or None,
-                leave=False,
-            )
-        )
-    problems = [Problem(p, r, "image") for p, r in zip(paths, results, strict=True) if isinstance(r, str)]
-    ok = [not isinstance(r, str) for r in results]
-    out = manifest[ok].copy()
-    sizes = [r for r in results if not isinstance(r, str)]
+    out, sizes, problems = per_image(manifest, check, "image", "checking images", progress, False, workers)
     out["width"] = [s[0] for s in sizes]
     out["height"] = [s[1] for s in sizes]
-    return out.reset_index(drop=True), problems
+    return out, problems
 
 
 def build_manifest(path: Path, fmt: str | None = None, verify: str = "full", progress: bool = True) -> Ingest:

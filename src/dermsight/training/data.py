@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from dermsight.data.aspect import restore_aspect
-from dermsight.data.cache import ImageCache, build_cache, default_cache_root
+from dermsight.data.aspect import restore_sources
+from dermsight.data.cache import ImageCache, build_cache
 from dermsight.data.manifest import LABEL_COLUMNS, build_manifest, combine, load_manifest, run_split
 from dermsight.data.problems import DataError
 from dermsight.data.split import SplitConfig, check_split, split_manifest
@@ -199,12 +199,8 @@ def _prepared(manifest: pd.DataFrame, cfg: TrainConfig, progress: bool) -> Prepa
 def _split_dataset(sources: list[Path], cfg: TrainConfig, progress: bool) -> pd.DataFrame:
     """The manifest of one or more datasets with a lesion-grouped split drawn by ``cfg``'s split settings."""
     ingests = [build_manifest(s, progress=progress) for s in sources]
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
-    for s, ing in zip(sources, ingests, strict=True):
-        if s.name in cfg.display_aspect and len(ing.manifest):
-            ing.manifest, bad = restore_aspect(ing.manifest, cfg.display_aspect[s.name], root, progress)
-            ing.problems.extend(bad)
-    ingest = combine(ingests)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else None
+    ingest = combine(restore_sources(sources, ingests, cfg.display_aspect, root, progress))
     src = " + ".join(map(str, sources))
     if ingest.manifest.empty:
         raise DataError(
