@@ -94,15 +94,20 @@ def restore_aspect(
 
 
 def restore_sources(
-    sources: Sequence[Path], ingests: Sequence[Ingest], aspects: Mapping[str, float], root: Path | None, progress: bool
+    sources: Sequence[Path],
+    ingests: Sequence[Ingest],
+    aspects: Mapping[str, float],
+    root: str | os.PathLike | None,
+    progress: bool,
 ) -> list[Ingest]:
     """``ingests`` (one per source folder, in order) with the images of every folder named in ``aspects`` stretched
     to its ratio (`restore_aspect`; copies under ``root``, or the cache's default root), their problems added."""
     root = Path(root) if root else default_cache_root()
     out = []
     for source, ingest in zip(sources, ingests, strict=True):
-        if Path(source).name in aspects and len(ingest.manifest):
-            rows, bad = restore_aspect(ingest.manifest, aspects[Path(source).name], root, progress)
+        name = Path(source).name
+        if name in aspects and len(ingest.manifest):
+            rows, bad = restore_aspect(ingest.manifest, aspects[name], root, progress)
             ingest = replace(ingest, manifest=rows, problems=[*ingest.problems, *bad])
         out.append(ingest)
     return out

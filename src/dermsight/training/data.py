@@ -199,8 +199,7 @@ def _prepared(manifest: pd.DataFrame, cfg: TrainConfig, progress: bool) -> Prepa
 def _split_dataset(sources: list[Path], cfg: TrainConfig, progress: bool) -> pd.DataFrame:
     """The manifest of one or more datasets with a lesion-grouped split drawn by ``cfg``'s split settings."""
     ingests = [build_manifest(s, progress=progress) for s in sources]
-    root = Path(cfg.cache_dir) if cfg.cache_dir else None
-    ingest = combine(restore_sources(sources, ingests, cfg.display_aspect, root, progress))
+    ingest = combine(restore_sources(sources, ingests, cfg.display_aspect, cfg.cache_dir, progress))
     src = " + ".join(map(str, sources))
     if ingest.manifest.empty:
         raise DataError(
