@@ -630,6 +630,30 @@ def test_predict_cli_table(calibrated, capsys):
     assert manifest["path"].iloc[-1].rsplit("/", 1)[-1] in out
 
 
+def test_predict_cli_reads_folders(calibrated, tmp_path, capsys):
+    # A folder stands for the images in it and its sub-folders, sorted; notes and hidden files are not images.
+    path, _, manifest = calibrated
+    photos = tmp_path / "photos"
+    (photos / "later").mkdir(parents=True)
+    for dest, i in ((photos / "b.jpg", -1), (photos / "later" / "a.jpg", -2), (photos / "A.PNG", -3)):
+        dest.write_bytes(Path(manifest["path"].iloc[i]).read_bytes())
+    (photos / "notes.txt").write_text("not a photo")
+    (photos / "._b.jpg").write_bytes(b"resource fork")
+    single = manifest["path"].iloc[-4]
+    rc = main(["predict", str(photos), single, "--model", str(path), "--json", "--backend", "torch",
+               "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    images = [r["image"] for r in json.loads(out.out)]
+    assert images == [str(photos / "A.PNG"), str(photos / "b.jpg"), str(photos / "later" / "a.jpg"), single]
+    # A folder without images is an error of its own; the other inputs are still answered.
+    (tmp_path / "empty").mkdir()
+    rc = main(["predict", str(tmp_path / "empty"), single, "--model", str(path), "--json", "--threads", "1"])
+    out = capsys.readouterr()
+    assert rc == 1 and "a folder with no images" in out.err and "Traceback" not in out.err
+    assert [r["image"] for r in json.loads(out.out)] == [single]
+
+
 def test_predict_gives_the_web_apps_advice(calibrated, capsys, monkeypatch):
     # nv 56% / mel 44%: the app sends it to a doctor (44% together), so `predict` must say so too, not "no concern".
     from dermsight.inference import predictor as predictor_module

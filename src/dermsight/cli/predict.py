@@ -14,13 +14,36 @@ BATCH = 32  # images decoded and held in memory at once
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="classify lesion images (rejects images it cannot assess)")
-    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
+    pr.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (JPEG, PNG, WebP, BMP, TIFF), or folders: every image in them and their sub-folders",
+    )
     pr.add_argument("--model", help=MODEL_HELP)
     tta_option(pr)
     pr.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per image to DIR/<name>_gradcam.png")
     pr.add_argument("--json", action="store_true", help="print a JSON array, one object per image")
     inference_options(pr)
     pr.set_defaults(func=cmd_predict)
+
+
+def expand_folders(paths: list[str]) -> tuple[list[str], list[str]]:
+    """The images to predict, in order: a file as given (a file that is not an image is reported as such later), a
+    folder as the images in it and its sub-folders, sorted (hidden files left out, `data.manifest.list_images`).
+    Also returns the folders that hold no image, each an error of its own."""
+    from dermsight.data.manifest import list_images
+
+    images, empty = [], []
+    for p in paths:
+        if Path(p).is_dir():
+            found = [str(f) for f in list_images(p)]
+            images.extend(found)
+            if not found:
+                empty.append(p)
+        else:
+            images.append(p)
+    return images, empty
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -42,9 +65,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     explain_dir = Path(args.explain) if args.explain else None
     if explain_dir:
         explain_dir.mkdir(parents=True, exist_ok=True)  # before any work: a file in the way is a usage error
-    records, failed, written = [], 0, set()
-    for start in range(0, len(args.images), BATCH):
-        batch = args.images[start : start + BATCH]
+    images, empty = expand_folders(args.images)
+    for folder in empty:
+        print(f"error: {folder}: a folder with no images (JPEG, PNG, WebP, BMP or TIFF) in it", file=sys.stderr)
+    records, failed, written = [], len(empty), set()
+    for start in range(0, len(images), BATCH):
+        batch = images[start : start + BATCH]
         for image, result in zip(batch, predictor.predict_batch(batch, tta=args.tta), strict=True):
             advice = None if isinstance(result, ImageError) else advise(result, knowledge).to_dict()
             record = result_record(image, result, advice)
