@@ -880,3 +880,21 @@ def test_data_manifest_display_aspect_points_at_stretched_copies(tmp_path, monke
     for bad in ("other=4:3", "squashed=4:0", "squashed"):
         assert main(["data", "manifest", str(src), "--out", str(tmp_path / "x.csv"), "--display-aspect", bad]) == 2
         assert "--display-aspect" in capsys.readouterr().err
+
+
+def test_an_image_pillow_refuses_to_open_is_one_problem_not_a_failed_dataset(tmp_path):
+    # A PNG whose compressed text chunk holds 2 MB of metadata: Pillow raises ValueError while opening it (over its
+    # 1 MB `MAX_TEXT_CHUNK`), which stopped `data manifest`, `predict` and the web app as a whole.
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "x" * 2_000_000, zip=True)
+    make_image(tmp_path / "nv" / "good.jpg")
+    Image.fromarray(np.full((150, 200, 3), 120, np.uint8)).save(tmp_path / "nv" / "meta.png", pnginfo=info)
+    for read in (load_rgb, probe):
+        with pytest.raises(ImageError, match="embedded text"):
+            read(tmp_path / "nv" / "meta.png")
+    for verify in ("header", "full"):  # the header alone, or every pixel
+        ingest = build_manifest(tmp_path, verify=verify, progress=False)
+        assert [Path(p).name for p in ingest.manifest["path"]] == ["good.jpg"]
+        assert [(Path(p.item).name, "embedded text" in p.reason) for p in ingest.problems] == [("meta.png", True)]

@@ -648,6 +648,9 @@ def test_predict_cli_reads_folders(calibrated, tmp_path, capsys):
     assert images == [str(photos / "A.PNG"), str(photos / "b.jpg"), str(photos / "later" / "a.jpg"), single]
     # A folder without images is an error of its own; the other inputs are still answered.
     (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--model", str(path), "--threads", "1"]) == 1
+    out = capsys.readouterr()
+    assert "a folder with no images" in out.err and "internal error" not in out.err
     rc = main(["predict", str(tmp_path / "empty"), single, "--model", str(path), "--json", "--threads", "1"])
     out = capsys.readouterr()
     assert rc == 1 and "a folder with no images" in out.err and "Traceback" not in out.err

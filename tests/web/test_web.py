@@ -133,6 +133,17 @@ def _form_post(client, data: bytes | None, name="photo.jpg", token: str | None =
     return client.post("/analyse", data=form, content_type="multipart/form-data")
 
 
+def _png_with_huge_text() -> bytes:
+    """A real PNG whose compressed text chunk holds 2 MB of metadata: over Pillow's 1 MB `MAX_TEXT_CHUNK`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "x" * 2_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((150, 200, 3), 120, np.uint8)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def _api_post(client, data: bytes | None, name="photo.jpg", field="image"):
     form = {} if data is None else {field: (io.BytesIO(data), name)}
     return client.post("/api/v1/predict", data=form, content_type="multipart/form-data")
@@ -460,6 +471,7 @@ def test_api_predict_rejected(client):
         (b"%PDF-1.4 ...", "image", 415, "unsupported_type"),
         (b"\x00\x00\x00\x18ftypheic" + bytes(64), "image", 415, "unsupported_type"),
         (b"\x89PNG\r\n\x1a\n" + bytes(100), "image", 400, "unreadable_image"),
+        (_png_with_huge_text(), "image", 400, "unreadable_image"),  # Pillow refuses it while opening (a 500 before)
         (None, "image", 400, "no_image"),
         (b"\xff\xd8\xff" + bytes(10), "photo", 400, "no_image"),  # wrong field name
     ],

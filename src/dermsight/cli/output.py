@@ -35,7 +35,7 @@ def result_record(
 def format_table(records: list[dict[str, Any]], advice_rule: str = "") -> str:
     """The records as a table. ``advice_rule``: the web app's rule in words (`dermsight.domain.triage.RULE`), which the
     advice column follows, so the CLI and the app never disagree; it is explained under the table."""
-    width = min(40, max(len("image"), *(len(Path(r["image"]).name) for r in records)))
+    width = min(40, max([len("image"), *(len(Path(r["image"]).name) for r in records)]))
     lines = [f"{'image':<{width}}  {'status':<8}  {'top class':<38}  {'prob':>6}  {'advice':<12}  next"]
     for r in records:
         name = Path(r["image"]).name[:width]

@@ -89,6 +89,15 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
         raise DamagedImageError("not an image, or an image format that cannot be identified") from None
     except OSError as e:
         raise DamagedImageError(f"cannot read image: {e}") from None
+    except (SyntaxError, ValueError) as e:
+        # Pillow's own limits on what it reads while opening, e.g. a PNG text chunk that decompresses past
+        # `PngImagePlugin.MAX_TEXT_CHUNK` (1 MB of metadata): the file is refused, not the whole request or dataset.
+        if "MAX_TEXT_CHUNK" in str(e):
+            raise DamagedImageError(
+                "cannot read image: its embedded text (metadata) is larger than allowed; save the photo again "
+                "without it, e.g. as a JPEG"
+            ) from None
+        raise DamagedImageError(f"cannot read image: {e}") from None
     if im.format not in ALLOWED_FORMATS:
         raise ImageError(f"unsupported image format {im.format}: use JPEG, PNG, WebP, BMP or TIFF")
     w, h = im.size
