@@ -778,6 +778,32 @@ def test_cli_never_writes_a_result_over_its_own_input(calibrated, tmp_path, caps
         assert main(argv) == 2, argv
         assert "--out" in capsys.readouterr().err
     assert model.read_bytes() == original
+    # The split a command scores is an input too: a run's split.csv replaced by a model loses the record of which
+    # images trained it. Named as a file or through its run folder; refused before any scoring.
+    run = tmp_path / "run"
+    run.mkdir()
+    split = run / "split.csv"
+    split.write_text("path,split\n")
+    images = make_image(tmp_path / "imgs" / "i.png", size=(200, 150))
+    for argv in (
+        ["calibrate", "--model", str(model), "--data", str(split), "--out", str(split)],
+        ["calibrate", "--model", str(model), "--data", str(run), "--out", str(split)],
+        ["tune-decision", "--model", str(model), "--data", str(split), "--out", str(split)],
+        ["soup", str(model), str(other), "--data", str(run), "--out", str(split)],
+        ["export", "--model", str(model), "--check-images", str(images), "--out", str(images)],
+        ["data", "split", str(split), "--out", str(split)],
+    ):
+        assert main(argv) == 2, argv
+        assert "is one of this command's inputs" in capsys.readouterr().err, argv
+    assert split.read_text() == "path,split\n" and images.read_bytes()[:4] == b"\x89PNG"
+    # Manifests and splits are CSV: a name ending in .safetensors is another run's model, never replaced by one.
+    assert main(["data", "split", str(split), "--out", str(model)]) == 2
+    assert "this command writes a split manifest (.csv)" in capsys.readouterr().err
+    assert main(["data", "manifest", str(tmp_path / "imgs"), "--out", str(model)]) == 2
+    assert "this command writes a manifest (.csv)" in capsys.readouterr().err
+    assert main(["data", "split", str(split), "--out", str(run)]) == 2
+    assert f"--out {run} is a folder" in capsys.readouterr().err
+    assert model.read_bytes() == original
     # tune-decision rewrites the model only once the reports' folder exists: a file in its way fails first.
     path, _, manifest = calibrated
     copy = tmp_path / "c.safetensors"

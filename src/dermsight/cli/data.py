@@ -102,7 +102,7 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     source = " + ".join(map(str, sources))
     # The label files a source folder holds are read too, so they count as inputs: `--out DATA/labels.csv` would
     # replace the user's labels with the manifest.
-    output_file(args.out, [f for s in sources for f in label_files(s)])
+    output_file(args.out, [f for s in sources for f in label_files(s)], writes="a manifest (.csv)")
     aspects = _display_aspects(args.display_aspect, sources)
     t0 = time.perf_counter()
     ingests = [build_manifest(s, fmt=args.format, verify=verify) for s in sources]
@@ -137,6 +137,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     from dermsight.data.manifest import load_manifest, save_manifest
     from dermsight.data.split import SplitConfig, check_split, split_manifest
 
+    # Checked before reading: the split is written over neither its input (an earlier split would be lost) nor a model.
+    out = output_file(args.out, [args.manifest], writes="a split manifest (.csv)")
     df = load_manifest(Path(args.manifest))
     if df.empty:
         raise ValueError(f"{args.manifest} lists no images: nothing to split")
@@ -144,7 +146,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.manifest} has no column {args.label!r} to stratify on")
     cfg = SplitConfig(val=args.val, test=args.test, seed=args.seed, folds=args.folds, label=args.label)
     out_df = split_manifest(df, cfg)
-    out = save_manifest(out_df, Path(args.out))
+    out = save_manifest(out_df, out)
     label = cfg.label if cfg.label in out_df else "label"
     used = out_df[out_df["split"] != "excluded"]
     print(f"split {len(used)} image(s) grouped by lesion/patient (seed {cfg.seed}); written to {out}")

@@ -58,7 +58,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = model_path(args.model)
         report, meta = export_model(
             model,
-            output_file(args.out, [model], writes="an ONNX model (.onnx)"),
+            output_file(
+                args.out,
+                [model, *(args.check_images or ()), *(args.calibration_images or ())],
+                writes="an ONNX model (.onnx)",
+            ),
             args.check_images or (),
             args.max_check,
             args.int8 or False,

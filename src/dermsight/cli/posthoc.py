@@ -17,6 +17,7 @@ from dermsight.cli.common import (
     model_path,
     output_file,
     share,
+    split_file,
     whole,
 )
 
@@ -106,7 +107,9 @@ def _model_and_out(args: argparse.Namespace) -> tuple[Path, Path | None]:
     from dermsight.models.contract import DEFAULT_MODEL
 
     model = model_path(args.model)
-    out = output_file(args.out) if args.out else None
+    # The split it scores is an input too: a model written over a run's split.csv would lose the record of which
+    # images trained it.
+    out = output_file(args.out, [model, split_file(args.data)]) if args.out else None
     target = out or model
     if target.exists() and DEFAULT_MODEL.exists() and target.samefile(DEFAULT_MODEL):
         raise ValueError(
@@ -205,7 +208,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     from dermsight.posthoc.soup import make_soup, report_lines
 
-    out = output_file(args.out, args.models)
+    out = output_file(args.out, [*args.models, split_file(args.data)])
     _warn_if_splits_differ(args.models)
     # The greedy choice is made on --data's val split: another split's "val" can hold the runs' training images.
     _warn_if_not_the_training_split(Path(args.models[0]), args.data)
