@@ -176,6 +176,14 @@ def test_fit_end_to_end_writes_a_self_contained_model_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="already holds a trained model"):
         fit(tiny_config(tmp_path, data, epochs=1, seed=7), progress=False)
     assert before == {n: (run / n).read_bytes() for n in before}
+    # So would training again into an interrupted run (a checkpoint, no model yet) without --resume: the epochs
+    # trained so far would be lost to a fresh start.
+    (run / "model.safetensors").rename(tmp_path / "kept.safetensors")
+    before = {n: (run / n).read_bytes() for n in ("last.pt", "config.yaml", "split.csv")}
+    with pytest.raises(ValueError, match=r"holds an interrupted run .*continue it with --resume"):
+        fit(tiny_config(tmp_path, data, epochs=1, seed=7), progress=False)
+    assert before == {n: (run / n).read_bytes() for n in before}
+    (tmp_path / "kept.safetensors").rename(run / "model.safetensors")
     # A damaged checkpoint is named, not dumped as a traceback; none is left half-written (saved then renamed).
     assert not list(run.glob(".*.tmp"))
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])

@@ -15,12 +15,21 @@ from dermsight.training.config import TrainConfig
 
 
 def refuse_finished_run(run: Path, resume: bool) -> None:
-    """Raise ValueError (a usage error) when ``run`` already holds a finished model and this is not a resumption:
-    training there would replace the model, its config and its split without a word."""
-    if not resume and (run / "model.safetensors").is_file():
+    """Raise ValueError (a usage error) when ``run`` already holds a finished model, or an interrupted run's
+    checkpoint, and this is not a resumption: training there would replace the model (or the epochs trained so far),
+    its config and its split without a word. An interruption tells people to run the same command with --resume;
+    forgetting it must not start the run again from nothing."""
+    if resume:
+        return
+    if (run / "model.safetensors").is_file():
         raise ValueError(
             f"{run} already holds a trained model (model.safetensors); train into another folder (--out), "
             "continue it with --resume, or delete the folder first"
+        )
+    if (run / "last.pt").is_file():
+        raise ValueError(
+            f"{run} holds an interrupted run (its checkpoint last.pt): continue it with --resume, train into another "
+            "folder (--out), or delete the folder first"
         )
 
 
