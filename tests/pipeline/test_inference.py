@@ -655,6 +655,17 @@ def test_predict_cli_reads_folders(calibrated, tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 1 and "a folder with no images" in out.err and "Traceback" not in out.err
     assert [r["image"] for r in json.loads(out.out)] == [single]
+    # An iPhone's HEIC photo in a folder is named, with what to do, not passed over.
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    (phone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (phone / "IMG_0002.jpg").write_bytes(Path(single).read_bytes())
+    rc = main(["predict", str(phone), "--model", str(path), "--json", "--threads", "1"])
+    out = capsys.readouterr()
+    records = {Path(r["image"]).name: r for r in json.loads(out.out)}
+    assert rc == 1 and records["IMG_0002.jpg"]["status"] == "ok"
+    assert records["IMG_0001.HEIC"]["status"] == "error" and "HEIC" in records["IMG_0001.HEIC"]["reason"]
+    assert "save it as JPEG" in out.err
 
 
 def test_predict_gives_the_web_apps_advice(calibrated, capsys, monkeypatch):

@@ -484,6 +484,16 @@ def test_api_predict_errors(client, fake, data, field, status, error):
         assert fake.calls == 0
 
 
+def test_api_says_which_field_the_photo_belongs_in(client):
+    # A program's request is explained in its own terms: the field's name, and the field it used instead.
+    r = _api_post(client, _jpeg(), field="photo")
+    assert r.status_code == 400 and r.json["error"] == "no_image"
+    assert "'image' field (a file came in the field 'photo')" in r.json["message"] and "-F image=@" in r.json["message"]
+    r = client.post("/api/v1/predict", data=_jpeg(), content_type="image/jpeg")  # the raw bytes as the body
+    assert r.json["error"] == "no_image" and "multipart/form-data" in r.json["message"]
+    assert "Choose a photo" not in r.json["message"]
+
+
 def test_upload_mistakes_get_messages_that_name_them(fake):
     app = create_app(fake, {"TESTING": True, "RATE_LIMIT": "off", "MAX_CONTENT_LENGTH": 2_000_000})
     client = app.test_client()

@@ -30,14 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def expand_folders(paths: list[str]) -> tuple[list[str], list[str]]:
     """The images to predict, in order: a file as given (a file that is not an image is reported as such later), a
-    folder as the images in it and its sub-folders, sorted (hidden files left out, `data.manifest.list_images`).
+    folder as the images in it and its sub-folders, sorted (hidden files left out, `data.manifest.list_images`),
+    photos in formats that are not read (HEIC, GIF) among them so that each is reported rather than passed over.
     Also returns the folders that hold no image, each an error of its own."""
-    from dermsight.data.manifest import list_images
+    from dermsight.data.manifest import IMAGE_SUFFIXES, UNREAD_PHOTO_SUFFIXES, list_images
 
     images, empty = [], []
     for p in paths:
         if Path(p).is_dir():
-            found = [str(f) for f in list_images(p)]
+            found = [str(f) for f in list_images(p, IMAGE_SUFFIXES | UNREAD_PHOTO_SUFFIXES)]
             images.extend(found)
             if not found:
                 empty.append(p)

@@ -55,6 +55,38 @@ class ImageInfo:
     format: str
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+
+
+def describe_unsupported(data: bytes) -> str:
+    """A short, friendly guess at what a file that is not a readable image is, from its first bytes: for the web
+    app's 415 and for a file `_open` cannot identify."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "a HEIC/HEIF or AVIF photo (HEIC is the iPhone camera's default format)"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "a GIF"
+    if data.startswith(b"%PDF"):
+        return "a PDF document"
+    if data.startswith(b"PK\x03\x04"):
+        return "a ZIP or office document"
+    if data[4:8] == b"ftyp":
+        return "a video"
+    head = data[:512]
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return "in a format we do not recognise"
+
+
+def _head(fp: io.BytesIO | Path, n: int = 512) -> bytes:
+    if isinstance(fp, Path):
+        try:
+            with fp.open("rb") as f:
+                return f.read(n)
+        except OSError:
+            return b""
+    return fp.getvalue()[:n]
+
+
 def _open(source: str | os.PathLike | bytes) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
@@ -86,6 +118,9 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
             f"image dimensions are absurdly large (decompression bomb guard, limit {MAX_PIXELS // 10**6} MP)"
         ) from None
     except UnidentifiedImageError:
+        what = describe_unsupported(_head(fp))
+        if what.startswith("a HEIC"):  # a photo people expect to work: say what to do
+            raise ImageError(f"this file is {what}, which cannot be read: save it as JPEG") from None
         raise DamagedImageError("not an image, or an image format that cannot be identified") from None
     except OSError as e:
         raise DamagedImageError(f"cannot read image: {e}") from None

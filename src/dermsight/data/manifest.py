@@ -55,6 +55,9 @@ ID_COLUMNS = ("image_id", "lesion_id", "patient_id")
 # The manifest column that holds each taxonomy's labels (training, evaluation and calibration read it from here).
 LABEL_COLUMNS = {"ham7": "label_ham7", "isic2019": "label_isic2019"}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Photos in formats that are not read (iPhones save HEIC): `predict` on a folder names each one rather than passing
+# over it.
+UNREAD_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".gif"})
 _JUNK = frozenset({"thumbs.db", "desktop.ini"})
 # ISIC 2018 Task 3 (HAM10000's own challenge) writes its ground truth one-hot in these columns, upper case.
 ISIC2018_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
@@ -781,7 +784,8 @@ def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """The image files (by ``suffixes``) in ``folder`` and its sub-folders, sorted; a file is itself."""
     folder = Path(folder)
     if folder.is_file():
         return [folder]
@@ -789,7 +793,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         raise DataError(f"{folder}: no such file or folder")
     # Hidden files (macOS "._photo.jpg" resource forks, say) are not pictures, like hidden folders.
     files = (Path(d, n) for d, names in walk(folder) for n in names if not n.startswith("."))
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in files if p.suffix.lower() in suffixes and p.is_file())
 
 
 def read_labels(df: pd.DataFrame, meta: Classes, strict: bool = True) -> np.ndarray | None:

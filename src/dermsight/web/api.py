@@ -39,7 +39,7 @@ def prediction_json(result: PredictionResult) -> dict[str, Any]:
 def predict():
     enforce_rate_limit()
     refuse_unreadable_form(request)
-    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form)
+    data = read_upload(request.files, current_app.config["MAX_CONTENT_LENGTH"], request.form, api=True)
     return jsonify(prediction_json(analyse(_model(), data, explain=False).result))
 
 

@@ -241,7 +241,6 @@ _SIGNATURES = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -252,24 +251,6 @@ def sniff_image_type(data: bytes) -> str | None:
         if data.startswith(magic):
             return name
     return None
-
-
-def describe_unsupported(data: bytes) -> str:
-    """A short, friendly guess at what an unsupported upload is, for the 415 message."""
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        return "a HEIC/HEIF or AVIF photo (HEIC is the iPhone camera's default format)"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "a GIF"
-    if data.startswith(b"%PDF"):
-        return "a PDF document"
-    if data.startswith(b"PK\x03\x04"):
-        return "a ZIP or office document"
-    if data[4:8] == b"ftyp":
-        return "a video"
-    head = data[:512]
-    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "a text file"
-    return "in a format we do not recognise"
 
 
 def enforce_rate_limit() -> None:

@@ -20,9 +20,9 @@ from typing import Any
 
 from PIL import Image
 
-from dermsight.data.images import DamagedImageError, ImageError, load_rgb
+from dermsight.data.images import DamagedImageError, ImageError, describe_unsupported, load_rgb
 from dermsight.domain.results import PredictionResult
-from dermsight.web.security import RequestRefused, describe_unsupported, sniff_image_type
+from dermsight.web.security import RequestRefused, sniff_image_type
 
 log = logging.getLogger("dermsight.web")
 
@@ -205,13 +205,14 @@ def refuse_unreadable_form(request) -> None:
         )
 
 
-def read_upload(files, max_bytes: int, form=None) -> bytes:
+def read_upload(files, max_bytes: int, form=None, api: bool = False) -> bytes:
     """The uploaded image's bytes from the multipart ``files``, checked to be a supported image type by its bytes.
 
     Two inputs share the field name (a file picker and a phone-camera input); the page's script empties one when
     the other is used, so only one may hold a photo: two are refused rather than one chosen silently (without
     JavaScript both could be filled). ``form`` (the request's text fields) only sharpens the message when no file
-    came: an image sent as text.
+    came: an image sent as text. ``api``: the caller is a program, so a missing photo is explained in terms of the
+    request (the field's name, the body's type), not of the page's buttons.
     """
     data, named_empty = b"", False
     for storage in files.getlist(UPLOAD_FIELD):
@@ -233,6 +234,15 @@ def read_upload(files, max_bytes: int, form=None) -> bytes:
         )
     if not data and named_empty:
         raise RequestRefused(400, "The file you chose is empty (0 bytes). Please choose the photo again.", "empty_file")
+    if not data and api:
+        others = sorted(name for name in files if name != UPLOAD_FIELD)
+        came = f" (a file came in the field {others[0]!r})" if others else ""
+        raise RequestRefused(
+            400,
+            f"No photo was received in the '{UPLOAD_FIELD}' field{came}. Send it as a file upload in a "
+            f"multipart/form-data body, in the '{UPLOAD_FIELD}' field (with curl: -F {UPLOAD_FIELD}=@photo.jpg).",
+            "no_image",
+        )
     if not data:
         raise RequestRefused(400, "No photo was received. Choose a photo (or take one) and try again.", "no_image")
     if len(data) > max_bytes:
