@@ -17,6 +17,11 @@ def _umask() -> int:
     return mask
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` about the file the user named rather than the temporary one beside it, which they never heard of."""
+    return type(e)(e.errno, e.strerror, str(path)) if e.errno is not None else e
+
+
 @contextmanager
 def written_atomically(path: Path, suffix: str = ".tmp") -> Iterator[str]:
     """Yields the name of a new file beside ``path`` to write; when the block ends without an exception, that file
@@ -26,7 +31,10 @@ def written_atomically(path: Path, suffix: str = ".tmp") -> Iterator[str]:
     some writers replace the file: a temporary file is 0600, and a model or ONNX file renamed from one could not be
     read by anyone else, a web server's user included.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     try:
         yield tmp
@@ -40,6 +48,9 @@ def written_atomically(path: Path, suffix: str = ".tmp") -> Iterator[str]:
 def temp_folder_beside(path: Path) -> Path:
     """A new, empty folder beside ``path`` to fill and then rename onto it, with a plain ``mkdir``'s permissions
     (`tempfile.mkdtemp` makes 0700)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _naming(e, path) from None
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp

@@ -742,8 +742,15 @@ def test_full_disk_and_read_only_folders_are_reported_not_called_bugs(monkeypatc
     def in_words(args):  # safetensors says it only in words
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: No space left on device })")
 
+    def denied(args):  # a folder this user may not write in, wrapped the same way
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/sys/x.onnx")
+        except OSError as e:
+            raise ExportError("ONNX export failed: Permission denied") from e
+
     for func, message in (
         (wrapped, "error: cannot write (Read-only file system): /mnt/ro/model.onnx"),
+        (denied, "error: cannot write (Permission denied): /sys/x.onnx"),
         (in_words, "error: cannot write (No space left on device)"),
     ):
         monkeypatch.setattr(cli, "cmd_export", func)

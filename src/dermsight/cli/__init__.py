@@ -65,6 +65,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 _DISK_FULL_OR_READ_ONLY = {
+    errno.EACCES: "Permission denied",  # a folder this user may not write in (export wraps the error in its own)
     errno.ENOSPC: "No space left on device",
     errno.EROFS: "Read-only file system",
     errno.EDQUOT: "Disk quota exceeded",
@@ -75,15 +76,18 @@ _DISK_FULL_OR_READ_ONLY = {
 def _disk_error(e: BaseException | None) -> OSError | None:
     """The full disk or read-only file system behind ``e``, or None. Export wraps the OSError in its own error, and
     safetensors reports it only in words, so the cause chain and the message are both read."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_OR_READ_ONLY:
-            return e
-        for number, words in _DISK_FULL_OR_READ_ONLY.items():
-            if words in str(e):
-                return OSError(number, words)
+    chain: list[BaseException] = []
+    while e is not None and all(e is not seen for seen in chain):
+        chain.append(e)
         e = e.__cause__ or e.__context__
+    # The OSError itself first: it names the file; the words alone do not.
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in _DISK_FULL_OR_READ_ONLY:
+            return link
+    for link in chain:
+        for number, words in _DISK_FULL_OR_READ_ONLY.items():
+            if words in str(link):
+                return OSError(number, words)
     return None
 
 
