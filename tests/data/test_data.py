@@ -898,3 +898,14 @@ def test_an_image_pillow_refuses_to_open_is_one_problem_not_a_failed_dataset(tmp
         ingest = build_manifest(tmp_path, verify=verify, progress=False)
         assert [Path(p).name for p in ingest.manifest["path"]] == ["good.jpg"]
         assert [(Path(p.item).name, "embedded text" in p.reason) for p in ingest.problems] == [("meta.png", True)]
+
+
+def test_labels_csv_rows_without_an_image_are_listed_not_lost(tmp_path):
+    make_image(tmp_path / "a.jpg")
+    (tmp_path / "labels.csv").write_text("image,label\na.jpg,nv\n,mel\n   ,bkl\n")
+    ingest = build_manifest(tmp_path, verify="none", progress=False)
+    assert list(ingest.manifest["label"]) == ["nv"] and ingest.rows_read == 3
+    assert [(p.item, p.reason) for p in ingest.problems] == [
+        ("labels.csv, data row 2 (label mel)", "no image named in the image column"),
+        ("labels.csv, data row 3 (label bkl)", "no image named in the image column"),
+    ]

@@ -308,7 +308,14 @@ def read_labels_csv(csv_path: Path) -> Ingest:
         q = Path(p)
         return q if q.is_absolute() else (base / q)
 
-    df = df[df["image"].notna()].copy()
+    rows_read = len(df)
+    # A row that names no image is the user's to fix, so it is listed, not dropped unseen.
+    blank = df["image"].isna() | df["image"].astype(str).str.strip().eq("")
+    for i in df.index[blank]:
+        label = df.at[i, "label"]
+        of = "" if pd.isna(label) else f" (label {label})"
+        problems.append(Problem(f"{csv_path.name}, data row {i + 1}{of}", "no image named in the image column", "read"))
+    df = df[~blank].copy()
     rows = pd.DataFrame(index=df.index)
     rows["path"] = df["image"].map(resolve)
     missing = ~rows["path"].map(Path.is_file)
@@ -336,7 +343,7 @@ def read_labels_csv(csv_path: Path) -> Ingest:
     rows["sex"] = _col(df, "sex")
     rows["site"] = _col(df, "site", "localization", "anatom_site_general")
     rows["dx_type"] = _col(df, "dx_type", "diagnosis_confirm_type")
-    return _finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems, "labels-csv", len(df))
+    return _finish(rows, f"labels-csv:{csv_path.resolve().parent.name}", problems, "labels-csv", rows_read)
 
 
 def _isic_codes(col: pd.Series) -> pd.Series:
