@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,6 +95,33 @@ def calibrated(tmp_path_factory):
     out = root / "tiny_cal.safetensors"
     report = calibrate_model(model_path, manifest, out, backend="torch", threads=1, progress=False, components=16)
     return out, report, manifest
+
+
+def test_calibrate_and_tune_decision_name_the_images_they_could_not_read(calibrated, tmp_path, capsys):
+    # A val image that cannot be read is left out of the fit, and the user is told which and why (exit 1); with no
+    # readable val image at all, one clear error instead of an error from fitting on nothing, and nothing written.
+    model, _, manifest = calibrated
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a photo")
+    split = manifest[manifest["split"] != "test"].assign(label=manifest["label_ham7"])
+    split.loc[split.index[split["split"] == "val"][0], "path"] = str(broken)
+    split.to_csv(tmp_path / "split.csv", index=False)
+    common = ["--model", str(model), "--data", str(tmp_path / "split.csv"), "--views", "1"]
+    assert main(["calibrate", *common, "--out", str(tmp_path / "c.safetensors"), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be read and were left out of the fit" in err and f"{broken}: " in err
+    assert main(["tune-decision", *common, "--out", str(tmp_path / "t.safetensors")]) == 1
+    assert f"{broken}: " in capsys.readouterr().err
+    split.loc[split["split"] == "val", "path"] = str(broken)
+    split.to_csv(tmp_path / "split.csv", index=False)
+    before = set(Path(tempfile.gettempdir()).glob("dermsight-decision-*"))
+    for command in ("calibrate", "tune-decision"):
+        out = tmp_path / f"{command}-none.safetensors"
+        assert main([command, *common, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "none of the 40 images of the val split can be used (could not be read: " in err, err
+        assert not out.exists()
+    assert set(Path(tempfile.gettempdir()).glob("dermsight-decision-*")) == before
 
 
 def test_calibrate_fits_the_one_view_rule_when_asked(calibrated, tmp_path):

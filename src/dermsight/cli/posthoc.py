@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dermsight.cli.common import (
+    EXIT_DROPPED,
     EXIT_OK,
     EXIT_USAGE,
     MODEL_HELP,
@@ -171,7 +172,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(report_lines(report)))
-    return EXIT_OK
+    return _said_unreadable(report["unreadable"])
+
+
+def _said_unreadable(unreadable: list[tuple[str, str]]) -> int:
+    """Name the images a fit left out because they could not be read; the exit code says whether there were any."""
+    if not unreadable:
+        return EXIT_OK
+    print(f"\n{len(unreadable)} image(s) could not be read and were left out of the fit:", file=sys.stderr)
+    for path, reason in unreadable[:10]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(unreadable) > 10:
+        print(f"  ... and {len(unreadable) - 10} more", file=sys.stderr)
+    return EXIT_DROPPED
 
 
 def cmd_tune_decision(args: argparse.Namespace) -> int:
@@ -181,7 +194,7 @@ def cmd_tune_decision(args: argparse.Namespace) -> int:
     _warn_if_not_the_training_split(model, args.data)
     report = tune_decision(model, args.data, out, report_dir=args.reports, views=args.views)
     print("\n".join(report_lines(report)))
-    return EXIT_OK
+    return _said_unreadable(report["unreadable"])
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dermsight.data.images import ImageError
+from dermsight.data.problems import DataError
 from dermsight.inference.preprocess import Source, canonical, decode, decode_side, image_views, to_model_input
 from dermsight.inference.quality import QUALITY_THRESHOLDS, QualityReport, QualityThresholds, check_quality
 from dermsight.models.meta import ModelMeta
@@ -108,6 +109,17 @@ class Scored:
     def failures(self) -> list[tuple[int, str]]:
         """(index, reason) of each image that could not be decoded, in order."""
         return [(i, str(e)) for i, e in sorted(self.errors.items())]
+
+    def require_usable(self, paths: Sequence[str], what: str) -> list[tuple[str, str]]:
+        """The (path, reason) of each image of ``paths`` (those scored) that could not be decoded, to report; raises
+        `DataError` when no image at all is usable, naming the first reasons, instead of an error from fitting on
+        nothing. ``what``: the images, in words ("val split")."""
+        unreadable = [(str(paths[i]), reason) for i, reason in self.failures()]
+        if not self.usable.any():
+            first = "; ".join(f"{p}: {r}" for p, r in unreadable[:3])
+            why = f" (could not be read: {first})" if first else " (all refused by the image-quality gate)"
+            raise DataError(f"none of the {len(paths)} images of the {what} can be used{why}")
+        return unreadable
 
 
 @dataclass

@@ -161,6 +161,8 @@ def calibrate_model(
     # their scales and the threshold are set on validation images as served.
     fit = run(fit_df, "fit (train)", tta=False)
     val = run(parts["val"], "val")
+    unreadable = fit.require_usable(list(fit_df["path"]), "train split" if len(parts["train"]) else "val split")
+    unreadable += val.require_usable(list(parts["val"]["path"]), "val split")
     y_val = read_labels(parts["val"], meta)
 
     # Temperature: on the validation lesions that pass the quality gate (the ones that would get a diagnosis).
@@ -238,6 +240,7 @@ def calibrate_model(
         "source": {"short_side": side, "jpeg_quality": quality},
         "calibration": calib,
         "ood": ood,
+        "unreadable": unreadable,  # (path, reason): left out of the fit
     }
 
 

@@ -92,9 +92,11 @@ def tune_decision(
     temperature and the referral threshold, re-score val and test; store all in the model."""
     served_tta = tta_for(views)  # a bad value fails here, before val is scored
     df = manifest if isinstance(manifest, pd.DataFrame) else read_split_manifest(manifest)
-    # The reports' folder first: one that cannot be made fails here, before the model is rewritten.
-    reports = Path(report_dir) if report_dir else Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
-    reports.mkdir(parents=True, exist_ok=True)
+    # A reports' folder given first: one that cannot be made fails here, before the model is rewritten. (A temporary
+    # one is made only once there is something to write, so a failed run leaves none behind.)
+    reports = Path(report_dir) if report_dir else None
+    if reports is not None:
+        reports.mkdir(parents=True, exist_ok=True)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
     train, val = df[df["split"] == "train"], df[df["split"] == "val"]
@@ -104,9 +106,11 @@ def tune_decision(
     y = read_labels(val, meta)
     paths = [str(p) for p in val["path"]]
 
-    candidates = {}
+    candidates, unreadable = {}, []
     for tta in (False, True):
-        logits = score_images(model, meta, paths, tta=tta, progress=progress, desc="val").logits
+        scored = score_images(model, meta, paths, tta=tta, progress=progress, desc="val")
+        unreadable = scored.require_usable(paths, "val split")  # the same images either way
+        logits = scored.logits
         ok = ~np.isnan(logits).any(axis=1)
         tau, ba, acc = choose(logits[ok], y[ok], log_prior)
         candidates[tta] = {
@@ -149,6 +153,7 @@ def tune_decision(
 
     # Score val and test once with the chosen rule (through `evaluate`, i.e. the serving preprocessing).
     metrics = dict(new.metrics)
+    reports = reports or Path(tempfile.mkdtemp(prefix="dermsight-decision-"))
     with tempfile.TemporaryDirectory() as tmp:
         split_csv = Path(tmp) / "split.csv"
         df.to_csv(split_csv, index=False)
@@ -164,6 +169,7 @@ def tune_decision(
         "temperature": temperature,
         "metrics": metrics,
         "reports": str(reports),
+        "unreadable": unreadable,  # (path, reason): left out of the choice
     }
 
 
