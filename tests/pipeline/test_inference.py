@@ -1214,3 +1214,12 @@ def test_canonical_is_the_first_of_the_eight_views_by_shape_and_bytes_whichever_
             got = canonical(turned)
             assert got.shape == first.shape and np.array_equal(got, first) and got.flags.c_contiguous
     assert canonical(cases[0]).shape == (45, 60, 3)  # landscape, like the training frames
+
+
+def test_evaluate_names_the_splits_there_are_when_asked_for_another(calibrated, tmp_path, capsys):
+    model, _, manifest = calibrated
+    manifest.assign(label=manifest["label_ham7"]).to_csv(tmp_path / "split.csv", index=False)
+    argv = ["evaluate", "--model", str(model), "--data", str(tmp_path / "split.csv"), "--out", str(tmp_path / "ev")]
+    assert main([*argv, "--split", "tset"]) == 2
+    assert "no split named 'tset'; it has test, train, val" in capsys.readouterr().err
+    assert not (tmp_path / "ev" / "metrics.json").exists()

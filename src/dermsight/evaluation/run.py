@@ -60,6 +60,9 @@ def read_labelled(data: Path, split: str | None = None) -> tuple[pd.DataFrame, l
     if split is not None:
         if "split" not in manifest:
             raise DataError(f"{data}: no `split` column, so --split {split} cannot be applied")
+        names = sorted(str(n) for n in manifest["split"].dropna().unique())
+        if split not in names:
+            raise DataError(f"{data}: no split named {split!r}; it has {', '.join(names) or 'none'}")
         manifest = manifest[manifest["split"] == split]
     elif "split" in manifest and manifest["split"].eq("train").any():
         # Allowed (the manifest may be scored whole on purpose), but such figures include trained-on images.
