@@ -115,7 +115,7 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
             im = Image.open(fp)
     except Image.DecompressionBombError:
         raise ImageError(
-            f"image dimensions are absurdly large (decompression bomb guard, limit {MAX_PIXELS // 10**6} MP)"
+            f"the image claims to be far larger than any photo (over {MAX_PIXELS // 10**6} MP); it is not read"
         ) from None
     except UnidentifiedImageError:
         what = describe_unsupported(_head(fp))
@@ -139,7 +139,7 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
     limit = MAX_PIXELS_BY_FORMAT.get(im.format or "", MAX_PIXELS)
     if w * h > limit:
         of = f"the {limit // 10**6} MP limit" + (f" for {im.format} images" if limit != MAX_PIXELS else "")
-        raise ImageError(f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over {of} (decompression bomb guard)")
+        raise ImageError(f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over {of}: use a smaller copy of the photo")
     if w < 1 or h < 1:
         raise ImageError(f"image has no pixels ({w}x{h})")
     return im
