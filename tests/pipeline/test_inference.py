@@ -39,7 +39,7 @@ from dermsight.inference.export import (
     synthetic_images,
 )
 from dermsight.inference.ood import OODGate
-from dermsight.inference.predictor import Predictor, describe_source, started_from
+from dermsight.inference.predictor import Predictor, describe_source, resolve_threads, started_from
 from dermsight.inference.preprocess import (
     canonical,
     centre_band,
@@ -1223,3 +1223,13 @@ def test_evaluate_names_the_splits_there_are_when_asked_for_another(calibrated, 
     assert main([*argv, "--split", "tset"]) == 2
     assert "no split named 'tset'; it has test, train, val" in capsys.readouterr().err
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc"])
+def test_a_bad_thread_count_in_the_environment_is_an_error_not_one_thread(monkeypatch, capsys, value):
+    monkeypatch.setenv("DERMSIGHT_THREADS", value)
+    with pytest.raises(ValueError, match="DERMSIGHT_THREADS must be a whole number of at least 1"):
+        resolve_threads(None)
+    assert main(["predict", "x.jpg"]) == 2 and "DERMSIGHT_THREADS" in capsys.readouterr().err
+    monkeypatch.setenv("DERMSIGHT_THREADS", "2")
+    assert resolve_threads(None) == 2 and resolve_threads(3) == 3

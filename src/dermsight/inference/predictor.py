@@ -126,9 +126,12 @@ def resolve_threads(threads: int | None) -> int:
     env = os.environ.get("DERMSIGHT_THREADS")
     if env:
         try:
-            return max(1, int(env))
+            n = int(env)
         except ValueError:
-            raise ValueError(f"DERMSIGHT_THREADS must be a whole number, got {env!r}") from None
+            n = 0
+        if n < 1:  # as the web app's settings refuse it: 0 or -3 silently meaning 1 hides a typo
+            raise ValueError(f"DERMSIGHT_THREADS must be a whole number of at least 1, got {env!r}") from None
+        return n
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
