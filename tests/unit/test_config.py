@@ -120,3 +120,13 @@ def test_jpeg_needs_the_loader_path():
     assert TrainConfig(jpeg=0.5).jpeg == 0.5
     with pytest.raises(ValueError, match="augment: loader"):
         TrainConfig(jpeg=0.5, augment="device")
+
+
+def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path):
+    # YAML keeps the last of two equal keys without a word: the run would not be the one the file seems to describe.
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nlr: 0.001\nepochs: 5\n")
+    with pytest.raises(ValueError, match="option 'epochs' is given twice"):
+        TrainConfig.from_yaml(path)
+    path.write_text("epochs: 3\nmember_overrides:\n  - {seed: 1}\n  - {seed: 2}\n")
+    assert TrainConfig.from_yaml(path).epochs == 3  # the same key in separate mappings is fine

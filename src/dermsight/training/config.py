@@ -82,6 +82,21 @@ Arch = Literal[ARCHS]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a key given twice."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"option {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class TrainConfig(BaseModel):
     # Strict: YAML reads `epochs: "3"` as text and `calibrate: "no"` as a (truthy) string; neither is taken as a
     # number or a flag. Numbers must be finite: nan passes no range check.
@@ -276,8 +291,10 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
+        """The config in ``path`` (YAML) with ``overrides``. An option given twice is refused: YAML would keep the
+        last one without a word, and the run would not be the one the file seems to describe."""
         try:
-            raw = yaml.safe_load(_config_text(Path(path))) or {}
+            raw = yaml.load(_config_text(Path(path)), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ValueError(f"{path}: config file not found") from None
         except yaml.YAMLError as e:
