@@ -731,6 +731,16 @@ def test_predict_cli_bad_model(tmp_path, capsys):
     assert rc == 2 and "error:" in capsys.readouterr().err
 
 
+def test_commands_that_rewrite_a_model_say_an_onnx_export_is_not_one(tmp_path, capsys):
+    (tmp_path / "m.onnx").write_bytes(b"an export")
+    for argv in (
+        ["calibrate", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path), "--out", str(tmp_path / "c")],
+        ["model-card", "--model", str(tmp_path / "m.onnx")],
+    ):
+        assert main(argv) == 2, argv
+        assert "is an ONNX export, which predict and serve can use" in capsys.readouterr().err
+
+
 def test_calibrate_and_tune_decision_never_rewrite_the_bundled_model(tmp_path, monkeypatch, capsys):
     # Without --model and --out they would write the app's shipped model in place.
     import hashlib

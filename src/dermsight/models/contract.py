@@ -39,6 +39,12 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelLoadError(f"{path} is not a file")
+    if path.suffix.lower() == ".onnx":
+        # An exported graph serves (`predict`, `serve`), but fitting and exporting rewrite the weights it came from.
+        raise ModelLoadError(
+            f"{path} is an ONNX export, which predict and serve can use; this command needs the model file it was "
+            "exported from (.safetensors)"
+        )
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
             return dict(f.metadata() or {})
