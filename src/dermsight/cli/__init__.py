@@ -64,7 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-_DISK_FULL_OR_READ_ONLY = {
+_CANNOT_WRITE = {
     errno.EACCES: "Permission denied",  # a folder this user may not write in (export wraps the error in its own)
     errno.ENOSPC: "No space left on device",
     errno.EROFS: "Read-only file system",
@@ -74,18 +74,19 @@ _DISK_FULL_OR_READ_ONLY = {
 
 
 def _disk_error(e: BaseException | None) -> OSError | None:
-    """The full disk or read-only file system behind ``e``, or None. Export wraps the OSError in its own error, and
-    safetensors reports it only in words, so the cause chain and the message are both read."""
+    """The full disk, read-only file system or folder this user may not write in behind ``e``, or None. Export
+    wraps the OSError in its own error, and safetensors reports it only in words, so the cause chain and the message
+    are both read."""
     chain: list[BaseException] = []
     while e is not None and all(e is not seen for seen in chain):
         chain.append(e)
         e = e.__cause__ or e.__context__
     # The OSError itself first: it names the file; the words alone do not.
     for link in chain:
-        if isinstance(link, OSError) and link.errno in _DISK_FULL_OR_READ_ONLY:
+        if isinstance(link, OSError) and link.errno in _CANNOT_WRITE:
             return link
     for link in chain:
-        for number, words in _DISK_FULL_OR_READ_ONLY.items():
+        for number, words in _CANNOT_WRITE.items():
             if words in str(link):
                 return OSError(number, words)
     return None

@@ -89,13 +89,6 @@ def output_file(
     return path
 
 
-def split_file(data: str | os.PathLike) -> Path:
-    """The split manifest a ``--data`` argument names: the file itself, or a run folder's split.csv (as
-    `data.manifest.read_split_manifest` reads it); an input that no output may replace."""
-    path = Path(data)
-    return path / "split.csv" if path.is_dir() else path
-
-
 def print_table(df, title: str) -> None:  # pandas frame -> aligned text
     print(f"\n{title}")
     print(df.to_string())

@@ -18,7 +18,6 @@ from dermsight.cli.common import (
     model_path,
     output_file,
     share,
-    split_file,
     whole,
 )
 
@@ -105,12 +104,13 @@ def _model_and_out(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
     The bundled default model is never rewritten in place: the app, ``predict`` and ``evaluate`` serve it, and a
     calibration on some other split would silently replace the shipped one."""
+    from dermsight.data.manifest import split_manifest_path
     from dermsight.models.contract import DEFAULT_MODEL
 
     model = model_path(args.model)
     # The split it scores is an input too: a model written over a run's split.csv would lose the record of which
     # images trained it.
-    out = output_file(args.out, [model, split_file(args.data)]) if args.out else None
+    out = output_file(args.out, [model, split_manifest_path(args.data)]) if args.out else None
     target = out or model
     if target.exists() and DEFAULT_MODEL.exists() and target.samefile(DEFAULT_MODEL):
         raise ValueError(
@@ -219,9 +219,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
+    from dermsight.data.manifest import split_manifest_path
     from dermsight.posthoc.soup import make_soup, report_lines
 
-    out = output_file(args.out, [*args.models, split_file(args.data)])
+    out = output_file(args.out, [*args.models, split_manifest_path(args.data)])
     _warn_if_splits_differ(args.models)
     # The greedy choice is made on --data's val split: another split's "val" can hold the runs' training images.
     _warn_if_not_the_training_split(Path(args.models[0]), args.data)

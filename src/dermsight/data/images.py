@@ -58,10 +58,15 @@ class ImageInfo:
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
 
 
+def _is_heif(data: bytes) -> bool:
+    """A HEIC/HEIF or AVIF file, from its first 12 bytes."""
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
 def describe_unsupported(data: bytes) -> str:
     """A short, friendly guess at what a file that is not a readable image is, from its first bytes: for the web
     app's 415 and for a file `_open` cannot identify."""
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+    if _is_heif(data):
         return "a HEIC/HEIF or AVIF photo (HEIC is the iPhone camera's default format)"
     if data.startswith((b"GIF87a", b"GIF89a")):
         return "a GIF"
@@ -118,8 +123,9 @@ def _open(source: str | os.PathLike | bytes) -> Image.Image:
             f"the image claims to be far larger than any photo (over {MAX_PIXELS // 10**6} MP); it is not read"
         ) from None
     except UnidentifiedImageError:
-        what = describe_unsupported(_head(fp))
-        if what.startswith("a HEIC"):  # a photo people expect to work: say what to do
+        head = _head(fp)
+        if _is_heif(head):  # a photo people expect to work: say what to do
+            what = describe_unsupported(head)
             raise ImageError(f"this file is {what}, which cannot be read: save it as JPEG") from None
         raise DamagedImageError("not an image, or an image format that cannot be identified") from None
     except OSError as e:

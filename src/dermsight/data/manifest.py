@@ -774,10 +774,16 @@ def class_counts(manifest: pd.DataFrame, by: str | None = None, label: str = "la
     return t
 
 
+def split_manifest_path(data: str | os.PathLike) -> Path:
+    """The split manifest ``data`` names: the CSV itself, or a training run folder's split.csv."""
+    data = Path(data)
+    return data / "split.csv" if data.is_dir() else data
+
+
 def read_split_manifest(data: str | os.PathLike) -> pd.DataFrame:
     """A split manifest (CSV with `path` and `split`), or a training run folder holding one as split.csv."""
     data = Path(data)
-    path = data / "split.csv" if data.is_dir() else data
+    path = split_manifest_path(data)
     if not path.is_file():
         raise DataError(
             f"{data}: expected a split manifest CSV (with `path` and `split` columns, e.g. a run's split.csv) or a "

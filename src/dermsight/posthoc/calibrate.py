@@ -160,9 +160,10 @@ def calibrate_model(
     # The feature densities are fitted on one view of each training image (an eighth of the work with eight views);
     # their scales and the threshold are set on validation images as served.
     fit = run(fit_df, "fit (train)", tta=False)
-    val = run(parts["val"], "val")
     unreadable = fit.require_usable(list(fit_df["path"]), "train split" if len(parts["train"]) else "val split")
-    unreadable += val.require_usable(list(parts["val"]["path"]), "val split")
+    val = run(parts["val"], "val")
+    # Without a train split the fit images are val's own: each unreadable one is named once.
+    unreadable = list(dict.fromkeys(unreadable + val.require_usable(list(parts["val"]["path"]), "val split")))
     y_val = read_labels(parts["val"], meta)
 
     # Temperature: on the validation lesions that pass the quality gate (the ones that would get a diagnosis).
