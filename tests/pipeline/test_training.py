@@ -781,6 +781,29 @@ def test_source_weights_make_each_source_count_the_same():
     assert w[:6].sum() == pytest.approx(w[6:8].sum()) == pytest.approx(w[8:].sum()) == pytest.approx(10 / 3)
 
 
+def test_source_weight_draws_a_named_folder_that_many_times_as_often():
+    from dermsight.training.data import source_weights
+
+    sources = pd.Series(["labels-csv:a"] * 6 + ["labels-csv:b"] * 2 + ["c"] * 2)
+    w = source_weights(sources, {"b": 2})
+    # b's images make up 2 of every 4 draws, a's and c's 1 each, however many images each has.
+    assert w[6:8].sum() == pytest.approx(5) and w[:6].sum() == pytest.approx(w[8:].sum()) == pytest.approx(2.5)
+    assert w.sum() == pytest.approx(10)
+    with pytest.raises(DataError, match="source_weight names d, which no training image comes from"):
+        source_weights(sources, {"d": 2})
+
+
+def test_source_weight_needs_source_balance_and_a_data_folder_of_that_name(tmp_path):
+    base = dict(data=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "run"))
+    assert TrainConfig(**base, source_balance=True, source_weight={"b": 2}).source_weight == {"b": 2.0}
+    with pytest.raises(ValueError, match="set source_balance: true"):
+        TrainConfig(**base, source_weight={"b": 2})
+    with pytest.raises(ValueError, match="source_weight names c, which is not the folder name"):
+        TrainConfig(**base, source_balance=True, source_weight={"c": 2})
+    with pytest.raises(ValueError, match="greater than 0"):
+        TrainConfig(**base, source_balance=True, source_weight={"b": 0})
+
+
 def test_training_on_several_sources_splits_them_together_and_records_each(tmp_path):
     folders = []
     for name, n, shade in (("clinic_a", 40, 0), ("clinic_b", 16, 20)):

@@ -134,6 +134,11 @@ class TrainConfig(BaseModel):
     # Draw training images so that every source contributes as many per epoch, however many it has (with replacement;
     # with `imbalance: sampler` the class weights multiply in). Off: each source in proportion to its size.
     source_balance: bool = False
+    # With source_balance: how many times as often as an unnamed source a source is drawn (its data folder's name ->
+    # weight; unnamed sources weigh 1). {isic2017_256: 2} draws half of every epoch from that folder when three
+    # sources are given. The archive a network has trained on is what moves its figures there
+    # (docs/experiments.md, "Leave one source out").
+    source_weight: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     label_smoothing: Fraction = 0.05
     scale_min: float = Field(0.35, gt=0, le=1)  # RandomResizedCrop's smallest crop, as a share of the image's area
     # ColorJitter hue shift. Hue is by far the costliest augmentation step (about 2.6 of 3.3 ms per 256 px image on
@@ -230,12 +235,15 @@ class TrainConfig(BaseModel):
                 "each image's shorter side at cache_size, and the model looks at it at that size"
             )
         names = {Path(p).name for p in self.data_paths}
-        unknown = sorted(set(self.display_aspect) - names)
-        if unknown:
-            raise ValueError(
-                f"display_aspect names {', '.join(unknown)}, which is not the folder name of any data path "
-                f"({', '.join(sorted(names))})"
-            )
+        for option in ("display_aspect", "source_weight"):
+            unknown = sorted(set(getattr(self, option)) - names)
+            if unknown:
+                raise ValueError(
+                    f"{option} names {', '.join(unknown)}, which is not the folder name of any data path "
+                    f"({', '.join(sorted(names))})"
+                )
+        if self.source_weight and not self.source_balance:
+            raise ValueError("source_weight weighs sources that source_balance draws equally: set source_balance: true")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("freeze_epochs must be smaller than epochs")
         if self.jpeg and self.augment == "device":

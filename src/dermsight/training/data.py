@@ -4,7 +4,7 @@ training and per-epoch scoring read from that cache (`make_loaders`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,12 +129,24 @@ def class_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
 
 
-def source_weights(sources: pd.Series) -> np.ndarray:
-    """Per-row weights n / (k * count_s) that make each of the k sources contribute equally in expectation (rows
-    without a source form one source of their own)."""
+def source_weights(sources: pd.Series, weight: Mapping[str, float] | None = None) -> np.ndarray:
+    """Per-row weights n * w_s / (W * count_s) that make each source s contribute its share w_s / W of the draws in
+    expectation, W being the sum of every source's w (rows without a source form one source of their own). ``weight``
+    maps a source's data folder name to its w; unnamed sources have w = 1, so by default every source counts the
+    same."""
     keys = sources.astype(object).where(sources.notna(), "").to_numpy()
     names, index, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    return len(keys) / (len(names) * counts[index].astype(float))
+    weight = dict(weight or {})
+    # A manifest's source is "FORMAT:FOLDER" for folder-based formats (labels-csv:isic2017_256) or the format alone.
+    folder = [str(n).rsplit(":", 1)[-1] for n in names]
+    unmatched = sorted(set(weight) - set(folder))
+    if unmatched:
+        raise DataError(
+            f"source_weight names {', '.join(unmatched)}, which no training image comes from (their sources: "
+            f"{', '.join(map(str, names))})"
+        )
+    w = np.array([weight.get(f, 1.0) for f in folder])
+    return len(keys) * w[index] / (w.sum() * counts[index].astype(float))
 
 
 @dataclass
@@ -260,7 +272,7 @@ def make_loaders(cfg: TrainConfig, data: PreparedData, meta: ModelMeta, d: Dist,
     rows, y = train_df["cache_row"].to_numpy(), train_df["target"].to_numpy()
     weights = class_weights(y, len(data.classes))[y] if cfg.imbalance == "sampler" else None
     if cfg.source_balance:
-        by_source = source_weights(train_df["source"])
+        by_source = source_weights(train_df["source"], cfg.source_weight)
         weights = by_source if weights is None else weights * by_source
     sampler: Sampler[int]
     if weights is not None:
