@@ -25,7 +25,7 @@ from dermsight.domain.knowledge import load_knowledge
 from dermsight.domain.triage import CONCERN_PROBABILITY, referred
 
 # Predictions.csv columns that are not class probabilities.
-_NOT_CLASSES = {"image", "path", "label", "predicted", "correct"}
+_NOT_CLASSES = {"image", "path", "source", "label", "predicted", "correct", "sent", "refused"}
 
 
 def referrals(predictions: Path, thresholds: list[float]) -> tuple[pd.Series, dict[float, np.ndarray]]:

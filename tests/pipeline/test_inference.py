@@ -1007,10 +1007,17 @@ def test_cli_evaluate_counts_what_the_serving_gates_would_refuse(calibrated, tmp
     assert round(nv_refused["referred"] * nv_refused["n"]) >= 2
     assert app["per_class"]["nv"]["referred"] <= metrics["referral"]["per_class"]["nv"]["referred"]
     assert "as the app answers (a refused image is not sent)" in stdout
+    # predictions.csv says what the app did with each image, and agrees with the counts.
+    pred = pd.read_csv(out / "predictions.csv").set_index("image")
+    assert pred.loc[["page", "street"], "refused"].all() and not pred.loc[["page", "street"], "sent"].any()
+    assert pred["refused"].sum() == counts["refused"] and not (pred["sent"] & pred["refused"]).any()
+    nv = pred["label"] == "nv"
+    assert pred.loc[nv, "sent"].mean() == pytest.approx(app["per_class"]["nv"]["referred"])
     # Without --gates: no second pass, nothing said.
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert "serving gates" not in capsys.readouterr().out
     assert "serving_gates" not in (tmp_path / "plain" / "metrics.json").read_text()
+    assert "refused" not in pd.read_csv(tmp_path / "plain" / "predictions.csv")
 
 
 def test_square_crops_script_writes_a_labelled_folder_evaluate_reads(tmp_path, capsys):

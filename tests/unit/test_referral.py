@@ -7,7 +7,7 @@ import pytest
 
 from dermsight.domain import triage
 from dermsight.domain.classes import HAM7
-from dermsight.evaluation.metrics import mel_vs_nv_auc, referral_rates
+from dermsight.evaluation.metrics import mel_vs_nv_auc, others_sent_at, referral_rates
 
 LABELS = list(HAM7.codes)  # akiec bcc bkl df mel nv vasc
 
@@ -48,6 +48,22 @@ def test_mel_vs_nv_auc_ranks_the_pair_alone():
     assert mel_vs_nv_auc(y, probs, LABELS) == pytest.approx(0.75)
     assert mel_vs_nv_auc(np.array([5, 5]), probs[2:4], LABELS) is None  # no melanoma, no AUC
     assert mel_vs_nv_auc(y, probs, ["a", "b", "c", "d", "e", "f", "g"]) is None
+
+
+def test_others_sent_at_puts_the_threshold_where_the_share_of_positives_is_reached():
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.85, 0.65, 0.4, 0.3, 0.2])
+    positive = np.array([True] * 5 + [False] * 5)
+    # 3 of 5 positives sent: threshold 0.7, which sends the negatives at 0.85 only.
+    assert others_sent_at(score, positive, 0.6) == pytest.approx(1 / 5)
+    # A share between two counts rounds up: 0.61 needs 4 positives, threshold 0.6, two negatives sent.
+    assert others_sent_at(score, positive, 0.61) == pytest.approx(2 / 5)
+    assert others_sent_at(score, positive, 1.0) == pytest.approx(2 / 5)
+    assert others_sent_at(score, positive, 0.0) == 0.0
+    # A refused positive (-inf) can never be sent: a share that needs it cannot be reached.
+    refused = np.where(np.arange(10) == 4, -np.inf, score)
+    assert others_sent_at(refused, positive, 0.8) == pytest.approx(2 / 5)
+    assert others_sent_at(refused, positive, 1.0) is None
+    assert others_sent_at(score, np.ones(10, bool), 0.5) is None
 
 
 def test_a_models_own_threshold_decides_its_advice():

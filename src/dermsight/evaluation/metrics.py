@@ -429,3 +429,22 @@ def mel_vs_nv_auc(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) 
     if positive.all() or not positive.any():
         return None
     return float(roc_auc_score(positive, np.asarray(probs)[pair, mel]))
+
+
+def others_sent_at(score: np.ndarray, positive: np.ndarray, share: float) -> float | None:
+    """The share of negatives (``~positive``) sent when the threshold on ``score`` is the lowest that still sends at
+    least ``share`` of the positives (``score >= threshold`` is sent; -inf, a refused image, never is). Two models
+    compared at the same ``share`` of melanomas sent differ only in how they rank, not in where a threshold fitted
+    elsewhere happens to fall. None where the share cannot be reached (too many positives refused) or a class is
+    missing."""
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    pos = np.sort(score[positive])[::-1]
+    if not len(pos) or positive.all():
+        return None
+    k = math.ceil(share * len(pos) - 1e-9)  # positives that must be sent
+    if k == 0:
+        return 0.0
+    threshold = pos[k - 1]
+    if not np.isfinite(threshold):
+        return None
+    return float((score[~positive] >= threshold).mean())

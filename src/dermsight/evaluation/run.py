@@ -281,17 +281,27 @@ def evaluate(
         extra["serving_gates"] = refusals_line(metrics["serving_gates"])
     title = f"{meta.network} on {Path(data).name}" + (f" ({split} split)" if split else "")
     files = write_report(metrics, probs, y, Path(out_dir), title=title, extra=extra)
-    files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", manifest[ok], probs, y, labels)
+    # With the gates, what the app told each image: `bench/equal_sensitivity.py` reads them.
+    answers = {"refused": refused, "sent": referred & ~refused} if gates else None
+    files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", manifest[ok], probs, y, labels, answers)
     metrics["extra"] = extra
     return Evaluation(metrics, files, problems)
 
 
-def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: np.ndarray, labels: list[str]) -> Path:
+def write_predictions(
+    path: Path,
+    manifest: pd.DataFrame,
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    answers: dict[str, np.ndarray] | None = None,
+) -> Path:
     """One row per scored image: ``image`` (the id its label file gave it, else the file name without suffix, as
     ISIC names images), ``path``, ``label``, ``predicted`` (the decision the metrics scored), ``correct``, then the
     calibrated probability of each class, one column per class code (the layout of ISIC's challenge submissions).
     For finding which images a model gets wrong, and for any metric this module does not compute. A manifest of
-    several folders adds each image's ``source`` after its path (one folder keeps ISIC's layout)."""
+    several folders adds each image's ``source`` after its path (one folder keeps ISIC's layout); ``answers``
+    (name -> one bool per row: what the app did, e.g. ``refused``) come after ``correct``."""
     pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
@@ -304,6 +314,8 @@ def write_predictions(path: Path, manifest: pd.DataFrame, probs: np.ndarray, y: 
     )
     if "source" in manifest and manifest["source"].nunique() > 1:  # several folders (`dermsight data manifest A B`)
         table.insert(2, "source", manifest["source"].astype(str).to_numpy())
+    for name, values in (answers or {}).items():
+        table[name] = np.asarray(values, bool)
     table = pd.concat([table, pd.DataFrame(np.round(probs, 6), columns=labels)], axis=1)
     table.to_csv(path, index=False)
     return path

@@ -1,0 +1,108 @@
+"""Models compared at the same share of melanomas sent to a doctor: how many nevi each sends to get there.
+
+    .venv/bin/python bench/equal_sensitivity.py --data ../shared/data/isic_archive_val224 \
+        "M1 (bundled)=src/dermsight/assets/default.safetensors" "M6=runs/m6_weighted/model.safetensors"
+
+The first model is the reference. Its share of melanomas sent to a doctor, as the app answers at its own referral
+threshold (a refused image is not sent), fixes the operating point; every model is then ranked by the app's
+concerning probability (the served probabilities of the classes that send people to a doctor, summed; a refused image
+scores lowest and is never sent), and the threshold put at the lowest value that sends at least that share of its
+melanomas (`evaluation.metrics.others_sent_at`). The nevi sent there compare how well the models rank that set,
+leaving aside where each one's threshold, fitted on its own validation split, happens to fall on it. Differences
+from the reference carry a paired 95% bootstrap interval over the images (1,000 draws). Each model is scored with
+`dermsight evaluate --gates` (its predictions.csv carries ``sent`` and ``refused``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from dermsight.data.problems import DataError
+from dermsight.domain.classes import CONDITIONS
+from dermsight.evaluation.metrics import others_sent_at
+from dermsight.evaluation.run import evaluate
+
+N_BOOT = 1000
+
+
+def scored(model: Path, data: Path, work: Path) -> pd.DataFrame:
+    """One row per melanoma or nevus: ``image``, ``mel`` (bool), ``sent`` (as the app answers) and ``score`` (the
+    concerning probability, -inf where the app refused the image)."""
+    evaluate(data, work, model, gates=True, progress=False)
+    pred = pd.read_csv(work / "predictions.csv")
+    concerning = [c for c in pred.columns if c in CONDITIONS and CONDITIONS[c].is_concerning]
+    pred = pred[pred["label"].isin(["mel", "nv"])]
+    score = pred[concerning].sum(axis=1).where(~pred["refused"], -np.inf)
+    return pd.DataFrame(
+        {"image": pred["image"], "mel": pred["label"].eq("mel"), "sent": pred["sent"], "score": score}
+    ).reset_index(drop=True)
+
+
+def auc(mel: np.ndarray, score: np.ndarray) -> float:
+    # A refused image (-inf) ranks below every answered one; roc_auc_score needs finite numbers.
+    return float(roc_auc_score(mel, np.where(np.isfinite(score), score, -1.0)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="a labelled set holding melanomas and nevi")
+    ap.add_argument("models", nargs="+", metavar="NAME=FILE", help="model files; the first is the reference")
+    args = ap.parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for j, spec in enumerate(args.models):
+            name, sep, file = spec.partition("=")
+            if not sep or not name or not file:
+                ap.error(f"{spec!r}: expected NAME=FILE")
+            try:
+                runs.append((name, scored(Path(file), args.data, Path(tmp) / str(j))))
+            except DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+    ref_name, ref = runs[0]
+    for name, df in runs[1:]:
+        if not df["image"].equals(ref["image"]):
+            print(f"error: {name} scored other images than {ref_name}", file=sys.stderr)
+            return 2
+    mel = ref["mel"].to_numpy()
+    share = float(ref["sent"][mel].mean())
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(ref), len(ref)) for _ in range(N_BOOT)]
+    base = ref["score"].to_numpy()
+    print(
+        f"{args.data}: {mel.sum()} melanomas, {(~mel).sum()} nevi. Operating point: {ref_name}'s share of melanomas "
+        f"sent as the app answers, {share:.1%}.\n"
+    )
+    print(
+        "| model | melanomas sent (app) | nevi sent (app) | nevi sent at the same melanoma share | difference "
+        f"from {ref_name} (95% CI) | concerning-probability AUC, mel vs nv |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, df in runs:
+        score = df["score"].to_numpy()
+        at = others_sent_at(score, mel, share)
+        diffs = [
+            a - b
+            for i in draws
+            if (a := others_sent_at(score[i], mel[i], share)) is not None
+            and (b := others_sent_at(base[i], mel[i], share)) is not None
+        ]
+        lo, hi = np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan)
+        ref_at = others_sent_at(base, mel, share)
+        diff = "" if df is ref or at is None or ref_at is None else f"{at - ref_at:+.1%} ({lo:+.1%} to {hi:+.1%})"
+        print(
+            f"| {name} | {df['sent'][mel].mean():.1%} | {df['sent'][~mel].mean():.1%} | "
+            f"{'-' if at is None else f'{at:.1%}'} | {diff} | {auc(mel, score):.3f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
