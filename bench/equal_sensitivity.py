@@ -6,7 +6,7 @@
 The first model is the reference. Its share of melanomas sent to a doctor, as the app answers at its own referral
 threshold (a refused image is not sent), fixes the operating point; every model is then ranked by the app's
 concerning probability (the served probabilities of the classes that send people to a doctor, summed; a refused image
-scores lowest and is never sent), and the threshold put at the lowest value that sends at least that share of its
+scores lowest and is never sent), and the threshold put at the highest value that still sends at least that share of its
 melanomas (`evaluation.metrics.others_sent_at`). The nevi sent there compare how well the models rank that set,
 leaving aside where each one's threshold, fitted on its own validation split, happens to fall on it. Differences
 from the reference carry a paired 95% bootstrap interval over the images (1,000 draws). Each model is scored with
