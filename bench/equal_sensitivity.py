@@ -3,14 +3,19 @@
     .venv/bin/python bench/equal_sensitivity.py --data ../shared/data/isic_archive_val224 \
         "M1 (bundled)=src/dermsight/assets/default.safetensors" "M6=runs/m6_weighted/model.safetensors"
 
-The first model is the reference. Its share of melanomas sent to a doctor, as the app answers at its own referral
-threshold (a refused image is not sent), fixes the operating point; every model is then ranked by the app's
-concerning probability (the served probabilities of the classes that send people to a doctor, summed; a refused image
-scores lowest and is never sent), and the threshold put at the highest value that still sends at least that share of its
-melanomas (`evaluation.metrics.others_sent_at`). The nevi sent there compare how well the models rank that set,
-leaving aside where each one's threshold, fitted on its own validation split, happens to fall on it. Differences
-from the reference carry a paired 95% bootstrap interval over the images (1,000 draws). Each model is scored with
-`dermsight evaluate --gates` (its predictions.csv carries ``sent`` and ``refused``).
+The first model is the reference. Its share of melanomas sent to a doctor as the app answers (its referral threshold,
+a concerning top class or an uncertain answer; a refused image is not sent) fixes the operating point. Every model is
+then ranked by the app's concerning probability alone (the served probabilities of the classes that send people to a
+doctor, summed; a refused image scores lowest and is never sent), and the threshold put at the highest value that
+still sends at least that share of its melanomas (`evaluation.metrics.others_sent_at`); for the reference too, so
+its two nevus columns can differ. The nevi sent there compare how well the models rank that set as the app answers
+it, leaving aside where each one's threshold, fitted on its own validation split, happens to fall on it. Refusals
+count: a nevus a model refuses is not sent, so the refused columns are shown beside.
+
+Differences from the reference carry a paired 95% bootstrap interval: 1,000 resamples of the images (not lesions:
+for sets with one image a lesion), the operating point held at the reference's share on the whole set, resamples in
+which a model cannot reach that share left out (their number is printed). Each model is scored with `dermsight
+evaluate --gates` (its predictions.csv carries ``sent`` and ``refused``), in its own taxonomy's labels.
 """
 
 from __future__ import annotations
@@ -38,10 +43,19 @@ def scored(model: Path, data: Path, work: Path) -> pd.DataFrame:
     evaluate(data, work, model, gates=True, progress=False)
     pred = pd.read_csv(work / "predictions.csv")
     concerning = [c for c in pred.columns if c in CONDITIONS and CONDITIONS[c].is_concerning]
-    pred = pred[pred["label"].isin(["mel", "nv"])]
+    label = pred["label"].astype(str).str.lower()  # ISIC 2019's taxonomy writes MEL and NV
+    pred, label = pred[label.isin(["mel", "nv"])], label[label.isin(["mel", "nv"])]
+    if label.nunique() < 2:
+        raise DataError(f"{data}: the comparison needs melanomas and nevi, and it holds {label.nunique()} of the two")
     score = pred[concerning].sum(axis=1).where(~pred["refused"], -np.inf)
     return pd.DataFrame(
-        {"image": pred["image"], "mel": pred["label"].eq("mel"), "sent": pred["sent"], "score": score}
+        {
+            "image": pred["image"],
+            "mel": label.eq("mel"),
+            "sent": pred["sent"],
+            "refused": pred["refused"],
+            "score": score,
+        }
     ).reset_index(drop=True)
 
 
@@ -81,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         f"sent as the app answers, {share:.1%}.\n"
     )
     print(
-        "| model | melanomas sent (app) | nevi sent (app) | nevi sent at the same melanoma share | difference "
-        f"from {ref_name} (95% CI) | concerning-probability AUC, mel vs nv |"
+        "| model | melanomas sent (app) | nevi sent (app) | melanomas / nevi refused | nevi sent at the same melanoma "
+        f"share | difference from {ref_name} (95% CI) | concerning-probability AUC, mel vs nv |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, df in runs:
         score = df["score"].to_numpy()
         at = others_sent_at(score, mel, share)
@@ -96,9 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lo, hi = np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan)
         ref_at = others_sent_at(base, mel, share)
-        diff = "" if df is ref or at is None or ref_at is None else f"{at - ref_at:+.1%} ({lo:+.1%} to {hi:+.1%})"
+        left_out = f"; {N_BOOT - len(diffs)} resamples left out" if len(diffs) < N_BOOT else ""
+        diff = (
+            ""
+            if df is ref or at is None or ref_at is None
+            else f"{at - ref_at:+.1%} ({lo:+.1%} to {hi:+.1%}{left_out})"
+        )
+        refused = df["refused"].to_numpy()
         print(
             f"| {name} | {df['sent'][mel].mean():.1%} | {df['sent'][~mel].mean():.1%} | "
+            f"{refused[mel].mean():.1%} / {refused[~mel].mean():.1%} | "
             f"{'-' if at is None else f'{at:.1%}'} | {diff} | {auc(mel, score):.3f} |"
         )
     return 0

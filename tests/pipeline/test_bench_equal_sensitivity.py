@@ -70,13 +70,29 @@ def test_models_are_compared_at_the_reference_share_of_melanomas(monkeypatch, ca
     assert "3 melanomas, 3 nevi" in out and "ref's share of melanomas sent as the app answers, 66.7%" in out
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     # The reference: 2 of 3 melanomas need a threshold of 0.6, which sends 1 of 3 nevi (0.7).
-    assert rows["ref"][1:4] == ["66.7%", "33.3%", "33.3%"]
+    assert rows["ref"][1:5] == ["66.7%", "33.3%", "0.0% / 0.0%", "33.3%"]
     # A better ranking reaches 2 of 3 melanomas at 0.8, sending no nevus: 33 points fewer than the reference.
-    assert rows["better"][3] == "0.0%" and rows["better"][4].startswith("-33.3%")
+    assert rows["better"][4] == "0.0%" and rows["better"][5].startswith("-33.3%")
     # Its AUC: 8 of the 9 melanoma-nevus pairs in order (0.3 against 0.4 is not).
-    assert rows["better"][5].rstrip(" |") == "0.889"
+    assert rows["better"][6].rstrip(" |") == "0.889"
     # Refused melanomas cannot be sent: with two of three refused, two of three cannot be reached.
-    assert rows["refuses"][3] == "-" and rows["refuses"][4] == ""
+    assert rows["refuses"][3] == "66.7% / 0.0%" and rows["refuses"][4] == "-" and rows["refuses"][5] == ""
+
+
+def test_labels_in_capitals_count_and_a_set_without_nevi_is_refused(monkeypatch, capsys, tmp_path):
+    def capitals(data, work, model, gates, progress):
+        _fake_evaluate(data, work, model, gates, progress)
+        pred = pd.read_csv(Path(work) / "predictions.csv")
+        pred["label"] = pred["label"].str.upper()
+        if "nonevi" in str(data):
+            pred = pred[pred["label"] != "NV"]
+        pred.to_csv(Path(work) / "predictions.csv", index=False)
+
+    monkeypatch.setattr(bench, "evaluate", capitals)
+    assert bench.main(["--data", str(tmp_path), "ref=ref.safetensors", "better=better.safetensors"]) == 0
+    assert "3 melanomas, 3 nevi" in capsys.readouterr().out
+    assert bench.main(["--data", str(tmp_path / "nonevi"), "ref=ref.safetensors"]) == 2
+    assert "needs melanomas and nevi" in capsys.readouterr().err
 
 
 def test_a_malformed_model_argument_is_a_usage_error(monkeypatch, capsys, tmp_path):

@@ -784,24 +784,43 @@ def test_source_weights_make_each_source_count_the_same():
 def test_source_weight_draws_a_named_folder_that_many_times_as_often():
     from dermsight.training.data import source_weights
 
-    sources = pd.Series(["labels-csv:a"] * 6 + ["labels-csv:b"] * 2 + ["c"] * 2)
+    sources = pd.Series(["labels-csv:a"] * 6 + ["labels-csv:b"] * 2 + ["ham10000"] * 2)
     w = source_weights(sources, {"b": 2})
-    # b's images make up 2 of every 4 draws, a's and c's 1 each, however many images each has.
+    # b's images make up 2 of every 4 draws, a's and the HAM10000 layout's 1 each, however many images each has.
     assert w[6:8].sum() == pytest.approx(5) and w[:6].sum() == pytest.approx(w[8:].sum()) == pytest.approx(2.5)
     assert w.sum() == pytest.approx(10)
+    # A source is named by its folder or as recorded; a folder in an official layout is recorded by the layout's name.
+    assert source_weights(sources, {"labels-csv:b": 2}) == pytest.approx(w)
+    assert source_weights(sources, {"ham10000": 3})[8:].sum() == pytest.approx(6)  # 3 of 5 shares of 10
+    # Two folders of one name, told apart by `combine` as FORMAT:NAME:SUBFOLDER, both answer to the name.
+    twins = pd.Series(["labels-csv:a"] * 2 + ["labels-csv:a:x/a"] * 2 + ["labels-csv:c"] * 4)
+    assert source_weights(twins, {"a": 2})[:4].sum() == pytest.approx(8 * 4 / 5)
     with pytest.raises(DataError, match="source_weight names d, which no training image comes from"):
         source_weights(sources, {"d": 2})
 
 
-def test_source_weight_needs_source_balance_and_a_data_folder_of_that_name(tmp_path):
-    base = dict(data=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "run"))
-    assert TrainConfig(**base, source_balance=True, source_weight={"b": 2}).source_weight == {"b": 2.0}
+def test_source_weight_needs_source_balance_and_a_source_of_that_name(tmp_path):
+    from dermsight.training.data import prepare_data
+
+    folders = []
+    for name in ("clinic_a", "clinic_b"):
+        rows = []
+        for i in range(20):
+            label = "mel" if i % 2 else "nv"
+            make_image(tmp_path / name / "img" / f"{name}_{i}.jpg", size=(48, 36), seed=i)
+            rows.append((f"img/{name}_{i}.jpg", label, f"{name}_L{i}"))
+        pd.DataFrame(rows, columns=["image", "label", "lesion_id"]).to_csv(tmp_path / name / "labels.csv", index=False)
+        folders.append(str(tmp_path / name))
+    cfg = tiny_config(tmp_path, tmp_path, val=0.25, test=0.25).updated(data=folders, source_balance=True)
+    assert cfg.updated(source_weight={"clinic_b": 2}).source_weight == {"clinic_b": 2.0}
     with pytest.raises(ValueError, match="set source_balance: true"):
-        TrainConfig(**base, source_weight={"b": 2})
-    with pytest.raises(ValueError, match="source_weight names c, which is not the folder name"):
-        TrainConfig(**base, source_balance=True, source_weight={"c": 2})
+        cfg.updated(source_balance=False, source_weight={"clinic_b": 2})
     with pytest.raises(ValueError, match="greater than 0"):
-        TrainConfig(**base, source_balance=True, source_weight={"b": 0})
+        cfg.updated(source_weight={"clinic_b": 0})
+    # A name no source has is refused with the sources there are, before any image is decoded into the cache.
+    with pytest.raises(DataError, match=r"source_weight names clinic_c, .*labels-csv:clinic_a, labels-csv:clinic_b"):
+        prepare_data(cfg.updated(source_weight={"clinic_c": 2}), progress=False)
+    assert not any((tmp_path / "cache").rglob("pixels.u8"))
 
 
 def test_training_on_several_sources_splits_them_together_and_records_each(tmp_path):

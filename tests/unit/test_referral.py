@@ -64,6 +64,8 @@ def test_others_sent_at_puts_the_threshold_where_the_share_of_positives_is_reach
     assert others_sent_at(refused, positive, 0.8) == pytest.approx(2 / 5)
     assert others_sent_at(refused, positive, 1.0) is None
     assert others_sent_at(score, np.ones(10, bool), 0.5) is None
+    # A positive without a score (NaN) is never sent, like a refused one.
+    assert others_sent_at(np.where(np.arange(10) == 4, np.nan, score), positive, 0.8) == pytest.approx(2 / 5)
 
 
 def test_a_models_own_threshold_decides_its_advice():

@@ -134,10 +134,11 @@ class TrainConfig(BaseModel):
     # Draw training images so that every source contributes as many per epoch, however many it has (with replacement;
     # with `imbalance: sampler` the class weights multiply in). Off: each source in proportion to its size.
     source_balance: bool = False
-    # With source_balance: how many times as often as an unnamed source a source is drawn (its data folder's name ->
-    # weight; unnamed sources weigh 1). {isic2017_256: 2} draws half of every epoch from that folder when three
-    # sources are given. The archive a network has trained on is what moves its figures there
-    # (docs/experiments.md, "Leave one source out").
+    # With source_balance: each source's share of the draws, relative to an unnamed source's 1 (a data folder's name,
+    # or a source as the manifest records it -> weight). {isic2017_256: 2} draws half of every epoch from that
+    # folder when three sources are given; names no training image comes from are refused before the cache is built.
+    # The archive a network has trained on is what moves its figures there (docs/experiments.md, "Leave one source
+    # out").
     source_weight: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     label_smoothing: Fraction = 0.05
     scale_min: float = Field(0.35, gt=0, le=1)  # RandomResizedCrop's smallest crop, as a share of the image's area
@@ -235,13 +236,12 @@ class TrainConfig(BaseModel):
                 "each image's shorter side at cache_size, and the model looks at it at that size"
             )
         names = {Path(p).name for p in self.data_paths}
-        for option in ("display_aspect", "source_weight"):
-            unknown = sorted(set(getattr(self, option)) - names)
-            if unknown:
-                raise ValueError(
-                    f"{option} names {', '.join(unknown)}, which is not the folder name of any data path "
-                    f"({', '.join(sorted(names))})"
-                )
+        unknown = sorted(set(self.display_aspect) - names)
+        if unknown:
+            raise ValueError(
+                f"display_aspect names {', '.join(unknown)}, which is not the folder name of any data path "
+                f"({', '.join(sorted(names))})"
+            )
         if self.source_weight and not self.source_balance:
             raise ValueError("source_weight weighs sources that source_balance draws equally: set source_balance: true")
         if self.freeze_epochs >= self.epochs:

@@ -4,7 +4,7 @@ training and per-epoch scoring read from that cache (`make_loaders`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,24 +129,37 @@ def class_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
 
 
+def _source_keys(source: str) -> set[str]:
+    """The names `source_weight` may give a manifest's source by: the source as recorded, and the data folder's name
+    it carries ("labels-csv:isic2017_256", and "labels-csv:a:sub/dir" where `combine` told two folders named a apart;
+    a folder in one of the official layouts is recorded by the layout's name alone, e.g. "ham10000")."""
+    parts = source.split(":")
+    return {source, parts[1]} if len(parts) > 1 else {source}
+
+
 def source_weights(sources: pd.Series, weight: Mapping[str, float] | None = None) -> np.ndarray:
     """Per-row weights n * w_s / (W * count_s) that make each source s contribute its share w_s / W of the draws in
     expectation, W being the sum of every source's w (rows without a source form one source of their own). ``weight``
-    maps a source's data folder name to its w; unnamed sources have w = 1, so by default every source counts the
-    same."""
+    maps a source's name (`_source_keys`) to its w; unnamed sources have w = 1, so by default every source counts
+    the same. Raises `DataError` for a name no source has."""
     keys = sources.astype(object).where(sources.notna(), "").to_numpy()
     names, index, counts = np.unique(keys, return_inverse=True, return_counts=True)
     weight = dict(weight or {})
-    # A manifest's source is "FORMAT:FOLDER" for folder-based formats (labels-csv:isic2017_256) or the format alone.
-    folder = [str(n).rsplit(":", 1)[-1] for n in names]
-    unmatched = sorted(set(weight) - set(folder))
+    check_source_names(names, weight)
+    w = np.array([next((weight[k] for k in _source_keys(str(n)) if k in weight), 1.0) for n in names])
+    return len(keys) * w[index] / (w.sum() * counts[index].astype(float))
+
+
+def check_source_names(sources: Iterable[str], weight: Mapping[str, float]) -> None:
+    """Refuse `source_weight` names that no source in ``sources`` goes by."""
+    sources = sorted({str(s) for s in sources})
+    known = set().union(*(_source_keys(s) for s in sources)) if sources else set()
+    unmatched = sorted(set(weight) - known)
     if unmatched:
         raise DataError(
             f"source_weight names {', '.join(unmatched)}, which no training image comes from (their sources: "
-            f"{', '.join(map(str, names))})"
+            f"{', '.join(sources)}; give a data folder's name or a source as written there)"
         )
-    w = np.array([weight.get(f, 1.0) for f in folder])
-    return len(keys) * w[index] / (w.sum() * counts[index].astype(float))
 
 
 @dataclass
@@ -183,6 +196,10 @@ def _prepared(manifest: pd.DataFrame, cfg: TrainConfig, progress: bool) -> Prepa
     classes = TAXONOMIES[cfg.taxonomy].codes
     label = LABEL_COLUMNS[cfg.taxonomy]
     lookup = {c: i for i, c in enumerate(classes)}
+    if cfg.source_weight:
+        # Checked before the cache is built, which can take a long time.
+        sources = manifest["source"] if "source" in manifest else pd.Series([""] * len(manifest))
+        check_source_names(sources[manifest["split"] == "train"].fillna(""), cfg.source_weight)
     manifest = manifest.copy()
     manifest["target"] = manifest[label].map(lookup).fillna(-1).astype(int)
     unlabelled = manifest["target"] < 0
