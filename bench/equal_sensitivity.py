@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, len(ref), len(ref)) for _ in range(N_BOOT)]
     base = ref["score"].to_numpy()
+    # The reference's side of every comparison, once: its nevi sent on the whole set and on each resample.
+    ref_at = others_sent_at(base, mel, share)
+    ref_draws = [others_sent_at(base[i], mel[i], share) for i in draws]
     print(
         f"{args.data}: {mel.sum()} melanomas, {(~mel).sum()} nevi. Operating point: {ref_name}'s share of melanomas "
         f"sent as the app answers, {share:.1%}.\n"
@@ -104,12 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         at = others_sent_at(score, mel, share)
         diffs = [
             a - b
-            for i in draws
-            if (a := others_sent_at(score[i], mel[i], share)) is not None
-            and (b := others_sent_at(base[i], mel[i], share)) is not None
+            for i, b in zip(draws, ref_draws, strict=True)
+            if b is not None and (a := others_sent_at(score[i], mel[i], share)) is not None
         ]
         lo, hi = np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan)
-        ref_at = others_sent_at(base, mel, share)
         left_out = f"; {N_BOOT - len(diffs)} resamples left out" if len(diffs) < N_BOOT else ""
         diff = (
             ""

@@ -434,10 +434,9 @@ def mel_vs_nv_auc(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) 
 def others_sent_at(score: np.ndarray, positive: np.ndarray, share: float) -> float | None:
     """The share of negatives (``~positive``) sent when the threshold on ``score`` is the highest that still sends
     at least ``share`` of the positives (``score >= threshold`` is sent; -inf or NaN, a refused or unscored image,
-    never is). Two models
-    compared at the same ``share`` of melanomas sent differ only in how they rank, not in where a threshold fitted
-    elsewhere happens to fall. None where the share cannot be reached (too many positives refused) or a class is
-    missing."""
+    never is). Two models compared at the same ``share`` of melanomas sent differ only in how they rank, not in
+    where a threshold fitted elsewhere happens to fall. None where the share cannot be reached (too many positives
+    refused) or a class is missing."""
     score, positive = np.asarray(score, float), np.asarray(positive, bool)
     score = np.where(np.isnan(score), -np.inf, score)
     pos = np.sort(score[positive])[::-1]
