@@ -936,22 +936,72 @@ def test_advice_thresholds_compare_the_percents_people_see():
 
 def test_uploads_are_decoded_one_at_a_time_and_memory_is_handed_back(monkeypatch, fake):
     # Eight page requests at once took a worker to 3.15 GB: the photo shown back was decoded outside the worker's
-    # lock, and glibc kept the freed pages (4 concurrent 48 MP PNGs left a worker 0.9 GB larger; now 0.06 GB).
+    # turn, and glibc kept the freed pages (4 concurrent 48 MP PNGs left a worker 0.9 GB larger; now 0.06 GB).
     trims = []
     monkeypatch.setattr(service, "_MALLOC_TRIM", lambda pad: trims.append(pad) or 1)
     model = service.ModelService(fake)
-    with model._use_lock:
-        shown = threading.Thread(target=model.display_photo, args=(_jpeg(),))
-        shown.start()
-        shown.join(0.3)
-        assert shown.is_alive()  # waits while the worker predicts or explains
+    busy, go = threading.Event(), threading.Event()
+    first = threading.Thread(target=model._in_turn, args=(lambda: busy.set() or go.wait(10),))
+    first.start()
+    assert busy.wait(10)
+    shown = threading.Thread(target=model.display_photo, args=(_jpeg(),))
+    shown.start()
+    shown.join(0.3)
+    assert shown.is_alive()  # waits while the worker predicts or explains
+    go.set()
     shown.join(10)
-    assert not shown.is_alive() and trims == [0]
-    model.predict(_jpeg())
-    model.analyse(_jpeg())
-    assert trims == [0, 0, 0]
+    first.join(10)
+    assert not shown.is_alive() and trims == [0]  # the first turn released (nothing to compare with), then kept
+    # Each turn then hands memory back once the worker has grown past the slack since the last time.
+    grown = iter([500 << 20, 600 << 20, 510 << 20])
+    monkeypatch.setattr(service, "resident_bytes", lambda: next(grown))
+    model._release.floor = 500 << 20
+    model.predict(_jpeg())  # 500 MB: not grown, kept
+    model.analyse(_jpeg())  # 600 MB: released (down to 510)
+    assert trims == [0, 0] and model._release.floor == 510 << 20
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert service._find_malloc_trim() is not None
+
+
+def test_inference_runs_on_one_thread_and_errors_reach_the_caller(fake):
+    # Every turn on the same thread: glibc's per-thread arenas would otherwise each hold a request's working set.
+    model = service.ModelService(fake)
+    names = {model._in_turn(lambda: threading.current_thread().name) for _ in range(8)}
+    assert len(names) == 1 and names.pop().startswith("dermsight-inference")
+
+    def broken():
+        raise ValueError("bad photo")
+
+    with pytest.raises(ValueError, match="bad photo"):
+        model._in_turn(broken)
+    assert model._in_turn(lambda: 42) == 42  # the thread survives a failed turn
+
+
+def test_memory_is_released_only_past_the_slack(monkeypatch):
+    # Trimming after every request cost the next one its pages (1,500-3,200 page faults and 4-6 ms a request).
+    trims = []
+    monkeypatch.setattr(service, "_MALLOC_TRIM", lambda pad: trims.append(pad) or 1)
+    rss = [100 << 20]
+    monkeypatch.setattr(service, "resident_bytes", lambda: rss[0])
+    release = service.MemoryReleaser(slack=32 << 20)
+    assert release() and release.floor == 100 << 20  # the first call always releases: nothing to compare with
+    rss[0] += 32 << 20
+    assert not release() and trims == [0]  # grown by the slack exactly: kept
+    rss[0] += 1
+    assert release() and trims == [0, 0] and release.floor == rss[0]
+    monkeypatch.setattr(service, "resident_bytes", lambda: None)  # no /proc: release every time
+    assert release() and release() and len(trims) == 4
+
+
+def test_resident_bytes_reads_this_process():
+    rss = service.resident_bytes()
+    if platform.system() != "Linux":
+        assert rss is None
+        return
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    assert 10 << 20 < rss <= peak
 
 
 def test_percent_never_rounds_a_possibility_away():

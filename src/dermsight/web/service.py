@@ -7,13 +7,14 @@ Nothing here writes an upload to disk or logs it, its name or its size.
 from __future__ import annotations
 
 import base64
-import contextlib
 import ctypes
 import ctypes.util
 import io
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,20 +44,61 @@ _MALLOC_TRIM = _find_malloc_trim()
 
 
 def release_memory() -> None:
-    """Hand the heap memory freed by a request back to the system (glibc's ``malloc_trim``).
+    """Hand the heap memory freed so far back to the system (glibc's ``malloc_trim``).
 
     A big upload's pixels are freed when its request ends, but glibc keeps the pages for reuse: a worker stayed 260 MB
-    larger after one 64 MP image (measured), and each of its threads keeps an arena of its own. The call took 0.5 ms
-    (median) after a 41 ms prediction on this project's machine."""
+    larger after one 64 MP image (measured), and each of its threads keeps an arena of its own."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's ``/proc/self/statm``), None where that cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryReleaser:
+    """`release_memory`, but only once the process has grown more than ``slack`` bytes since the last release.
+
+    Trimming after every request made the next one slower: the network's activations (ONNX Runtime runs without a
+    memory arena, `inference.runtime.session`) then land on pages the kernel has to fault in and zero again. One
+    batch-1 pass of the bundled model took 14.4 ms after a trim against 9.1 ms without, and the trim 0.5-1.3 ms
+    (measured). A request's working set is reused by the next one (they all run on one thread, `ModelService`): a
+    worker serving the bundled model settled 35-50 MB above the level a trim left it at, so with a slack of 32 MB it
+    still trimmed every hundred or two requests and with 64 MB twice after starting, then never; large uploads still
+    trigger a release. Without ``/proc`` every call releases."""
+
+    def __init__(self, slack: int = 64 << 20) -> None:
+        self.slack = slack
+        self.floor: int | None = None  # resident bytes just after the last release
+
+    def __call__(self) -> bool:
+        """Release when grown past the slack; whether it did."""
+        rss = resident_bytes()
+        if rss is not None and self.floor is not None and rss <= self.floor + self.slack:
+            return False
+        release_memory()
+        self.floor = resident_bytes()
+        return True
+
+
 class ModelService:
-    """One predictor per worker process, created on first use (after gunicorn forks), used by one thread at a time.
+    """One predictor per worker process, created on first use (after gunicorn forks), used by one thread.
 
     Inference is serialised within a process because Grad-CAM hooks the model (two concurrent explanations would mix
-    their activations) and because each worker's intra-op threads are already sized to its share of the cores.
+    their activations) and because each worker's intra-op threads are already sized to its share of the cores. It
+    runs on one thread of its own, in arrival order, rather than on whichever connection thread holds a lock: glibc
+    gives each thread that allocates alongside another an arena of its own, so with the worker's four connection
+    threads taking turns at the network, four arenas each grew to hold a request's working set, `MemoryReleaser`
+    trimmed every few requests and the next pass faulted its pages in again (1,300-2,300 page faults and 23-27 ms of
+    CPU a request, against none and 20 ms on one thread; bench/web.md).
     """
 
     def __init__(
@@ -65,7 +107,8 @@ class ModelService:
         self._predictor = None
         self.path, self.backend, self.threads = path, backend, threads
         self._load_lock = threading.Lock()
-        self._use_lock = threading.Lock()
+        self._turns = ThreadPoolExecutor(1, thread_name_prefix="dermsight-inference")
+        self._release = MemoryReleaser()
         self._warming: threading.Thread | None = None
         self.failure: str | None = None  # why loading or the self-test failed; None while none has
         if predictor is not None:
@@ -117,7 +160,7 @@ class ModelService:
                     predictor = Predictor.from_path(self.path, backend=self.backend, threads=self.threads)
                     # ONNX Runtime frees the graph's working copies once the session is built, but glibc keeps the
                     # pages: 147 MB resident for the bundled model's session, 80 MB after this (measured).
-                    release_memory()
+                    self._release()
                     self._predictor = self._checked(predictor)
                     log.info("model loaded: %s", getattr(self._predictor.meta, "network", "?"))
         return self._predictor
@@ -147,27 +190,29 @@ class ModelService:
     def info(self) -> dict[str, Any]:
         return self.get().info()
 
-    @contextlib.contextmanager
-    def _one_at_a_time(self) -> Iterator[None]:
-        """The worker's turn for inference or a full decode of an upload (both cost memory, and a worker is sized for
-        one at a time: eight page requests at once took a worker to 3.15 GB, measured), then the freed memory back
-        to the system."""
-        with self._use_lock:
+    def _in_turn(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` on the worker's inference thread once the requests before it are done (inference and full
+        decodes of uploads both cost memory, and a worker is sized for one at a time: eight page requests at once
+        took a worker to 3.15 GB, measured), then the freed memory back to the system once there is enough of it
+        (`MemoryReleaser`). Raises what ``work`` raised."""
+
+        def turn() -> Any:
             try:
-                yield
+                return work(*args)
             finally:
-                release_memory()
+                self._release()
+
+        return self._turns.submit(turn).result()
 
     def predict(self, data: bytes) -> PredictionResult:
-        predictor = self.get()
-        with self._one_at_a_time():
-            return predictor.predict(data)
+        return self._in_turn(self.get().predict, data)
 
     def analyse(self, data: bytes) -> tuple[PredictionResult, bytes | None]:
         """The prediction and, for an answered photo, its heatmap (None when drawing it failed: the answer stands
         without it), from one decode of the upload. Raises `ImageError` for an upload that cannot be decoded."""
         predictor = self.get()
-        with self._one_at_a_time():
+
+        def both() -> tuple[PredictionResult, bytes | None]:
             image = predictor.decode(data)
             # A decoded image is decoded again as it is: no resampling, no copy (`preprocess.decode`).
             result = predictor.predict(image)
@@ -181,10 +226,11 @@ class ModelService:
                 log.exception("the heatmap could not be drawn")
                 return result, None
 
+        return self._in_turn(both)
+
     def display_photo(self, data: bytes) -> str:
         """`display_photo` in the worker's turn, like inference."""
-        with self._one_at_a_time():
-            return display_photo(data)
+        return self._in_turn(display_photo, data)
 
 
 def refuse_unreadable_form(request) -> None:
