@@ -4,7 +4,9 @@
         "M1 (bundled)=src/dermsight/assets/default.safetensors" "M6=runs/m6_weighted/model.safetensors"
 
 The first model is the reference. Its share of melanomas sent to a doctor as the app answers (its referral threshold,
-a concerning top class or an uncertain answer; a refused image is not sent) fixes the operating point. Every model is
+a concerning top class or an uncertain answer; a refused image is not sent) fixes the operating point, unless
+``--share`` fixes it (``--share 0.82``: the sensitivity at which a published reader study compared algorithms with
+dermatologists on ISIC Archive images). Every model is
 then ranked by the app's concerning probability alone (the served probabilities of the classes that send people to a
 doctor, summed; a refused image scores lowest and is never sent), and the threshold put at the highest value that
 still sends at least that share of its melanomas (`evaluation.metrics.others_sent_at`); for the reference too, so
@@ -68,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="a labelled set holding melanomas and nevi")
     ap.add_argument("models", nargs="+", metavar="NAME=FILE", help="model files; the first is the reference")
+    ap.add_argument(
+        "--share", type=float, help="share of melanomas to send, 0-1 (default: the reference's, as the app answers)"
+    )
     args = ap.parse_args(argv)
+    if args.share is not None and not 0 < args.share <= 1:
+        ap.error(f"--share {args.share}: expected a share of melanomas above 0 and at most 1")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for j, spec in enumerate(args.models):
@@ -86,17 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name} scored other images than {ref_name}", file=sys.stderr)
             return 2
     mel = ref["mel"].to_numpy()
-    share = float(ref["sent"][mel].mean())
+    share = float(ref["sent"][mel].mean()) if args.share is None else args.share
+    point = f"{ref_name}'s share of melanomas sent as the app answers" if args.share is None else "the share asked"
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, len(ref), len(ref)) for _ in range(N_BOOT)]
     base = ref["score"].to_numpy()
     # The reference's side of every comparison, once: its nevi sent on the whole set and on each resample.
     ref_at = others_sent_at(base, mel, share)
     ref_draws = [others_sent_at(base[i], mel[i], share) for i in draws]
-    print(
-        f"{args.data}: {mel.sum()} melanomas, {(~mel).sum()} nevi. Operating point: {ref_name}'s share of melanomas "
-        f"sent as the app answers, {share:.1%}.\n"
-    )
+    print(f"{args.data}: {mel.sum()} melanomas, {(~mel).sum()} nevi. Operating point: {point}, {share:.1%}.\n")
     print(
         "| model | melanomas sent (app) | nevi sent (app) | melanomas / nevi refused | nevi sent at the same melanoma "
         f"share | difference from {ref_name} (95% CI) | concerning-probability AUC, mel vs nv |"

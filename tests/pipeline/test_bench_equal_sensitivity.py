@@ -79,6 +79,22 @@ def test_models_are_compared_at_the_reference_share_of_melanomas(monkeypatch, ca
     assert rows["refuses"][3] == "66.7% / 0.0%" and rows["refuses"][4] == "-" and rows["refuses"][5] == ""
 
 
+def test_the_operating_point_can_be_asked_for(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench, "evaluate", _fake_evaluate)
+    assert (
+        bench.main(["--data", str(tmp_path), "--share", "1", "ref=ref.safetensors", "better=better.safetensors"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "Operating point: the share asked, 100.0%" in out
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    # Every melanoma: the reference must go down to 0.2 and sends two nevi (0.7, 0.5), the better one 0.3 and one.
+    assert rows["ref"][4] == "66.7%" and rows["better"][4] == "33.3%" and rows["better"][5].startswith("-33.3%")
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            bench.main(["--data", str(tmp_path), "--share", bad, "ref=ref.safetensors"])
+        assert "expected a share of melanomas" in capsys.readouterr().err
+
+
 def test_labels_in_capitals_count_and_a_set_without_nevi_is_refused(monkeypatch, capsys, tmp_path):
     def capitals(data, work, model, gates, progress):
         _fake_evaluate(data, work, model, gates, progress)
