@@ -97,8 +97,8 @@ class ModelService:
     runs on one thread of its own, in arrival order, rather than on whichever connection thread holds a lock: glibc
     gives each thread that allocates alongside another an arena of its own, so with the worker's four connection
     threads taking turns at the network, four arenas each grew to hold a request's working set, `MemoryReleaser`
-    trimmed every few requests and the next pass faulted its pages in again (1,300-2,300 page faults and 23-27 ms of
-    CPU a request, against none and 20 ms on one thread; bench/web.md).
+    trimmed every few requests and the next pass faulted its pages in again (with a 32 MB slack: 1,300-1,600 page
+    faults and 23-24 ms of server CPU a request at 16 clients; on one thread, 1-507 faults and 20-21 ms).
     """
 
     def __init__(
