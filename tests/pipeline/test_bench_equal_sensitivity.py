@@ -62,13 +62,18 @@ def _fake_evaluate(data, work, model, gates, progress):
     ).to_csv(Path(work) / "predictions.csv", index=False)
 
 
+def _rows(out: str) -> dict[str, list[str]]:
+    """The printed table's cells by model name (the first cell keeps its leading "| ", the last its " |")."""
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+
+
 def test_models_are_compared_at_the_reference_share_of_melanomas(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench, "evaluate", _fake_evaluate)
     models = ["ref=ref.safetensors", "better=better.safetensors", "refuses=refuses.safetensors"]
     assert bench.main(["--data", str(tmp_path), *models]) == 0
     out = capsys.readouterr().out
     assert "3 melanomas, 3 nevi" in out and "ref's share of melanomas sent as the app answers, 66.7%" in out
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    rows = _rows(out)
     # The reference: 2 of 3 melanomas need a threshold of 0.6, which sends 1 of 3 nevi (0.7).
     assert rows["ref"][1:5] == ["66.7%", "33.3%", "0.0% / 0.0%", "33.3%"]
     # A better ranking reaches 2 of 3 melanomas at 0.8, sending no nevus: 33 points fewer than the reference.
@@ -86,7 +91,7 @@ def test_the_operating_point_can_be_asked_for(monkeypatch, capsys, tmp_path):
     )
     out = capsys.readouterr().out
     assert "Operating point: the share asked, 100.0%" in out
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    rows = _rows(out)
     # Every melanoma: the reference must go down to 0.2 and sends two nevi (0.7, 0.5), the better one 0.3 and one.
     assert rows["ref"][4] == "66.7%" and rows["better"][4] == "33.3%" and rows["better"][5].startswith("-33.3%")
     for bad in ("0", "1.5"):
